@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make demo` (the main job) and `make test` (the test suite).
+# Both create/reuse the virtual environment .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: demo test venv lint bench clean
+
+$(BIN)/vaelab: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a CPU build; an open range would pull a multi-GB CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/vaelab
+
+venv: $(BIN)/vaelab
+
+demo: venv
+	$(BIN)/vaelab demo --run runs/demo
+
+test: venv
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+bench: venv
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,72 @@
+"""vaelab: variational autoencoders as in Doersch's tutorial (2016), with honest evaluation.
+
+Typical use::
+
+    import vaelab
+    cfg = vaelab.RunConfig(data=vaelab.DataConfig("fashion-mnist"), train=vaelab.TrainConfig(epochs=5))
+    result = vaelab.train(cfg, "runs/fmnist")
+    print(vaelab.evaluate_run("runs/fmnist", k=1000).table())
+"""
+
+__version__ = "0.1.0"
+
+from .api import LoadedRun, load_run
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .data import DATASETS, DataSplits, ImageSet, load_data
+from .distributions import LIKELIHOODS, Bernoulli, DiagonalGaussian, Gaussian, StandardNormal
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DatasetNotFoundError,
+    NonFiniteError,
+    RunLockedError,
+    VaelabError,
+)
+from .evaluation import EvalResult, evaluate_model, evaluate_run
+from .models import MODELS, VAE, build_model
+from .objectives import ELBOTerms, elbo, iwae_bound
+from .training import RunDir, TrainResult, train
+from .viz import encode_run, interpolate_run, manifold_run, reconstruct_run, sample_run
+
+__all__ = [
+    "DATASETS",
+    "LIKELIHOODS",
+    "MODELS",
+    "VAE",
+    "Bernoulli",
+    "CheckpointError",
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "DataSplits",
+    "DatasetNotFoundError",
+    "DiagonalGaussian",
+    "ELBOTerms",
+    "EvalResult",
+    "Gaussian",
+    "ImageSet",
+    "LoadedRun",
+    "ModelConfig",
+    "NonFiniteError",
+    "RunConfig",
+    "RunDir",
+    "RunLockedError",
+    "StandardNormal",
+    "TrainConfig",
+    "TrainResult",
+    "VaelabError",
+    "build_model",
+    "elbo",
+    "encode_run",
+    "evaluate_model",
+    "evaluate_run",
+    "interpolate_run",
+    "iwae_bound",
+    "load_data",
+    "load_run",
+    "manifold_run",
+    "reconstruct_run",
+    "sample_run",
+    "train",
+]

@@ -1,0 +1,285 @@
+"""The command line: a thin layer that parses into configs and calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import RunConfig, apply_overrides, load_config_file, merge
+from .errors import VaelabError
+
+# flag -> (section, key, parser) for the training options most people change
+_TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
+    "data": ("data", "name", str),
+    "data_dir": ("data", "data_dir", str),
+    "binarize": ("data", "binarize", str),
+    "val_size": ("data", "val_size", int),
+    "limit_train": ("data", "limit_train", int),
+    "limit_test": ("data", "limit_test", int),
+    "image_size": ("data", "image_size", int),
+    "model": ("model", "model", str),
+    "latent_dim": ("model", "latent_dim", int),
+    "hidden": ("model", "hidden", lambda s: [int(v) for v in s.split(",") if v]),
+    "activation": ("model", "activation", str),
+    "likelihood": ("model", "likelihood", str),
+    "sigma": ("model", "sigma", float),
+    "encoder": ("model", "encoder", str),
+    "decoder": ("model", "decoder", str),
+    "condition": ("model", "condition", str),
+    "epochs": ("train", "epochs", int),
+    "batch_size": ("train", "batch_size", int),
+    "lr": ("train", "lr", float),
+    "weight_decay": ("train", "weight_decay", float),
+    "beta": ("train", "beta", float),
+    "warmup_epochs": ("train", "warmup_epochs", float),
+    "free_bits": ("train", "free_bits", float),
+    "grad_clip": ("train", "grad_clip", float),
+    "seed": ("train", "seed", int),
+    "threads": ("train", "threads", int),
+    "checkpoint_every": ("train", "checkpoint_every", int),
+}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML or JSON file with [data], [model], [train] sections")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set train.lr=3e-4 (repeatable)")
+    for flag, (sec, key, _) in _TRAIN_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=f"{sec}.{key}")
+    p.add_argument("--no-download", action="store_true", help="never download data")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
+    d: dict[str, Any] = base or {}
+    if getattr(args, "config", None):
+        d = merge(d, load_config_file(args.config))
+    for flag, (sec, key, conv) in _TRAIN_FLAGS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            try:
+                d.setdefault(sec, {})[key] = conv(v)
+            except ValueError:
+                raise VaelabError(f"--{flag.replace('_', '-')}: invalid value {v!r}") from None
+    if getattr(args, "no_download", False):
+        d.setdefault("data", {})["download"] = False
+    if getattr(args, "no_progress", False):
+        d.setdefault("train", {})["progress"] = False
+    d = apply_overrides(d, getattr(args, "set", []) or [])
+    return RunConfig.from_dict(d)
+
+
+def _default_run(cfg: RunConfig) -> Path:
+    name = cfg.data.name.replace(":", "-").replace("/", "_")
+    return Path("runs") / f"{name}-{cfg.model.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    run = args.resume or args.run
+    cfg = config_from_args(args)
+    if args.resume:
+        from .training.checkpoint import load_checkpoint
+        from .training.rundir import RunDir
+
+        saved = load_checkpoint(RunDir.of(args.resume).checkpoint("latest")).config
+        cfg = config_from_args(args, base=saved.to_dict())
+    run_dir = Path(run) if run else _default_run(cfg)
+    res = train(cfg, run_dir, resume=True if args.resume else None, max_steps=args.max_steps)
+    print(f"run directory: {res.run_dir}")
+    if res.history:
+        last = res.history[-1]
+        print(f"epoch {last['epoch']}: validation -ELBO {-last['val_elbo']:.3f} nats per datapoint")
+    return 0
+
+
+def _which(args: argparse.Namespace) -> str:
+    return args.checkpoint
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_run
+
+    res = evaluate_run(args.run, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                       seed=args.seed, which=_which(args), progress=not args.no_progress, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        print(res.table())
+        print(f"written: {res.extra.get('written')}")
+    return 0
+
+
+def _label_condition(run: str, which: str, label: int | None):
+    if label is None:
+        return None
+    from .api import load_run
+    from .conditioning import build_condition
+
+    loaded = load_run(run, which)
+    cond = build_condition(loaded.config.model, loaded.config.model.num_classes)
+    if not hasattr(cond, "encode_labels"):
+        raise VaelabError(f"{run}: --label needs a label-conditioned model (model.condition={loaded.config.model.condition!r})")
+    import torch
+
+    return cond.encode_labels(torch.tensor([label]))
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .viz import sample_run
+
+    c = _label_condition(args.run, _which(args), args.label)
+    p = sample_run(args.run, args.out, n=args.n, seed=args.seed, temperature=args.temperature, which=_which(args), c=c)
+    print(p)
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .viz import reconstruct_run
+
+    print(reconstruct_run(args.run, args.out, n=args.n, which=_which(args), data_dir=args.data_dir))
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from .viz import interpolate_run
+
+    print(interpolate_run(args.run, args.out, a=args.a, b=args.b, steps=args.steps, which=_which(args),
+                          data_dir=args.data_dir))
+    return 0
+
+
+def cmd_manifold(args: argparse.Namespace) -> int:
+    from .viz import manifold_run
+
+    dims = tuple(int(v) for v in args.dims.split(","))
+    if len(dims) != 2:
+        raise VaelabError("--dims takes two latent indices, e.g. 0,1")
+    c = _label_condition(args.run, _which(args), args.label)
+    print(manifold_run(args.run, args.out, n=args.n, dims=(dims[0], dims[1]), which=_which(args), c=c))
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .viz import encode_run
+
+    print(encode_run(args.run, args.out, split=args.split, which=_which(args), data_dir=args.data_dir))
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .data import DATASETS, SOURCES, candidate_dirs
+
+    for name in DATASETS:
+        spec = DATASETS.get(name)
+        print(f"{name:16s} {spec.description}")
+        if args.verbose:
+            for d in candidate_dirs(name, None):
+                print(f"{'':16s}   searched: {d}")
+    for prefix in SOURCES:
+        print(f"{prefix + ':PATH':16s} (source)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.run), epochs=args.epochs, k=args.k, data_dir=args.data_dir, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vaelab", description="Variational autoencoders (Doersch 2016) on images.")
+    p.add_argument("--version", action="version", version=f"vaelab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model by the ELBO")
+    t.add_argument("--run", help="run directory (default runs/<data>-<model>-<time>); re-running resumes it")
+    t.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (dry runs)")
+    _add_train_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    def run_cmd(name: str, help_: str, func) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("run", help="run directory (or a checkpoint .safetensors file)")
+        s.add_argument("--checkpoint", default="best", help="best | latest | path to a checkpoint file")
+        s.set_defaults(func=func)
+        return s
+
+    e = run_cmd("evaluate", "ELBO, importance-sampled NLL (L_k) with standard error, active units", cmd_evaluate)
+    e.add_argument("-k", type=int, default=5000, help="importance samples per datapoint (default 5000)")
+    e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
+    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--no-progress", action="store_true")
+
+    s = run_cmd("sample", "PNG grid of samples from the prior", cmd_sample)
+    s.add_argument("-n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--temperature", type=float, default=1.0, help="scale of z ~ N(0, T² I)")
+    s.add_argument("--label", type=int, default=None, help="class to generate (label-conditioned models)")
+    s.add_argument("--out", default=None)
+
+    r = run_cmd("reconstruct", "PNG of test images and their reconstructions", cmd_reconstruct)
+    r.add_argument("-n", type=int, default=32)
+    r.add_argument("--out", default=None)
+    r.add_argument("--data-dir", default=None)
+
+    i = run_cmd("interpolate", "PNG of a linear path in z between two test images", cmd_interpolate)
+    i.add_argument("--a", type=int, default=0, help="index of the first test image")
+    i.add_argument("--b", type=int, default=1, help="index of the second test image")
+    i.add_argument("--steps", type=int, default=10)
+    i.add_argument("--out", default=None)
+    i.add_argument("--data-dir", default=None)
+
+    m = run_cmd("manifold", "2-D latent manifold through the inverse Gaussian CDF", cmd_manifold)
+    m.add_argument("-n", type=int, default=20, help="grid size n x n")
+    m.add_argument("--dims", default="0,1", help="two latent dimensions to vary")
+    m.add_argument("--label", type=int, default=None)
+    m.add_argument("--out", default=None)
+
+    c = run_cmd("encode", "posterior means of a split to .npy", cmd_encode)
+    c.add_argument("--split", default="test", choices=["train", "val", "test"])
+    c.add_argument("--out", default=None)
+    c.add_argument("--data-dir", default=None)
+
+    d = sub.add_parser("datasets", help="list the data sets vaelab knows and where it looks for them")
+    d.add_argument("-v", "--verbose", action="store_true")
+    d.set_defaults(func=cmd_datasets)
+
+    dm = sub.add_parser("demo", help="train on Fashion-MNIST, evaluate, write pictures (the README's main job)")
+    dm.add_argument("--run", default="runs/demo")
+    dm.add_argument("--epochs", type=int, default=20)
+    dm.add_argument("-k", type=int, default=1000)
+    dm.add_argument("--data-dir", default=None)
+    dm.add_argument("--no-progress", action="store_true")
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VaelabError as e:
+        print(f"vaelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaelab: interrupted (the last checkpoint is intact; re-run the same command to resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Frozen, typed configuration. A run is fully described by a :class:`RunConfig`, saved as JSON
+beside every checkpoint so that ``evaluate``, ``sample`` and ``resume`` rebuild everything from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, where to look for it, and how pixels are presented to the model."""
+
+    name: str = "fashion-mnist"  # a registered data set, or "folder:PATH", "npz:PATH", ...
+    data_dir: str | None = None  # searched first; then $VAELAB_DATA, /usr/share/datasets, the cache
+    download: bool = True  # download into the cache when found nowhere
+    binarize: str = "none"  # none ([0,1] intensities) | dynamic (fresh Bernoulli each pass) | fixed (once, seeded)
+    val_size: int = 5000  # examples held out of train for validation (seeded)
+    limit_train: int | None = None  # use only the first N training examples (quick runs)
+    limit_test: int | None = None
+    image_size: int | None = None  # resize/centre-crop target for image folders
+    grayscale: bool = False  # convert colour images to one channel
+    seed: int = 0  # validation split and fixed binarization
+
+    def __post_init__(self) -> None:
+        if self.binarize not in ("none", "dynamic", "fixed"):
+            raise ConfigError(f"data.binarize must be none, dynamic or fixed, not {self.binarize!r}")
+        if self.val_size < 0:
+            raise ConfigError("data.val_size must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The generative model p(x|z)p(z) and the inference network q(z|x)."""
+
+    model: str = "vae"  # registry name
+    input_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W); filled in from the data
+    latent_dim: int = 20
+    encoder: str = "mlp"  # registry name of the encoder network
+    decoder: str = "mlp"
+    hidden: tuple[int, ...] = (400,)  # MLP widths (mirrored in the decoder) or conv channels per stage
+    activation: str = "relu"
+    likelihood: str = "bernoulli"  # registry name of p(x|z)
+    sigma: float = 1.0  # Gaussian likelihood: fixed sigma, or the initial value when learned
+    n_mixtures: int = 5  # mixture likelihoods
+    condition: str = "none"  # registry name of the condition (conditional VAE); "none": unconditional
+    cond_dim: int = 0  # size of the condition vector fed to encoder and decoder; set from the condition
+    num_classes: int | None = None  # label count of the data, for label conditions
+
+    def __post_init__(self) -> None:
+        if self.latent_dim < 1:
+            raise ConfigError("model.latent_dim must be >= 1")
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise ConfigError(f"model.input_shape must be (C, H, W), got {self.input_shape}")
+        if self.sigma <= 0:
+            raise ConfigError("model.sigma must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of the ELBO with Adam."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    beta: float = 1.0  # KL weight (beta-VAE); 1 is the ELBO
+    warmup_epochs: float = 0.0  # KL warm-up: beta rises linearly from 0 over this many epochs
+    free_bits: float = 0.0  # nats per latent dimension below which the KL is not penalised
+    grad_clip: float | None = None  # clip the gradient's global norm
+    max_nonfinite: int = 20  # consecutive skipped (non-finite) steps before the run stops
+    seed: int = 0
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: at each epoch's end only)
+    eval_batch_size: int = 1000
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < (0 if name == "epochs" else 1):
+                raise ConfigError(f"train.{name} has an invalid value {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be > 0")
+        if self.beta < 0:
+            raise ConfigError("train.beta must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return from_dict(cls, d)
+
+    def replace(self, **sections: Any) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a JSON/TOML value to the annotated type ``tp`` (tuples, optionals, nested configs)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table/object, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: may not be null")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[C], d: dict[str, Any], where: str = "config") -> C:
+    """Build a (nested) frozen config from a plain dict; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML or JSON config file into a plain dict (sections data/model/train)."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
+    try:
+        if p.suffix.lower() == ".json":
+            out = json.loads(text)
+        else:
+            out = tomllib.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {e}") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"{p}: top level must be a table/object")
+    return out
+
+
+def apply_overrides(base: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (value parsed as JSON when possible, else a string)."""
+    out = json.loads(json.dumps(base))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {item!r}: key must be section.key (e.g. train.lr=3e-4)")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(base))
+    for sec, vals in update.items():
+        if isinstance(vals, dict):
+            out.setdefault(sec, {}).update(vals)
+        else:
+            out[sec] = vals
+    return out

@@ -1,0 +1,43 @@
+"""Distributions as objects: ``log_prob`` (summed over the event), ``sample``, ``mean``, ``mode``.
+
+Every distribution has a batch shape and an event of ``event_dims`` trailing dimensions (for an
+image likelihood, (C, H, W)). ``log_prob`` returns one number per batch element: the sum over the
+event's dimensions. An optional ``mask`` (broadcastable to the elementwise terms) restricts the sum,
+e.g. to the unobserved pixels of a conditional model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Distribution(ABC):
+    event_dims: int
+
+    @abstractmethod
+    def log_prob_elements(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise log-density/mass terms, shape (*batch, *event) (or event without channels)."""
+
+    def log_prob(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x), summed over the event dimensions: shape (*batch,)."""
+        terms = self.log_prob_elements(x)
+        if mask is not None:
+            terms = terms * mask
+        return terms.flatten(start_dim=terms.dim() - self.event_dims).sum(-1)
+
+    @abstractmethod
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw (not differentiable)."""
+
+    @property
+    @abstractmethod
+    def mean(self) -> torch.Tensor: ...
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+def sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:
+    return t.flatten(start_dim=t.dim() - event_dims).sum(-1) if event_dims else t

@@ -1,0 +1,225 @@
+"""Checkpoints: one safetensors file holding the model, the optimizer state and every RNG state,
+with the run's config and the training counters as JSON in its metadata. Nothing is pickled.
+
+Writes are atomic: the file is written under a temporary name in the same folder, flushed and
+fsync'ed, then renamed over the old one, so a crash or a full disk at any moment leaves the previous
+good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ..config import RunConfig
+from ..errors import CheckpointError, ConfigError
+
+FORMAT = "vaelab-checkpoint-1"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, in memory."""
+
+    config: RunConfig
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None  # torch optimizer state_dict
+    state: dict[str, Any] = field(default_factory=dict)  # epoch, step, best, counters, ...
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> uint8 state tensor
+
+
+# ---------------------------------------------------------------- RNG state capture
+def capture_global_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch's, numpy's and Python's global RNG states (tensors + JSON-able parts)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.uint32).view(np.uint8).copy()),
+    }
+    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])], "python": py_state}
+    return tensors, meta
+
+
+def restore_global_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    if "torch" in tensors:
+        torch.set_rng_state(tensors["torch"])
+    if "numpy" in tensors and "numpy" in meta:
+        name, pos, has_gauss, gauss = meta["numpy"]
+        keys = tensors["numpy"].numpy().view(np.uint32)
+        np.random.set_state((name, keys, pos, has_gauss, gauss))
+    if "python" in meta:
+        v, st, g = meta["python"]
+        random.setstate((v, tuple(st), g))
+
+
+# ---------------------------------------------------------------- optimizer state flattening
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        entry = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{pid}/{k}"] = v
+                entry[k] = {"tensor": f"optim/{pid}/{k}"}
+            else:
+                entry[k] = v
+        plain["state"][str(pid)] = entry
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for pid, entry in plain["state"].items():
+        state[int(pid)] = {
+            k: (tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v) for k, v in entry.items()
+        }
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+# ---------------------------------------------------------------- save / load
+def serialize(ckpt: Checkpoint) -> bytes:
+    tensors: dict[str, torch.Tensor] = {f"model/{k}": v.detach().contiguous() for k, v in ckpt.model.items()}
+    meta: dict[str, str] = {
+        "format": FORMAT,
+        "config": ckpt.config.to_json(),
+        "state": json.dumps(ckpt.state),
+    }
+    if ckpt.optimizer is not None:
+        t, plain = _flatten_optimizer(ckpt.optimizer)
+        tensors.update({k: v.contiguous() for k, v in t.items()})
+        meta["optimizer"] = json.dumps(plain)
+    tensors.update({f"rng/{k}": v.contiguous() for k, v in ckpt.rng.items()})
+    # safetensors refuses tensors that share memory; clone any alias.
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        ptr = v.data_ptr()
+        if ptr in seen and v.numel():
+            tensors[k] = v.clone()
+        seen.add(ptr)
+    return st_save(tensors, metadata=meta)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file + fsync + rename (+ fsync of the folder).
+
+    On any OSError (disk full, permissions) the temporary file is removed, ``path`` keeps its old
+    content, and a :class:`CheckpointError` names the file and the reason."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise CheckpointError(
+            f"could not write {path}: {e.strerror or e}; the previous file (if any) is intact"
+        ) from e
+
+
+def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
+    atomic_write(Path(path), serialize(ckpt))
+
+
+def refuse_unsafe(path: Path, head: bytes) -> None:
+    """Refuse pickle-based files: loading them can run arbitrary code."""
+    if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:2] == b"PK":
+        raise CheckpointError(
+            f"{path}: refusing to load a pickle/PyTorch .pt file (unpickling can execute arbitrary code). "
+            "vaelab checkpoints are .safetensors files with a JSON config."
+        )
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (safetensors + JSON only)."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read checkpoint: {e.strerror or e}") from None
+    refuse_unsafe(p, raw[:4])
+    try:
+        tensors = st_load(raw)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, TypeError) as e:
+        raise CheckpointError(f"{p}: not a valid safetensors file ({e})") from None
+    meta = read_metadata(p, raw)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a vaelab checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    try:
+        config = RunConfig.from_dict(json.loads(meta["config"]))
+        state = json.loads(meta.get("state", "{}"))
+        opt_plain = json.loads(meta["optimizer"]) if "optimizer" in meta else None
+    except (KeyError, ValueError, ConfigError) as e:
+        raise CheckpointError(f"{p}: corrupted config/state metadata ({e})") from None
+    model = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    rng = {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")}
+    optimizer = None
+    if opt_plain is not None:
+        try:
+            optimizer = _unflatten_optimizer(tensors, opt_plain)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{p}: optimizer state is incomplete ({e})") from None
+    return Checkpoint(config, model, optimizer, state, rng)
+
+
+def read_metadata(path: Path, raw: bytes | None = None) -> dict[str, str]:
+    """The safetensors header's ``__metadata__`` (JSON strings), checked for sanity."""
+    raw = path.read_bytes() if raw is None else raw
+    if len(raw) < 8:
+        raise CheckpointError(f"{path}: truncated checkpoint ({len(raw)} bytes)")
+    n = int.from_bytes(raw[:8], "little")
+    if n <= 0 or 8 + n > len(raw):
+        raise CheckpointError(f"{path}: truncated or corrupted safetensors header")
+    try:
+        header = json.loads(raw[8 : 8 + n])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors metadata")
+    return meta
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights after checking names and shapes, with an error that lists every difference."""
+    expected = model.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+    for k in sorted(set(expected) & set(state)):
+        if tuple(expected[k].shape) != tuple(state[k].shape):
+            problems.append(f"{k}: checkpoint has shape {tuple(state[k].shape)}, config implies {tuple(expected[k].shape)}")
+        elif expected[k].dtype != state[k].dtype:
+            problems.append(f"{k}: checkpoint has dtype {state[k].dtype}, model has {expected[k].dtype}")
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not match its model config:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,87 @@
+"""The run directory, the one place a training run writes to:
+
+    RUN/
+      config.json                 the full RunConfig (data, model, train), human-readable
+      metrics.jsonl               one JSON object per epoch (train and validation terms, timings)
+      checkpoints/latest.safetensors   model + optimizer + RNG states + config + counters
+      checkpoints/best.safetensors     the same, at the best validation ELBO so far
+      .lock                       held (flock) by the one process training into RUN
+      eval/                       outputs of `vaelab evaluate` (JSON)
+      *.png, *.npy                outputs of sample / reconstruct / interpolate / manifold / encode
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .checkpoint import atomic_write
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @staticmethod
+    def of(path: str | os.PathLike[str]) -> RunDir:
+        return RunDir(Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        return self.checkpoints / "latest.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.safetensors"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def checkpoint(self, which: str = "best") -> Path:
+        """Path of the ``best`` or ``latest`` checkpoint (``best`` falls back to ``latest``), or a file."""
+        if which in ("best", "latest"):
+            p = self.best if which == "best" and self.best.exists() else self.latest
+            if not p.exists():
+                raise CheckpointError(f"{self.root}: no checkpoint found (looked for {self.best} and {self.latest})")
+            return p
+        return Path(which)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        out = []
+        for line in self.metrics.read_text().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    break  # a torn last line from a crash: ignore it and what follows
+        return out
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def truncate_metrics(self, max_step: int) -> None:
+        """Keep only rows up to ``max_step`` (after resuming from a checkpoint taken at that step)."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= max_step]
+        atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())

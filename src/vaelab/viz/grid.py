@@ -1,0 +1,39 @@
+"""Image grids as PNG files (grey or colour)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] -> uint8 array (rows*H', cols*W', C) with ``pad`` pixels between cells."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = images.shape
+    cols = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    out = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), pad_value)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        out[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
+    arr = (out.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return arr
+
+
+def save_grid(
+    images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None, scale: int = 2, pad: int = 2
+) -> Path:
+    """Write a grid of images (N, C, H, W) in [0, 1] to a PNG, upscaled ``scale`` times (nearest)."""
+    arr = grid_array(images, nrow, pad)
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, mode="L" if arr.shape[-1] == 1 else "RGB")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    img.save(p)
+    return p
