@@ -1,0 +1,118 @@
+"""The command line end to end on tiny IDX files, and the Python API it is a layer over."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vaelab
+from vaelab.cli import main
+
+
+def _train_args(mnist_dir, run, *extra, net=True):
+    sizes = ["--hidden", "32", "--latent-dim", "2"] if net else []
+    return ["train", "--data", "mnist", "--data-dir", str(mnist_dir), "--no-download", "--val-size", "40",
+            *sizes, "--batch-size", "32", "--epochs", "2", "--threads", "1",
+            "--run", str(run), "--no-progress", *extra]
+
+
+def test_train_evaluate_generate_end_to_end(mnist_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_train_args(mnist_dir, run)) == 0
+    assert (run / "config.json").exists() and (run / "checkpoints" / "latest.safetensors").exists()
+    assert (run / "checkpoints" / "best.safetensors").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["val_elbo"]) for r in rows)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["input_shape"] == [1, 28, 28] and cfg["model"]["latent_dim"] == 2
+
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "-k", "20", "--no-progress", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 60 and res["k"] == 20 and res["latent_dim"] == 2
+    assert res["nll"] <= res["neg_elbo"] + 1.0  # -L_k below -ELBO (up to Monte Carlo noise)
+    assert "cross-entropy" in res["meaning"] and res["bits_per_dim"] is None
+    assert len(res["kl_per_dim"]) == 2 and 0 <= res["active_units"] <= 2
+    assert (run / "eval" / "test-k20.json").exists()
+
+    assert main(["sample", str(run), "-n", "16", "--out", str(tmp_path / "s.png")]) == 0
+    assert Image.open(tmp_path / "s.png").size == ((4 * 30 + 2) * 2,) * 2
+    assert main(["reconstruct", str(run), "-n", "8"]) == 0
+    assert (run / "reconstructions.png").exists()
+    assert main(["interpolate", str(run), "--steps", "5"]) == 0
+    assert Image.open(run / "interpolation.png").size[0] == (7 * 30 + 2) * 2
+    assert main(["manifold", str(run), "-n", "5"]) == 0
+    assert Image.open(run / "manifold.png").size == (5 * 28, 5 * 28)
+    assert main(["encode", str(run), "--out", str(tmp_path / "z.npy")]) == 0
+    z = np.load(tmp_path / "z.npy")
+    assert z.shape == (60, 2) and np.load(tmp_path / "z_labels.npy").shape == (60,)
+
+
+def test_rerunning_resumes_and_more_epochs_continue(mnist_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(_train_args(mnist_dir, run)) == 0
+    assert main(_train_args(mnist_dir, run, "--epochs", "3")) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # a changed model is refused instead of silently mixing runs
+    assert main(_train_args(mnist_dir, run, "--latent-dim", "3", "--epochs", "4")) == 2
+
+
+def test_config_file_and_overrides(mnist_dir, tmp_path):
+    cfgf = tmp_path / "c.toml"
+    cfgf.write_text('[model]\nlatent_dim = 3\nhidden = [16]\n[train]\nlr = 0.002\n')
+    run = tmp_path / "run"
+    args = _train_args(mnist_dir, run, "--config", str(cfgf), "--set", "train.beta=0.5", "--epochs", "1", net=False)
+    assert main(args) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["latent_dim"] == 3 and cfg["model"]["hidden"] == [16]
+    assert cfg["train"]["lr"] == 0.002 and cfg["train"]["beta"] == 0.5
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys, mnist_dir):
+    assert main(["train", "--data", "nope", "--run", str(tmp_path / "r")]) == 2
+    assert "unknown data set 'nope'" in capsys.readouterr().err
+    assert main(["train", "--set", "train.nope=1", "--run", str(tmp_path / "r")]) == 2
+    assert "unknown key" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert "no such run" in capsys.readouterr().err
+    assert main(_train_args(mnist_dir, tmp_path / "r2", "--likelihood", "poisson")) == 2
+    assert "unknown likelihood 'poisson'" in capsys.readouterr().err
+
+
+def test_python_api_round_trip(tiny_cfg, tmp_path):
+    res = vaelab.train(tiny_cfg, tmp_path / "run")
+    loaded = vaelab.load_run(tmp_path / "run", "latest")
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, loaded.model.state_dict()[k])
+    assert loaded.config == res.config
+    x = torch.rand(4, 1, 28, 28)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    res.model.eval()
+    torch.testing.assert_close(vaelab.elbo(res.model, x, generator=g1).elbo,
+                               vaelab.elbo(loaded.model, x, generator=g2).elbo)
+
+
+def test_module_entry_point_and_console_script():
+    out = subprocess.run([sys.executable, "-m", "vaelab", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("vaelab ")
+    out = subprocess.run([sys.executable, "-m", "vaelab", "datasets"], capture_output=True, text=True, check=True)
+    assert "fashion-mnist" in out.stdout and "mnist" in out.stdout
+
+
+@pytest.mark.parametrize("lik", ["gaussian", "gaussian-learned"])
+def test_gaussian_likelihoods_train(tiny_cfg, tmp_path, lik):
+    from dataclasses import replace
+
+    cfg = tiny_cfg.replace(model=replace(tiny_cfg.model, likelihood=lik, sigma=0.2),
+                           train=replace(tiny_cfg.train, epochs=1))
+    res = vaelab.train(cfg, tmp_path / lik)
+    assert np.isfinite(res.history[-1]["val_elbo"])
+    if lik == "gaussian-learned":
+        assert "likelihood.log_sigma" in res.model.state_dict()
