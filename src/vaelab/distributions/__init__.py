@@ -4,12 +4,15 @@ from .base import Distribution
 from .bernoulli import Bernoulli
 from .gaussian import Gaussian
 from .likelihoods import LIKELIHOODS, LikelihoodHead, build_likelihood
+from .logistic import DiscretizedLogistic, DiscretizedLogisticMixture  # registers the 8-bit likelihoods
 from .normal import DiagonalGaussian, StandardNormal
 
 __all__ = [
     "LIKELIHOODS",
     "Bernoulli",
     "DiagonalGaussian",
+    "DiscretizedLogistic",
+    "DiscretizedLogisticMixture",
     "Distribution",
     "Gaussian",
     "LikelihoodHead",
