@@ -37,6 +37,7 @@ class DataConfig:
     limit_test: int | None = None
     image_size: int | None = None  # resize/centre-crop target for image folders
     grayscale: bool = False  # convert colour images to one channel
+    svhn_extra: bool = False  # svhn: append the 531k "extra" images to the training split
     seed: int = 0  # validation split and fixed binarization
 
     def __post_init__(self) -> None:

@@ -5,6 +5,9 @@ from .idx import read_idx, write_idx
 from .registry import DATASETS, SOURCES, DatasetSpec, load_data, load_splits, register_dataset
 from .sources import RemoteFile, candidate_dirs, locate
 
+# Each module registers its data sets / sources on import.
+from . import arrays, cifar, folder, svhn  # noqa: E402, F401  isort: skip
+
 __all__ = [
     "DATASETS",
     "SOURCES",
