@@ -18,16 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, NonFiniteError
 
 FORMAT = "vaelab-checkpoint-1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (there is no getter)
 
 
 @dataclass
@@ -54,16 +56,20 @@ def capture_global_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def restore_global_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    if "torch" in tensors:
-        torch.set_rng_state(tensors["torch"])
-    if "numpy" in tensors and "numpy" in meta:
-        name, pos, has_gauss, gauss = meta["numpy"]
-        keys = tensors["numpy"].numpy().view(np.uint32)
-        np.random.set_state((name, keys, pos, has_gauss, gauss))
-    if "python" in meta:
-        v, st, g = meta["python"]
-        random.setstate((v, tuple(st), g))
+def restore_global_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str = "checkpoint") -> None:
+    """Inverse of :func:`capture_global_rng`; a malformed state is a :class:`CheckpointError`."""
+    try:
+        if "torch" in tensors:
+            torch.set_rng_state(tensors["torch"])
+        if "numpy" in tensors and "numpy" in meta:
+            name, pos, has_gauss, gauss = meta["numpy"]
+            keys = tensors["numpy"].numpy().view(np.uint32)
+            np.random.set_state((name, keys, pos, has_gauss, gauss))
+        if "python" in meta:
+            v, st, g = meta["python"]
+            random.setstate((v, tuple(st), g))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: corrupted random number generator state ({e})") from None
 
 
 # ---------------------------------------------------------------- optimizer state flattening
@@ -118,89 +124,169 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temp file + fsync + rename (+ fsync of the folder).
 
     On any OSError (disk full, permissions) the temporary file is removed, ``path`` keeps its old
-    content, and a :class:`CheckpointError` names the file and the reason."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    content, and a :class:`CheckpointError` names the file and the reason. A process killed mid-write
+    leaves at most a ``.NAME.*.tmp`` file beside ``path`` (see :func:`remove_stale_temps`)."""
+    tmp: str | None = None
+    replaced = False
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        replaced = True
+        # Make the rename itself durable: fsync the folder that holds the new directory entry.
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as e:
+        if tmp is not None and not replaced:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if not isinstance(e, OSError):
+            raise
+        if replaced:
+            raise CheckpointError(
+                f"could not make {path} durable: {e.strerror or e}; the new file is in place but a "
+                "power loss could still lose it"
+            ) from e
         raise CheckpointError(
             f"could not write {path}: {e.strerror or e}; the previous file (if any) is intact"
         ) from e
 
 
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete temporary files that :func:`atomic_write` left in ``folder`` when its process was
+    killed mid-write (only call this while holding the run lock). Returns what was removed."""
+    removed = []
+    if folder.is_dir():
+        for p in folder.glob(f".*{TMP_SUFFIX}"):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
-    atomic_write(Path(path), serialize(ckpt))
+    """Write ``ckpt`` to ``path`` atomically. Refuses (:class:`NonFiniteError`) to write a model or
+    optimizer state holding NaN/Inf, so a diverged state never replaces a good checkpoint."""
+    path = Path(path)
+    bad = nonfinite_tensors(ckpt.model)
+    if ckpt.optimizer is not None:
+        bad += [f"optimizer state {pid}/{k}" for pid, st in ckpt.optimizer["state"].items()
+                for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"
+                and nonfinite_tensors({k: v})]
+    if bad:
+        raise NonFiniteError(
+            f"refusing to write {path}: non-finite values in {', '.join(bad[:6])}"
+            f"{' ...' if len(bad) > 6 else ''}; the previous file (if any) is intact"
+        )
+    atomic_write(path, serialize(ckpt))
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and then '{'."""
+    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 31
 
 
 def refuse_unsafe(path: Path, head: bytes) -> None:
-    """Refuse pickle-based files: loading them can run arbitrary code."""
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:2] == b"PK":
+    """Refuse pickle-based files (by name, or by content when they are not safetensors): loading them
+    can run arbitrary code. ``head``: the file's first bytes (at least 9). Nothing is unpickled here
+    or anywhere else in vaelab; this only makes the error say what the file is."""
+    pickled = head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"  # pickle protocol >= 2, torch's zip
+    if path.suffix.lower() in PICKLE_SUFFIXES or (pickled and not looks_like_safetensors(head)):
         raise CheckpointError(
             f"{path}: refusing to load a pickle/PyTorch .pt file (unpickling can execute arbitrary code). "
             "vaelab checkpoints are .safetensors files with a JSON config."
         )
 
 
+def _json_field(p: Path, meta: dict[str, str], key: str, kind: type, default: Any = None) -> Any:
+    if key not in meta:
+        if default is not None:
+            return default
+        raise CheckpointError(f"{p}: corrupted checkpoint metadata (no {key!r} entry)")
+    try:
+        value = json.loads(meta[key])
+    except ValueError as e:
+        raise CheckpointError(f"{p}: corrupted {key!r} metadata (not JSON: {e})") from None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{p}: corrupted {key!r} metadata (expected a JSON {kind.__name__})")
+    return value
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` (safetensors + JSON only)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (safetensors + JSON only).
+
+    Nothing in the file is ever unpickled or executed; every problem (pickle, truncation, corrupted
+    bytes, a foreign file) is a :class:`CheckpointError` that names the file."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read checkpoint: {e.strerror or e}") from None
-    refuse_unsafe(p, raw[:4])
+    refuse_unsafe(p, raw[:16])
+    meta = read_metadata(p, raw)
     try:
         tensors = st_load(raw)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError, TypeError) as e:
-        raise CheckpointError(f"{p}: not a valid safetensors file ({e})") from None
-    meta = read_metadata(p, raw)
+    except Exception as e:  # the parser of untrusted bytes: any failure means a corrupted file
+        raise CheckpointError(f"{p}: truncated or corrupted safetensors data ({e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a vaelab checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
     try:
-        config = RunConfig.from_dict(json.loads(meta["config"]))
-        state = json.loads(meta.get("state", "{}"))
-        opt_plain = json.loads(meta["optimizer"]) if "optimizer" in meta else None
-    except (KeyError, ValueError, ConfigError) as e:
-        raise CheckpointError(f"{p}: corrupted config/state metadata ({e})") from None
+        config = RunConfig.from_dict(_json_field(p, meta, "config", dict))
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: corrupted config metadata ({e})") from None
+    state = _json_field(p, meta, "state", dict, {})
     model = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     rng = {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")}
+    if not model:
+        raise CheckpointError(f"{p}: holds no model tensors")
     optimizer = None
-    if opt_plain is not None:
+    if "optimizer" in meta:
+        opt_plain = _json_field(p, meta, "optimizer", dict)
         try:
             optimizer = _unflatten_optimizer(tensors, opt_plain)
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{p}: optimizer state is incomplete ({e})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{p}: optimizer state is incomplete or corrupted ({e!r})") from None
     return Checkpoint(config, model, optimizer, state, rng)
 
 
 def read_metadata(path: Path, raw: bytes | None = None) -> dict[str, str]:
     """The safetensors header's ``__metadata__`` (JSON strings), checked for sanity."""
-    raw = path.read_bytes() if raw is None else raw
+    if raw is None:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read checkpoint: {e.strerror or e}") from None
     if len(raw) < 8:
         raise CheckpointError(f"{path}: truncated checkpoint ({len(raw)} bytes)")
     n = int.from_bytes(raw[:8], "little")
     if n <= 0 or 8 + n > len(raw):
-        raise CheckpointError(f"{path}: truncated or corrupted safetensors header")
+        hint = " (it looks like a pickle, which vaelab never loads)" if raw.rstrip()[-1:] == b"." else ""
+        raise CheckpointError(f"{path}: truncated or corrupted safetensors header{hint}")
     try:
         header = json.loads(raw[8 : 8 + n])
     except ValueError as e:
         raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
     meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{path}: corrupted safetensors metadata")
     return meta
 

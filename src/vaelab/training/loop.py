@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 from ..conditioning import Condition, build_condition
 from ..config import RunConfig
 from ..data import DataSplits, load_data, to_float
+from ..data.validate import check_model_input, check_splits
 from ..errors import CheckpointError, ConfigError, NonFiniteError
 from ..models import build_model
 from ..objectives import elbo
@@ -37,6 +40,7 @@ from .checkpoint import (
     capture_global_rng,
     load_checkpoint,
     load_model_state,
+    remove_stale_temps,
     restore_global_rng,
     save_checkpoint,
 )
@@ -145,8 +149,10 @@ def _grads_finite(params: Sequence[torch.Tensor]) -> tuple[bool, float]:
     return math.isfinite(val), val
 
 
-def _save(run: RunDir, path: Path, cfg: RunConfig, model: nn.Module, opt: torch.optim.Optimizer,
+def _save(run: RunDir, paths: Sequence[Path], cfg: RunConfig, model: nn.Module, opt: torch.optim.Optimizer,
           state: TrainState, noise: torch.Generator) -> None:
+    """Write the same checkpoint to each of ``paths`` in order (rank 0). A failed write stops
+    training with an error that names the file; the files already there stay intact."""
     rng, rng_meta = capture_global_rng()
     rank, world = _dist_info()
     noise_state = noise.get_state()
@@ -161,7 +167,20 @@ def _save(run: RunDir, path: Path, cfg: RunConfig, model: nn.Module, opt: torch.
     st = dataclasses.asdict(state)
     st["rng_meta"] = rng_meta
     st["world_size"] = world
-    save_checkpoint(path, Checkpoint(cfg, _unwrap(model).state_dict(), opt.state_dict(), st, rng))
+    ckpt = Checkpoint(cfg, _unwrap(model).state_dict(), opt.state_dict(), st, rng)
+    for path in paths:
+        try:
+            save_checkpoint(path, ckpt)
+        except NonFiniteError as e:
+            raise NonFiniteError(
+                f"training stopped at step {state.step}: the parameters or optimizer state became "
+                f"non-finite. {e}. Try a lower train.lr or train.grad_clip."
+            ) from None
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"training stopped at step {state.step}: {e}. Fix the cause and "
+                "re-run the same command to resume from the last good checkpoint."
+            ) from None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -211,6 +230,8 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
+    if rank == 0:
+        remove_stale_temps(run.checkpoints)  # left by a process killed mid-write; we hold the lock
     ckpt: Checkpoint | None = None
     if run.latest.exists() and resume is not False:
         ckpt = load_checkpoint(run.latest)
@@ -220,6 +241,7 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
         raise CheckpointError(f"{run.root}: already holds a run; resume it or choose a new directory")
 
     data = data if data is not None else load_data((ckpt.config if ckpt else cfg).data)
+    check_splits(data)
     cfg = complete_config(cfg, data)
     if ckpt is not None:
         diffs = _configs_compatible(ckpt.config, cfg)
@@ -234,24 +256,31 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
                                   checkpoint_every=t.checkpoint_every))
         t = cfg.train
 
+    # Seed every global RNG, not only torch's: checkpoints save all of them, and a run must not depend
+    # on what the process drew before (a resumed run restores them below).
     torch.manual_seed(t.seed)
+    np.random.seed(t.seed % 2**32)
+    random.seed(t.seed)
     model = build_model(cfg.model)
     opt = make_optimizer(model, cfg)
     noise = torch.Generator().manual_seed(t.seed + 7919 * rank)
     state = TrainState()
     if ckpt is not None:
         load_model_state(model, ckpt.model, str(run.latest))
-        if ckpt.optimizer is not None:
-            opt.load_state_dict(ckpt.optimizer)
-        st = dict(ckpt.state)
-        rng_meta = st.pop("rng_meta", {})
-        saved_world = st.pop("world_size", 1)
-        state = TrainState(**st)
+        try:
+            if ckpt.optimizer is not None:
+                opt.load_state_dict(ckpt.optimizer)
+            st = dict(ckpt.state)
+            rng_meta = st.pop("rng_meta", {})
+            saved_world = st.pop("world_size", 1)
+            state = TrainState(**st)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{run.latest}: corrupted optimizer or training state ({e!r})") from None
         if state.step_in_epoch and saved_world != world:
             raise CheckpointError(
                 f"{run.latest}: taken mid-epoch with {saved_world} processes; resume with the same number"
             )
-        restore_global_rng(ckpt.rng, rng_meta)
+        restore_global_rng(ckpt.rng, rng_meta, str(run.latest))
         key = f"noise/{rank}"
         if key in ckpt.rng:
             noise.set_state(ckpt.rng[key])
@@ -271,6 +300,7 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
     # Whole training set as float32 intensities in memory: batching is indexing.
     train_x = to_float(data.train.images)
     train_y = data.train.labels
+    check_model_input(train_x, cfg.model.likelihood, data.train.source or data.name)
     n = train_x.shape[0]
     history = run.read_metrics() if rank == 0 else []
     dynamic = cfg.data.binarize == "dynamic"
@@ -339,12 +369,12 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
                 state.sums = dict(sums)
                 state.elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                _save(run, run.latest, cfg, model, opt, state, noise)
+                _save(run, [run.latest], cfg, model, opt, state, noise)
         bar.close()
         state.elapsed += time.perf_counter() - t0
         state.sums = dict(sums)
         if stop and state.step_in_epoch < steps_per_epoch:
-            _save(run, run.latest, cfg, model, opt, state, noise)
+            _save(run, [run.latest], cfg, model, opt, state, noise)
             break
         # ---- end of epoch: validation, metrics, checkpoints
         if world > 1:
@@ -372,9 +402,10 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
             history.append(row)
             tqdm.write(f"epoch {state.epoch}: train loss {row['train_loss']:.2f}  "
                        f"val -ELBO {-val['elbo']:.2f} (rec {-val['rec']:.2f}, KL {val['kl']:.2f}) nats")
-        _save(run, run.latest, cfg, model, opt, state, noise)
-        if improved or not run.best.exists():
-            _save(run, run.best, cfg, model, opt, state, noise)
+        # best before latest: a crash between the two writes then resumes from the older latest and
+        # redoes this epoch, rewriting best identically. Without validation data there is no best
+        # (``RunDir.checkpoint("best")`` falls back to latest).
+        _save(run, [run.best, run.latest] if improved else [run.latest], cfg, model, opt, state, noise)
         for cb in callbacks:
             cb(row)
     if distributed:

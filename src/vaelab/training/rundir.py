@@ -70,18 +70,33 @@ class RunDir:
         for line in self.metrics.read_text().splitlines():
             if line.strip():
                 try:
-                    out.append(json.loads(line))
+                    row = json.loads(line)
                 except ValueError:
                     break  # a torn last line from a crash: ignore it and what follows
+                if not isinstance(row, dict):
+                    break
+                out.append(row)
         return out
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        """Append one row (fsync'ed). A failed write is a :class:`CheckpointError` naming the file; a
+        torn line it may leave is dropped by :meth:`read_metrics` and :meth:`truncate_metrics`."""
+        try:
+            with open(self.metrics, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:
+            raise CheckpointError(f"could not append to {self.metrics}: {e.strerror or e}") from e
 
     def truncate_metrics(self, max_step: int) -> None:
-        """Keep only rows up to ``max_step`` (after resuming from a checkpoint taken at that step)."""
+        """Keep only rows up to ``max_step`` (after resuming from a checkpoint taken at that step),
+        dropping a torn last line; the file is rewritten (atomically) only if that changes it."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= max_step]
-        atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        try:
+            current = self.metrics.read_text() if self.metrics.exists() else ""
+        except (OSError, UnicodeDecodeError):
+            current = None
+        if current != text:
+            atomic_write(self.metrics, text.encode())
