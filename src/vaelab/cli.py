@@ -109,12 +109,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     res = evaluate_run(args.run, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
                        seed=args.seed, which=_which(args), progress=not args.no_progress, data_dir=args.data_dir)
+    note = _conditional_note(res.extra.get("checkpoint") or args.run)
     if args.json:
-        print(json.dumps(res.to_dict(), indent=2))
+        d = res.to_dict()
+        if note:
+            d["conditional"] = note
+        print(json.dumps(d, indent=2))
     else:
         print(res.table())
+        if note:
+            # the table's -ELBO / -log P are of the scored part given the condition
+            print(f"  {note}")
         print(f"written: {res.extra.get('written')}")
     return 0
+
+
+def _conditional_note(checkpoint: str) -> str:
+    """How a conditional model's numbers read (e.g. -log P(Y|X) over the unobserved pixels), or ""."""
+    from .conditioning import build_condition
+    from .training.checkpoint import load_checkpoint
+
+    p = Path(checkpoint)
+    if p.is_dir():
+        from .training.rundir import RunDir
+
+        p = RunDir.of(p).checkpoint("best")
+    m = load_checkpoint(p).config.model
+    return build_condition(m, m.num_classes).describe()
 
 
 def _label_condition(run: str, which: str, label: int | None):
@@ -174,6 +195,24 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_complete(args: argparse.Namespace) -> int:
+    from .viz.complete import complete_run
+
+    res = complete_run(args.run, args.out, n=args.n, samples=args.samples, seed=args.seed, which=_which(args),
+                       condition=args.condition, mask=args.mask, regressor=args.regressor, split=args.split,
+                       start=args.start, data_dir=args.data_dir)
+    print(res.path)
+    print(f"  {res.condition}")
+    m = res.metrics
+    line = (f"  over the completed pixels: per-pixel std between completions {m['pixel_std']:.4f}, "
+            f"pairwise L2 {m['pairwise_l2']:.3f}; L2 to truth: completion {m['sample_l2']:.3f}, "
+            f"best of {m['samples_per_image']} {m['best_of_s_l2']:.3f}")
+    if "regressor_l2" in m:
+        line += f", regressor {m['regressor_l2']:.3f}"
+    print(line)
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from .data import DATASETS, SOURCES, candidate_dirs
 
@@ -201,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model by the ELBO")
-    t.add_argument("--run", help="run directory (default runs/<data>-<model>-<time>); re-running resumes it")
+    t.add_argument("--run", "--run-dir", dest="run",
+                   help="run directory (default runs/<data>-<model>-<time>); re-running resumes it. "
+                        "Under torchrun write --run-dir (torchrun's own parser takes --run as its --run-path)")
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (dry runs)")
     _add_train_flags(t)
@@ -253,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default="test", choices=["train", "val", "test"])
     c.add_argument("--out", default=None)
     c.add_argument("--data-dir", default=None)
+
+    cp = run_cmd("complete", "PNG: test images completed from a partial observation (CVAE, Doersch Sec. 4.2)",
+                 cmd_complete)
+    cp.add_argument("-n", type=int, default=8, help="test images (rows)")
+    cp.add_argument("--samples", type=int, default=6, help="CVAE completions per image (columns)")
+    cp.add_argument("--seed", type=int, default=0)
+    ov = cp.add_mutually_exclusive_group()
+    ov.add_argument("--mask", default=None, metavar="PATH", help="observe the white pixels of this mask image")
+    ov.add_argument("--condition", default=None, metavar="NAME",
+                    help="observe another region than the run's (left-half, centre-column, ...)")
+    cp.add_argument("--regressor", default=None, metavar="RUN2", help="a regressor run to show beside the CVAE")
+    cp.add_argument("--split", default="test", choices=["train", "val", "test"])
+    cp.add_argument("--start", type=int, default=0, help="index of the first image")
+    cp.add_argument("--out", default=None)
+    cp.add_argument("--data-dir", default=None)
 
     d = sub.add_parser("datasets", help="list the data sets vaelab knows and where it looks for them")
     d.add_argument("-v", "--verbose", action="store_true")
