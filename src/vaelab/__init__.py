@@ -11,6 +11,7 @@ Typical use::
 __version__ = "0.1.0"
 
 from .api import LoadedRun, load_run
+from .conditioning import CONDITIONS, Condition, build_condition
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .data import DATASETS, DataSplits, ImageSet, load_data
 from .distributions import LIKELIHOODS, Bernoulli, DiagonalGaussian, Gaussian, StandardNormal
@@ -24,18 +25,23 @@ from .errors import (
     VaelabError,
 )
 from .evaluation import EvalResult, evaluate_model, evaluate_run
-from .models import MODELS, VAE, build_model
+from .models import CVAE, MODELS, VAE, Regressor, build_model
 from .objectives import ELBOTerms, elbo, iwae_bound
 from .training import RunDir, TrainResult, train
 from .viz import encode_run, interpolate_run, manifold_run, reconstruct_run, sample_run
+from .viz.complete import Completion, complete_images, complete_run
 
 __all__ = [
+    "CONDITIONS",
+    "CVAE",
     "DATASETS",
     "LIKELIHOODS",
     "MODELS",
     "VAE",
     "Bernoulli",
     "CheckpointError",
+    "Completion",
+    "Condition",
     "ConfigError",
     "DataConfig",
     "DataError",
@@ -49,6 +55,7 @@ __all__ = [
     "LoadedRun",
     "ModelConfig",
     "NonFiniteError",
+    "Regressor",
     "RunConfig",
     "RunDir",
     "RunLockedError",
@@ -56,7 +63,10 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "VaelabError",
+    "build_condition",
     "build_model",
+    "complete_images",
+    "complete_run",
     "elbo",
     "encode_run",
     "evaluate_model",

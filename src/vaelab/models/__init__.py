@@ -1,5 +1,6 @@
 """Models: the VAE (and its conditional use) built from a :class:`ModelConfig`."""
 
-from .vae import MODELS, VAE, VAEOutput, build_model
+from .regressor import Regressor
+from .vae import CVAE, MODELS, VAE, VAEOutput, build_model
 
-__all__ = ["MODELS", "VAE", "VAEOutput", "build_model"]
+__all__ = ["CVAE", "MODELS", "VAE", "Regressor", "VAEOutput", "build_model"]

@@ -16,6 +16,7 @@ from ..config import ModelConfig
 from ..distributions import Distribution, StandardNormal, build_likelihood
 from ..distributions.likelihoods import LIKELIHOODS
 from ..distributions.normal import DiagonalGaussian
+from ..errors import ConfigError
 from ..nets import build_decoder, build_encoder
 from ..registry import Registry
 
@@ -78,6 +79,20 @@ class VAE(nn.Module):
 
 MODELS: Registry[type[nn.Module]] = Registry("model")
 MODELS.add("vae", VAE)
+
+
+@MODELS.register("cvae")
+class CVAE(VAE):
+    """The conditional VAE (Doersch 2016, Sec. 3): the VAE above with a condition it cannot do without."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        if cfg.condition == "none":
+            from ..conditioning import CONDITIONS
+
+            known = ", ".join(n for n in CONDITIONS if n != "none")
+            raise ConfigError(f"model 'cvae' needs a condition (model.condition / --condition): {known} "
+                              "(mask takes a path: mask:PATH)")
+        super().__init__(cfg)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
