@@ -231,6 +231,9 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {e}") from None
     if not isinstance(out, dict):
         raise ConfigError(f"{p}: top level must be a table/object")
+    not_tables = sorted(k for k, v in out.items() if not isinstance(v, dict))
+    if not_tables:
+        raise ConfigError(f"{p}: {', '.join(not_tables)} must be table(s) of settings ([data], [model], [train])")
     return out
 
 

@@ -123,8 +123,8 @@ def read_npz(path: str, cfg: DataConfig) -> dict[str, ImageSet]:
             def get(k: str) -> np.ndarray:
                 try:
                     return z[k]
-                except ValueError as e:  # object arrays would need pickle
-                    raise DataError(f"{p}:{k}: cannot read array ({e})") from None
+                except Exception as e:  # object arrays (would need pickle), corrupted member/header
+                    raise DataError(f"{p}:{k}: cannot read array ({type(e).__name__}: {e})") from None
 
             def one(split: str | None) -> ImageSet | None:
                 ik = _find(keys, IMAGE_KEYS, split)
@@ -142,10 +142,12 @@ def read_npz(path: str, cfg: DataConfig) -> dict[str, ImageSet]:
                     f"{p}: no image array; expected a key among {', '.join(IMAGE_KEYS)} (or train_/test_ "
                     f"versions); the file has {', '.join(keys) or 'no arrays'}"
                 )
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise DataError(f"{p}: not a readable .npz file ({e})") from None
-    except ValueError as e:
-        raise DataError(f"{p}: not a readable .npz file ({e})") from None
+    except Exception as e:  # numpy's parser of untrusted bytes (e.g. SyntaxError from a corrupted header)
+        raise DataError(f"{p}: not a readable .npz file ({type(e).__name__}: {e})") from None
     if test is None:
         return holdout(train, TEST_FRACTION, cfg.seed)
     if train.num_classes is not None and test.num_classes is not None:
@@ -159,8 +161,8 @@ def read_npy(path: str, cfg: DataConfig) -> dict[str, ImageSet]:
     p = _open(path)
     try:
         a = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{p}: not a readable .npy array ({e})") from None
+    except Exception as e:  # numpy's parser of untrusted bytes: ValueError, EOFError, SyntaxError, ...
+        raise DataError(f"{p}: not a readable .npy array ({type(e).__name__}: {e})") from None
     if not isinstance(a, np.ndarray):
         raise DataError(f"{p}: holds several arrays; use npz:{path}")
     return holdout(make_images(a, None, str(p), cfg), TEST_FRACTION, cfg.seed)

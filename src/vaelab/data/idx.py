@@ -7,6 +7,7 @@ dimension, then the data in big-endian order.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -61,7 +62,7 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise DataError(f"{name}: truncated IDX header (needs {header} bytes, file has {len(data)})")
     shape = struct.unpack(">" + "I" * ndim, data[4:header])
     dtype = np.dtype(_IDX_TYPES[code])
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # exact: np.prod would wrap around in int64 for huge declared shapes
     expected = header + count * dtype.itemsize
     if len(data) < expected:
         raise DataError(
@@ -72,7 +73,10 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise DataError(
             f"{name}: {len(data) - expected} unexpected trailing bytes after shape {tuple(shape)}"
         )
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
+    try:
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
+    except ValueError as e:  # e.g. a zero-size shape whose other dimensions overflow numpy's limits
+        raise DataError(f"{name}: declared shape {tuple(shape)} is not a valid array shape ({e})") from None
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 

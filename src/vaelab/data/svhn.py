@@ -41,8 +41,8 @@ def read_svhn_mat(path: Path) -> ImageSet:
         mat = loadmat(str(path), variable_names=("X", "y"))
     except NotImplementedError as e:  # MATLAB v7.3 files are HDF5
         raise DataError(f"{path}: unsupported MATLAB file version ({e}); save it as v5/v7") from None
-    except (ValueError, OSError, TypeError) as e:
-        raise DataError(f"{path}: not a readable MATLAB .mat file ({e})") from None
+    except Exception as e:  # scipy's parser of untrusted bytes: MatReadError, ValueError, zlib.error, ...
+        raise DataError(f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: {e})") from None
     missing = [k for k in ("X", "y") if k not in mat]
     if missing:
         have = sorted(name for name, _, _ in whosmat(str(path)))

@@ -2,10 +2,11 @@
 data set or file and, for bad values, the index of the first offending element.
 
 Every likelihood in vaelab is given float intensities in [0, 1] (k/255 for 8-bit pixels; the
-Bernoulli likelihood needs exactly that range). Loaders that accept float arrays convert them with
-:func:`to_uint8_images`, which refuses NaN/Inf and values outside [0, 1] (a mean/std-normalised
-array, say) instead of silently clipping them; the training loop checks its input with
-:func:`check_model_input` once more before the first step.
+Bernoulli likelihood needs exactly that range). Loaders hold uint8 images (``ImageSet``); the one
+that accepts float arrays (``npz:``/``npy:``, :func:`vaelab.data.arrays.to_uint8`) refuses NaN/Inf
+and values outside [0, 1] (a mean/std-normalised array, say) instead of clipping them. The training
+loop checks the splits (:func:`check_splits`) and the float tensor it trains on
+(:func:`check_model_input`) once more before the first step.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def check_finite(values: np.ndarray | torch.Tensor, source: str) -> None:
     if bad.any():
         idx = _first(bad)
         raise DataError(
-            f"{source}: {int(bad.sum())} non-finite value(s); the first is {arr[idx]!r} at index {list(idx)}"
+            f"{source}: {int(bad.sum())} non-finite value(s); the first is {arr[idx].item()!r} at index {list(idx)}"
         )
 
 
@@ -47,25 +48,8 @@ def check_range(values: np.ndarray | torch.Tensor, source: str, low: float = 0.0
         idx = _first(bad)
         raise DataError(
             f"{source}: values must lie in [{low:g}, {high:g}]{what}; found {int(bad.sum())} outside "
-            f"(range {arr.min()!r}..{arr.max()!r}); the first is {arr[idx]!r} at index {list(idx)}"
+            f"(range {arr.min().item()!r}..{arr.max().item()!r}); the first is {arr[idx].item()!r} at index {list(idx)}"
         )
-
-
-def to_uint8_images(array: np.ndarray, source: str) -> np.ndarray:
-    """8-bit pixels from an array of images: uint8 as is; other integers must lie in 0..255;
-    floats must be finite intensities in [0, 1] (rounded to k/255). Same shape, dtype uint8."""
-    arr = np.asarray(array)
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype.kind in "iu" or arr.dtype == np.bool_:
-        check_range(arr, source, 0, 255, " for integer pixels")
-        return arr.astype(np.uint8)
-    if arr.dtype.kind == "f":
-        check_finite(arr, source)
-        check_range(arr, source, 0.0, 1.0, " for float intensities (scale 8-bit data by 1/255; "
-                    "undo any mean/std normalisation)")
-        return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
-    raise DataError(f"{source}: images must be numbers, not dtype {arr.dtype}")
 
 
 def check_model_input(x: torch.Tensor, likelihood: str, source: str) -> None:
