@@ -116,3 +116,12 @@ def test_gaussian_likelihoods_train(tiny_cfg, tmp_path, lik):
     assert np.isfinite(res.history[-1]["val_elbo"])
     if lik == "gaussian-learned":
         assert "likelihood.log_sigma" in res.model.state_dict()
+
+
+def test_grid_shows_any_channel_count(tmp_path):
+    from vaelab.viz import save_grid
+
+    for c, mode in ((1, "L"), (2, "L"), (3, "RGB"), (4, "RGB")):
+        p = save_grid(torch.rand(5, c, 6, 6), tmp_path / f"g{c}.png", scale=1)
+        img = Image.open(p)
+        assert img.mode == mode and img.size == (3 * 8 + 2, 2 * 8 + 2)

@@ -53,6 +53,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for flag, (sec, key, _) in _TRAIN_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=f"{sec}.{key}")
     p.add_argument("--no-download", action="store_true", help="never download data")
+    p.add_argument("--grayscale", action="store_true", help="convert colour images to one channel (data.grayscale)")
+    p.add_argument("--svhn-extra", action="store_true", help="add SVHN's extra split to train (data.svhn_extra)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -69,6 +71,10 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
                 raise VaelabError(f"--{flag.replace('_', '-')}: invalid value {v!r}") from None
     if getattr(args, "no_download", False):
         d.setdefault("data", {})["download"] = False
+    if getattr(args, "grayscale", False):
+        d.setdefault("data", {})["grayscale"] = True
+    if getattr(args, "svhn_extra", False):
+        d.setdefault("data", {})["svhn_extra"] = True
     if getattr(args, "no_progress", False):
         d.setdefault("train", {})["progress"] = False
     d = apply_overrides(d, getattr(args, "set", []) or [])

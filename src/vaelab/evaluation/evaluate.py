@@ -87,8 +87,10 @@ def evaluate_model(
     g = torch.Generator().manual_seed(seed)
     n = len(data)
     elbos, recs, kls, lks, mus, kld = [], [], [], [], [], []
-    # Rows per decoder call (k samples x batch) kept near 50k to bound memory.
-    chunk = max(1, 50_000 // batch_size)
+    # Samples per decoder call sized so one call's output (chunk x batch x K x H x W floats, K the
+    # likelihood's parameters per pixel) stays near 64 MiB, whatever the decoder and image size.
+    per_row = LIKELIHOODS.get(cfg.likelihood).num_params(cfg.input_shape[0], cfg) * math.prod(cfg.input_shape[1:])
+    chunk = max(1, (16 << 20) // (batch_size * per_row))
     for i in tqdm(range(0, n, batch_size), desc=f"evaluate (k={k})", disable=not progress, leave=False):
         x = to_float(data.images[i : i + batch_size])
         labels = None if data.labels is None else data.labels[i : i + batch_size]

@@ -14,6 +14,10 @@ from PIL import Image
 def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
     """(N, C, H, W) in [0, 1] -> uint8 array (rows*H', cols*W', C) with ``pad`` pixels between cells."""
     images = images.detach().float().clamp(0, 1).cpu()
+    if images.shape[1] == 2:  # grey + alpha: show the grey channel
+        images = images[:, :1]
+    elif images.shape[1] > 3:  # RGBA or more channels: show the first three as RGB
+        images = images[:, :3]
     n, c, h, w = images.shape
     cols = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / cols))
