@@ -151,8 +151,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(data_dir, tmp_pa
     command or by ``--resume``, and ends bit-identical to an uninterrupted run."""
     seed = int.from_bytes(os.urandom(4), "little")
     rnd = random.Random(seed)
-    args = train_args(data_dir, 4, 2)
-    train(tiny_cfg(data_dir, 4, 2), tmp_path / "straight")
+    args = train_args(data_dir, 6, 2)
+    train(tiny_cfg(data_dir, 6, 2), tmp_path / "straight")
 
     run = tmp_path / "killed"
     latest = run / "checkpoints" / "latest.safetensors"
@@ -167,7 +167,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(data_dir, tmp_pa
         deadline = time.monotonic() + 120
         while _checkpoint_id(latest) == before and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        delay = rnd.uniform(0.0, 0.4)
+        delay = rnd.uniform(0.0, 0.3)
         delays.append(round(delay, 3))
         time.sleep(delay)
         if proc.poll() is None:
