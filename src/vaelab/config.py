@@ -103,6 +103,14 @@ class TrainConfig:
             raise ConfigError("train.lr must be > 0")
         if self.beta < 0:
             raise ConfigError("train.beta must be >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError("train.grad_clip must be > 0 (or null for no clipping)")
+        if self.checkpoint_every < 0:
+            raise ConfigError("train.checkpoint_every must be >= 0 (0: only at each epoch's end)")
+        if self.max_nonfinite < 1:
+            raise ConfigError("train.max_nonfinite must be >= 1")
+        if self.free_bits < 0 or self.warmup_epochs < 0:
+            raise ConfigError("train.free_bits and train.warmup_epochs must be >= 0")
 
 
 @dataclass(frozen=True)

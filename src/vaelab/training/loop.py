@@ -119,13 +119,14 @@ def beta_at(cfg: RunConfig, epoch_progress: float) -> float:
 def evaluate_elbo(
     model: nn.Module,
     images: torch.Tensor,
-    labels: torch.Tensor | None,
-    condition: Condition,
+    labels: torch.Tensor | None = None,
+    condition: Condition | None = None,
     batch_size: int = 1000,
     seed: int = 0,
 ) -> dict[str, float]:
     """Mean ELBO, E_Q[log P(X|z)] and KL (nats per datapoint) over uint8 images, one z per X."""
     model.eval()
+    condition = condition or build_condition(_unwrap(model).cfg, None)
     g = torch.Generator().manual_seed(seed)
     tot = {"elbo": 0.0, "rec": 0.0, "kl": 0.0}
     n = images.shape[0]
