@@ -325,6 +325,17 @@ def test_complete_run_and_cli(column_runs, label_run, tmp_path, capsys):
     assert "same X" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("condition", ["centre-column", "random-patches"])
+def test_resume_mid_epoch_is_exact_with_random_conditions(toy_dir, tmp_path, condition):
+    """Noisy binarization and random masks come from the training loop's saved generator."""
+    full = _train(toy_dir, tmp_path / "full", "cvae", condition, epochs=2)
+    cfg = full.config
+    train(cfg, tmp_path / "cut", max_steps=7)
+    resumed = train(cfg, tmp_path / "cut", resume=True)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_registry_lists_every_condition():
     assert {"none", "label", "centre-column", "left-half", "right-half", "top-half", "bottom-half",
             "random-patches", "mask"} <= set(CONDITIONS.names())
