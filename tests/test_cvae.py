@@ -270,6 +270,7 @@ def test_evaluate_model_on_conditional_and_regressor_runs(column_runs):
     assert reg.kl == 0 and abs(reg.nll - reg.neg_elbo) < 1e-3  # L_k = log P(Y|X) exactly
     # only Y is scored: 56 of 64 pixels, so the score is far below an unconditional 64-pixel one
     assert 0 < res.nll < 56 * math.log(2) * 1.5
+    assert res.conditional and res.scored_dims == 56 and "P(x|c)" in res.table()
 
 
 def test_regressor_blurs_where_the_cvae_chooses(column_runs):

@@ -115,33 +115,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     res = evaluate_run(args.run, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
                        seed=args.seed, which=_which(args), progress=not args.no_progress, data_dir=args.data_dir)
-    note = _conditional_note(res.extra.get("checkpoint") or args.run)
     if args.json:
-        d = res.to_dict()
-        if note:
-            d["conditional"] = note
-        print(json.dumps(d, indent=2))
+        print(json.dumps(res.to_dict(), indent=2))
     else:
         print(res.table())
-        if note:
-            # the table's -ELBO / -log P are of the scored part given the condition
-            print(f"  {note}")
         print(f"written: {res.extra.get('written')}")
     return 0
-
-
-def _conditional_note(checkpoint: str) -> str:
-    """How a conditional model's numbers read (e.g. -log P(Y|X) over the unobserved pixels), or ""."""
-    from .conditioning import build_condition
-    from .training.checkpoint import load_checkpoint
-
-    p = Path(checkpoint)
-    if p.is_dir():
-        from .training.rundir import RunDir
-
-        p = RunDir.of(p).checkpoint("best")
-    m = load_checkpoint(p).config.model
-    return build_condition(m, m.num_classes).describe()
 
 
 def _label_condition(run: str, which: str, label: int | None):

@@ -41,18 +41,24 @@ class EvalResult:
     exact: bool  # whether -log P is a true negative log-likelihood of the data as given
     meaning: str
     bits_per_dim: float | None = None
+    conditional: bool = False  # numbers are -log P(x|c): x the scored pixels, c the condition
+    condition: str = ""  # the condition in words
+    scored_dims: float = 0.0  # dimensions the likelihood scores per datapoint (mean; bits/dim divide by it)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> str:
+        # conditional: x = what the likelihood scores, c = the condition (see the note)
+        px, q, p = ("P(x|c)", "Q(z|x,c)", "P(z|c)") if self.conditional else ("P(X)", "Q(z|X)", "P(z)")
+        lik = "P(x|z,c)" if self.conditional else "P(X|z)"
         rows = [
             ("data points", f"{self.n}"),
             ("-ELBO", f"{self.neg_elbo:.3f} ± {self.neg_elbo_stderr:.3f}"),
-            ("  reconstruction -E_Q[log P(X|z)]", f"{self.reconstruction:.3f}"),
-            ("  KL(Q(z|X) || P(z))", f"{self.kl:.3f}"),
-            (f"-log P(X) ≈ -L_{self.k} (importance sampling)", f"{self.nll:.3f} ± {self.nll_stderr:.3f}"),
+            (f"  reconstruction -E_Q[log {lik}]", f"{self.reconstruction:.3f}"),
+            (f"  KL({q} || {p})", f"{self.kl:.3f}"),
+            (f"-log {px} ≈ -L_{self.k} (importance sampling)", f"{self.nll:.3f} ± {self.nll_stderr:.3f}"),
             ("ELBO gap (-ELBO - (-L_k))", f"{self.neg_elbo - self.nll:.3f}"),
         ]
         if self.bits_per_dim is not None:
@@ -64,6 +70,8 @@ class EvalResult:
         lines = [f"{self.split} split, nats per datapoint (± standard error over the data)"]
         lines += [f"  {a.ljust(w)}  {b}" for a, b in rows]
         lines.append(f"  note: {self.meaning}")
+        if self.conditional:
+            lines.append(f"  {self.condition}; {self.scored_dims:.0f} scored dimensions per datapoint")
         return "\n".join(lines)
 
 
@@ -87,6 +95,7 @@ def evaluate_model(
     g = torch.Generator().manual_seed(seed)
     n = len(data)
     elbos, recs, kls, lks, mus, kld = [], [], [], [], [], []
+    scored = 0.0  # total scored dimensions (all of them, or the likelihood mask's)
     # Samples per decoder call sized so one call's output (chunk x batch x K x H x W floats, K the
     # likelihood's parameters per pixel) stays near 64 MiB, whatever the decoder and image size.
     per_row = LIKELIHOODS.get(cfg.likelihood).num_params(cfg.input_shape[0], cfg) * math.prod(cfg.input_shape[1:])
@@ -102,10 +111,11 @@ def evaluate_model(
         kld.append(t.kl_per_dim)
         mus.append(model.encode(b.x, b.c).mu)
         lks.append(iwae_bound(model, b.x, k, b.c, mask=b.mask, generator=g, chunk=chunk))
+        scored += float(b.x[0].numel() * b.x.shape[0] if b.mask is None else torch.broadcast_to(b.mask, b.x.shape).sum())
     e, lk = torch.cat(elbos).double(), torch.cat(lks).double()
     mu = torch.cat(mus).double()
     au = int((mu.var(0, unbiased=True) > 1e-2).sum()) if n > 1 else 0
-    dims = math.prod(cfg.input_shape)
+    dims = scored / max(n, 1)
     nll = float(-lk.mean())
     se = lambda v: float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")  # noqa: E731
     return EvalResult(
@@ -123,7 +133,10 @@ def evaluate_model(
         kl_per_dim=[float(v) for v in torch.cat(kld).double().mean(0)],
         exact=exact,
         meaning=meaning,
-        bits_per_dim=nll / (dims * LN2) if exact else None,
+        bits_per_dim=nll / (dims * LN2) if exact and dims > 0 else None,
+        conditional=cfg.condition != "none",
+        condition=cond.describe(),
+        scored_dims=dims,
     )
 
 
