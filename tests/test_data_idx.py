@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_mnist
+
 from vaelab import DataConfig, DataError, DatasetNotFoundError, load_data
 from vaelab.data import RemoteFile, locate, read_idx, write_idx
 from vaelab.data import sources as sources_mod

@@ -30,7 +30,7 @@ def exact_log_px(model, x: torch.Tensor) -> torch.Tensor:
 def _fit(model, x: torch.Tensor, steps: int, lr: float = 1e-2, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for i in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (128,), generator=g)
         loss = elbo(model, x[idx], generator=g).loss()
         opt.zero_grad()
