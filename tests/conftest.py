@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from vaelab import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vaelab.data import write_idx
+
+# CI runs the property tests on a fixed sequence of examples (reproducible results); locally they
+# explore new examples each run. HYPOTHESIS_PROFILE=ci reproduces CI's choice.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
 @pytest.fixture(autouse=True)
