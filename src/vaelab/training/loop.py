@@ -141,13 +141,12 @@ def evaluate_elbo(
     return {k: v / max(n, 1) for k, v in tot.items()}
 
 
-def _grads_finite(params: Sequence[torch.Tensor]) -> tuple[bool, float]:
+def _grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients (inf/nan when any gradient is non-finite)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return True, 0.0
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    val = float(norm)
-    return math.isfinite(val), val
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def _save(run: RunDir, paths: Sequence[Path], cfg: RunConfig, model: nn.Module, opt: torch.optim.Optimizer,
@@ -325,24 +324,26 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
             beta = beta_at(cfg, epoch + i / steps_per_epoch)
             terms = elbo(train_model, batch.x, batch.c, mask=batch.mask, generator=noise)
             loss = terms.loss(beta, t.free_bits)
-            ok = bool(torch.isfinite(loss))
-            if world > 1:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = (torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip is not None
+                     else _grad_norm(params))
+            # One synchronisation per step: the loss, the gradient norm and the epoch's running sums.
+            loss_v, gnorm_v, rec_v, kl_v = torch.stack(
+                [loss.detach(), gnorm, terms.log_px_z.detach().sum(), terms.kl.detach().sum()]
+            ).tolist()
+            ok = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+            if world > 1:  # every rank must agree to step (a rank's loss may be non-finite alone)
                 flag = torch.tensor([0.0 if ok else 1.0])
                 dist.all_reduce(flag)
                 ok = flag.item() == 0
             if ok:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                ok, gnorm = _grads_finite(params)
-                if ok and t.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            if ok:
                 opt.step()
                 state.nonfinite_run = 0
                 b = batch.x.shape[0]
-                sums["loss"] += loss.item() * b
-                sums["rec"] += terms.log_px_z.detach().sum().item()
-                sums["kl"] += terms.kl.detach().sum().item()
+                sums["loss"] += loss_v * b
+                sums["rec"] += rec_v
+                sums["kl"] += kl_v
                 sums["n"] += b
             else:
                 opt.zero_grad(set_to_none=True)
