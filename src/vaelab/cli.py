@@ -301,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="train on Fashion-MNIST, evaluate, write pictures (the README's main job)")
     dm.add_argument("--run", default="runs/demo")
-    dm.add_argument("--epochs", type=int, default=20)
-    dm.add_argument("-k", type=int, default=1000)
+    dm.add_argument("--epochs", type=int, default=10)
+    dm.add_argument("-k", type=int, default=256, help="importance samples per test image")
     dm.add_argument("--data-dir", default=None)
     dm.add_argument("--no-progress", action="store_true")
     dm.set_defaults(func=cmd_demo)

@@ -11,7 +11,7 @@ from .training import train
 from .viz import interpolate_run, manifold_run, reconstruct_run, sample_run
 
 
-def demo_config(epochs: int = 20, data_dir: str | None = None, progress: bool = True) -> RunConfig:
+def demo_config(epochs: int = 10, data_dir: str | None = None, progress: bool = True) -> RunConfig:
     return RunConfig(
         data=DataConfig(name="fashion-mnist", data_dir=data_dir),
         model=ModelConfig(latent_dim=20, hidden=(400,), likelihood="bernoulli"),
@@ -19,7 +19,7 @@ def demo_config(epochs: int = 20, data_dir: str | None = None, progress: bool = 
     )
 
 
-def run_demo(run_dir: Path, epochs: int = 20, k: int = 1000, data_dir: str | None = None,
+def run_demo(run_dir: Path, epochs: int = 10, k: int = 256, data_dir: str | None = None,
              progress: bool = True) -> dict[str, Path]:
     cfg = demo_config(epochs, data_dir, progress)
     print(f"== training a VAE (784-400-20, Bernoulli) on Fashion-MNIST for {epochs} epochs into {run_dir}")
