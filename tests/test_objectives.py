@@ -150,3 +150,16 @@ def test_beta_and_free_bits_are_variations_of_the_same_terms():
     torch.testing.assert_close(t.loss(beta=0.0), -t.log_px_z.mean())
     big = t.loss(free_bits=100.0)  # every dimension clamped up to 100 nats
     torch.testing.assert_close(big, -(t.log_px_z.mean() - 300.0))
+
+
+def test_iwae_loss_is_minus_the_bound_and_differentiable():
+    from vaelab.objectives import iwae_loss
+
+    torch.manual_seed(7)
+    model = _ppca_model(6, 2)
+    x = _ppca_data(16, seed=9)
+    loss = iwae_loss(model, x, k=8, generator=torch.Generator().manual_seed(4))
+    bound = iwae_bound(model, x, k=8, generator=torch.Generator().manual_seed(4), chunk=8)
+    torch.testing.assert_close(loss.detach(), -bound.mean())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
