@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,7 @@ class LabelCondition(Condition):
 
 
 # ---------------------------------------------------------------- partial observations
-class MaskCondition(Condition):
+class MaskCondition(Condition, ABC):
     """X = the pixels under a mask, Y = the rest (Doersch 2016, Sec. 3 and 4.2).
 
     Subclasses say which pixels are observed (:meth:`observed_mask`). ``noisy``: the observed pixels
@@ -153,9 +154,9 @@ class MaskCondition(Condition):
         d = math.prod(self.cfg.input_shape)
         return 2 * d if self.include_mask else d
 
+    @abstractmethod
     def observed_mask(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         """1 where observed: (n or 1, 1, H, W) float32."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         noise = ", binarized afresh each pass" if self.noisy else ""
@@ -189,9 +190,9 @@ class MaskCondition(Condition):
 class FixedMaskCondition(MaskCondition):
     """The same observed region for every image, given by :meth:`region_mask`."""
 
+    @abstractmethod
     def region_mask(self, h: int, w: int) -> torch.Tensor:
         """(H, W) bool, True where observed."""
-        raise NotImplementedError
 
     def observed_mask(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         _, h, w = self.cfg.input_shape
