@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import tempfile
 import time
 
 import torch
+from _interleave import train_interleaved
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
@@ -68,17 +68,7 @@ def main() -> None:
     enc, dec = copy.deepcopy(net.encoder), copy.deepcopy(net.decoder)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
     loader = DataLoader(TensorDataset(to_float(train_set.images)), batch_size=128, shuffle=True)
-    ref_times: list[float] = []
-    ours_times: list[float] = []
-    last = {"t": 0.0}
-
-    def interleave(row: dict) -> None:
-        ours_times.append(row["elapsed_s"] - last["t"])
-        last["t"] = row["elapsed_s"]
-        ref_times.append(reference_epoch(enc, dec, opt, loader))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        vaelab.train(cfg, f"{tmp}/run", data=data, callbacks=[interleave])
+    _, ours_times, ref_times = train_interleaved(cfg, data, lambda: reference_epoch(enc, dec, opt, loader))
 
     med_ref, med_ours = statistics.median(ref_times), statistics.median(ours_times)
     print(f"conv_throughput: {args.n} random 3x32x32 uint8 images, conv VAE hidden (32, 64), latent 32, "

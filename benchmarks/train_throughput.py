@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _interleave import train_interleaved
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -111,8 +112,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import tempfile
-
     cfg = vaelab.RunConfig(
         data=vaelab.DataConfig(name=args.data, data_dir=args.data_dir),
         model=vaelab.ModelConfig(latent_dim=20, hidden=(400,), likelihood="bernoulli"),
@@ -126,18 +125,8 @@ def main() -> None:
     ref = ReferenceVAE()
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(x_train), batch_size=128, shuffle=True)
-    ref_times: list[float] = []
-    ours_times: list[float] = []
-    last = {"t": 0.0}
-
-    def interleave(row: dict) -> None:
-        ours_times.append(row["elapsed_s"] - last["t"])
-        last["t"] = row["elapsed_s"]
-        ref_times.append(reference_epoch(ref, ref_opt, loader))  # alternate: ours, then reference
-
-    with tempfile.TemporaryDirectory() as tmp:
-        res = vaelab.train(cfg, args.run or f"{tmp}/run", data=data, callbacks=[interleave])
-        ours_nelbo = -evaluate_elbo(res.model, data.test.images)["elbo"]
+    res, ours_times, ref_times = train_interleaved(cfg, data, lambda: reference_epoch(ref, ref_opt, loader), args.run)
+    ours_nelbo = -evaluate_elbo(res.model, data.test.images)["elbo"]
     ref_nelbo = reference_test_neg_elbo(ref, x_test)
     floor = matmul_floor(len(x_train))
 
