@@ -37,6 +37,7 @@ from ..models import build_model
 from ..objectives import elbo
 from .checkpoint import (
     Checkpoint,
+    atomic_write,
     capture_global_rng,
     load_checkpoint,
     load_model_state,
@@ -288,8 +289,6 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
             run.truncate_metrics(state.step)
     elif rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
-        from .checkpoint import atomic_write
-
         atomic_write(run.config, cfg.to_json().encode())
         if run.metrics.exists():
             run.metrics.unlink()
@@ -304,13 +303,16 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
     n = train_x.shape[0]
     history = run.read_metrics() if rank == 0 else []
     dynamic = cfg.data.binarize == "dynamic"
-    steps_per_epoch = math.ceil(math.ceil(n / world) / t.batch_size)
+    # Every rank takes the same number of examples (the few beyond a multiple of the world size are
+    # left out of that epoch's order), so all ranks take the same steps and DDP's collectives match.
+    usable = n - n % world
+    steps_per_epoch = math.ceil(usable // world / t.batch_size)
 
     model.train()
     stop = False
     while state.epoch < t.epochs and not stop:
         epoch = state.epoch
-        order = _epoch_order(n, t.seed, epoch)[rank::world]
+        order = _epoch_order(n, t.seed, epoch)[:usable][rank::world]
         bar = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
                    disable=not t.progress or rank != 0, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
