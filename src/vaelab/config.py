@@ -93,7 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at each epoch's end only)
     eval_batch_size: int = 1000
     threads: int | None = None  # torch intra-op threads (None: torch's default)
-    progress: bool = True
+    progress: bool = True  # progress bars (shown when the output is a terminal)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):

@@ -126,7 +126,7 @@ def download_file(f: RemoteFile, folder: Path, timeout: float = 30.0, progress: 
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or f.size
                 with tqdm(
-                    total=total, unit="B", unit_scale=True, desc=f"download {f.name}", disable=not progress
+                    total=total, unit="B", unit_scale=True, desc=f"download {f.name}", disable=None if progress else True
                 ) as bar:
                     while block := resp.read(1 << 16):
                         out.write(block)

@@ -100,7 +100,7 @@ def evaluate_model(
     # likelihood's parameters per pixel) stays near 64 MiB, whatever the decoder and image size.
     per_row = LIKELIHOODS.get(cfg.likelihood).num_params(cfg.input_shape[0], cfg) * math.prod(cfg.input_shape[1:])
     chunk = max(1, (16 << 20) // (batch_size * per_row))
-    for i in tqdm(range(0, n, batch_size), desc=f"evaluate (k={k})", disable=not progress, leave=False):
+    for i in tqdm(range(0, n, batch_size), desc=f"evaluate (k={k})", disable=None if progress else True, leave=False):
         x = to_float(data.images[i : i + batch_size])
         labels = None if data.labels is None else data.labels[i : i + batch_size]
         b = cond(x, labels, g)

@@ -314,7 +314,7 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
         epoch = state.epoch
         order = _epoch_order(n, t.seed, epoch)[:usable][rank::world]
         bar = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   disable=not t.progress or rank != 0, leave=False, dynamic_ncols=True)
+                   disable=None if t.progress and rank == 0 else True, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
         sums = state.sums or {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0.0}
         for i in range(state.step_in_epoch, steps_per_epoch):
