@@ -28,7 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vaelab import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate_model, load_data, train
+from vaelab import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    VaelabError,
+    evaluate_model,
+    load_data,
+    train,
+)
 from vaelab.conditioning import build_condition
 from vaelab.data import to_float
 from vaelab.evaluation import describe_likelihood
@@ -47,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train on the first N examples only (0: all; the default keeps the run to minutes)")
     p.add_argument("--hidden", default="1000,500,250", help="encoder widths (the decoder mirrors them)")
     p.add_argument("--latent-dim", type=int, default=30)
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -62,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def configs(a: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
     hidden = tuple(int(v) for v in a.hidden.split(",") if v)
-    data = DataConfig(name=a.data, data_dir=a.data_dir, limit_train=a.limit_train or None, seed=a.seed)
+    data = DataConfig(name=a.data, data_dir=a.data_dir, limit_train=a.limit_train or None,
+                      val_size=a.val_size, seed=a.seed)
     tr = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                      threads=a.threads, progress=not a.no_progress)
     model = ModelConfig(model="cvae", condition=a.condition, latent_dim=a.latent_dim, hidden=hidden,
@@ -140,4 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except VaelabError as e:  # bad data or options: a message, not a traceback
+        raise SystemExit(f"cvae_completion: error: {e}") from None
