@@ -108,12 +108,15 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--run", default=None, help="run directory for vaelab (default: a temporary one)")
+    ap.add_argument("--limit-train", type=int, default=None, help="use only N training images (smoke tests)")
+    ap.add_argument("--val-size", type=int, default=5000)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cfg = vaelab.RunConfig(
-        data=vaelab.DataConfig(name=args.data, data_dir=args.data_dir),
+        data=vaelab.DataConfig(name=args.data, data_dir=args.data_dir, limit_train=args.limit_train,
+                               val_size=args.val_size),
         model=vaelab.ModelConfig(latent_dim=20, hidden=(400,), likelihood="bernoulli"),
         train=vaelab.TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, progress=False, threads=args.threads),
     )

@@ -22,3 +22,16 @@ def test_cvae_completion_experiment_runs(mnist_dir, tmp_path):
     jsons = [p for p in out.rglob("*.json") if "eval" not in p.parts]
     assert pngs and jsons
     assert any(isinstance(json.loads(p.read_text()), dict) for p in jsons)
+
+
+def test_benchmarks_run(mnist_dir):
+    bench = ROOT / "benchmarks"
+    res = subprocess.run([sys.executable, str(bench / "train_throughput.py"), "--epochs", "1", "--data", "mnist",
+                          "--data-dir", str(mnist_dir), "--val-size", "40", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "throughput ratio vaelab/reference" in res.stdout and "matmul floor" in res.stdout
+    res = subprocess.run([sys.executable, str(bench / "conv_throughput.py"), "--n", "64", "--epochs", "1",
+                          "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "throughput ratio vaelab/reference" in res.stdout
