@@ -213,7 +213,7 @@ def test_cifar_download_checksum_mismatch_leaves_nothing(server, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match="SHA-256 mismatch"):
         load_splits(DataConfig(name="cifar10", download=True))
     folder = sources_mod.cache_root() / "cifar10"
-    assert not any(folder.iterdir())  # neither the file nor a .part left behind
+    assert not folder.exists()  # no file, no .part, not even the empty cache folder left behind
 
 
 # ---------------------------------------------------------------- SVHN

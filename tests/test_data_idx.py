@@ -143,13 +143,14 @@ def test_download_checksum_mismatch_leaves_nothing(http_root):
     with pytest.raises(DatasetNotFoundError, match="SHA-256 mismatch"):
         locate("bad", (bad,), download=True)
     folder = sources_mod.cache_root() / "bad"
-    assert not any(folder.iterdir())  # no partial or unverified file left behind
+    assert not folder.exists()  # no file, no .part, not even the empty cache folder left behind
 
 
 def test_download_unreachable_lists_urls():
     f = RemoteFile("x.gz", ("http://127.0.0.1:9/x.gz",), sha256=None)
     with pytest.raises(DatasetNotFoundError, match="127.0.0.1:9"):
         locate("nowhere", (f,), download=True)
+    assert not (sources_mod.cache_root() / "nowhere").exists()  # no empty folder left behind
 
 
 def test_label_count_mismatch(tmp_path):

@@ -74,6 +74,7 @@ def locate(
         tried.append(f"  {folder}: " + ("missing " + ", ".join(missing) if folder.is_dir() else "no such folder"))
     if download and all(f.urls for f in files):
         target = cache_root() / name
+        created = not target.exists()
         errors: list[str] = []
         out: dict[str, Path] = {}
         for f in files:
@@ -88,6 +89,8 @@ def locate(
                 break
         if not errors:
             return out
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # leave no empty cache folder behind a failed first download
         tried.append("  download into " + str(target) + ": " + "; ".join(errors))
     elif not download:
         tried.append("  download: disabled (--no-download)")
