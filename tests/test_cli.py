@@ -125,3 +125,9 @@ def test_grid_shows_any_channel_count(tmp_path):
         p = save_grid(torch.rand(5, c, 6, 6), tmp_path / f"g{c}.png", scale=1)
         img = Image.open(p)
         assert img.mode == mode and img.size == (3 * 8 + 2, 2 * 8 + 2)
+
+
+def test_a_run_that_fails_before_starting_leaves_no_folder(tmp_path):
+    run = tmp_path / "never"
+    assert main(["train", "--data", "kmnist", "--no-download", "--run", str(run), "--no-progress"]) == 2
+    assert not run.exists()

@@ -219,12 +219,27 @@ def train(
     run = RunDir.of(run_dir)
     distributed = setup_distributed()
     rank, world = _dist_info()
+    created = not run.root.exists()
     lock = RunLock(run.root).acquire() if rank == 0 else None
     try:
         return _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, distributed)
     finally:
         if lock is not None:
             lock.release()
+            if created and not run.config.exists():
+                _remove_unstarted(run)
+
+
+def _remove_unstarted(run: RunDir) -> None:
+    """A run that failed before it started (bad data, bad config) leaves no folder behind: remove the
+    lock file and the empty folders this call created, and nothing else."""
+    try:
+        run.root.joinpath(".lock").unlink(missing_ok=True)
+        for d in (run.checkpoints, run.root):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    except OSError:
+        pass
 
 
 def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, distributed) -> TrainResult:
