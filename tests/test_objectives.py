@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from vaelab import ModelConfig, build_model, elbo, iwae_bound
@@ -163,3 +164,32 @@ def test_iwae_loss_is_minus_the_bound_and_differentiable():
     torch.testing.assert_close(loss.detach(), -bound.mean())
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_k_draws_give_the_iwae_objective_and_the_same_kl():
+    torch.manual_seed(8)
+    model = _ppca_model(6, 2)
+    x = _ppca_data(32, seed=10)
+    t1 = elbo(model, x, generator=torch.Generator().manual_seed(0))
+    tk = elbo(model, x, generator=torch.Generator().manual_seed(0), k=50)
+    torch.testing.assert_close(tk.kl, t1.kl)  # closed form, independent of k
+    assert tk.log_w.shape == (50, 32)
+    with torch.no_grad():
+        bound = iwae_bound(model, x, k=50, generator=torch.Generator().manual_seed(0), chunk=50).mean()
+    # -loss is L_50 on the same draws as the evaluation's estimate, and above the ELBO of those draws
+    assert -tk.loss().item() > tk.elbo.mean().item()
+    torch.testing.assert_close(-tk.loss().detach(), bound)
+
+
+def test_training_with_iwae_k(tiny_cfg, tmp_path):
+    from dataclasses import replace
+
+    import vaelab
+
+    cfg = tiny_cfg.replace(train=replace(tiny_cfg.train, epochs=1, iwae_k=5))
+    res = vaelab.train(cfg, tmp_path / "iwae")
+    row = res.history[-1]
+    # the training loss is -L_5, below the -ELBO estimated from the same draws
+    assert row["train_loss"] < -(row["train_rec"] - row["train_kl"])
+    with pytest.raises(vaelab.ConfigError, match="IWAE"):
+        vaelab.TrainConfig(iwae_k=5, beta=0.5)

@@ -40,6 +40,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "warmup_epochs": ("train", "warmup_epochs", float),
     "free_bits": ("train", "free_bits", float),
     "grad_clip": ("train", "grad_clip", float),
+    "iwae_k": ("train", "iwae_k", int),
     "seed": ("train", "seed", int),
     "threads": ("train", "threads", int),
     "checkpoint_every": ("train", "checkpoint_every", int),

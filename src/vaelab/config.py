@@ -87,6 +87,7 @@ class TrainConfig:
     beta: float = 1.0  # KL weight (beta-VAE); 1 is the ELBO
     warmup_epochs: float = 0.0  # KL warm-up: beta rises linearly from 0 over this many epochs
     free_bits: float = 0.0  # nats per latent dimension below which the KL is not penalised
+    iwae_k: int = 1  # draws of z per datapoint; > 1 trains the IWAE bound L_k (Burda et al. 2016)
     grad_clip: float | None = None  # clip the gradient's global norm
     max_nonfinite: int = 20  # consecutive skipped (non-finite) steps before the run stops
     seed: int = 0
@@ -111,6 +112,11 @@ class TrainConfig:
             raise ConfigError("train.max_nonfinite must be >= 1")
         if self.free_bits < 0 or self.warmup_epochs < 0:
             raise ConfigError("train.free_bits and train.warmup_epochs must be >= 0")
+        if self.iwae_k < 1:
+            raise ConfigError("train.iwae_k must be >= 1")
+        if self.iwae_k > 1 and (self.beta != 1.0 or self.free_bits > 0 or self.warmup_epochs > 0):
+            raise ConfigError("train.iwae_k > 1 trains the IWAE bound, which has no KL weight: "
+                              "leave beta = 1, free_bits = 0 and warmup_epochs = 0")
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,18 @@ from ..nets import build_decoder, build_encoder
 from ..registry import Registry
 
 
+def repeat_rows(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """(B, ...) -> (k*B, ...), sample-major, for k draws per row; a broadcast batch of 1 stays as is."""
+    if t is None or k == 1 or t.shape[0] == 1:
+        return t
+    return t.expand(k, *t.shape).reshape(k * t.shape[0], *t.shape[1:])
+
+
 @dataclass
 class VAEOutput:
     posterior: DiagonalGaussian  # Q(z|X), batch (B,), event (latent_dim,)
-    z: torch.Tensor  # (B, latent_dim), reparameterised draw
-    likelihood: Distribution  # P(X|z), batch (B,), event (C, H, W)
+    z: torch.Tensor  # (B, latent_dim) reparameterised draw, or (k, B, latent_dim) with k draws
+    likelihood: Distribution  # P(X|z), batch (B,) or (k*B,), event (C, H, W)
 
 
 class VAE(nn.Module):
@@ -56,11 +63,16 @@ class VAE(nn.Module):
         return self.likelihood(self.decoder(z, c))
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self, x: torch.Tensor, c: torch.Tensor | None = None, generator: torch.Generator | None = None, k: int = 1
     ) -> VAEOutput:
+        """Encode, draw k reparameterised z per x, decode. With k > 1, z is (k, B, L) and the likelihood
+        covers the k*B rows sample-major (row i*B + b is sample i of x[b])."""
         q = self.encode(x, c)
-        z = q.rsample(generator)
-        return VAEOutput(q, z, self.decode(z, c))
+        if k == 1:
+            z = q.rsample(generator)
+            return VAEOutput(q, z, self.decode(z, c))
+        z = q.rsample(generator, sample_shape=(k,))  # (k, B, L)
+        return VAEOutput(q, z, self.decode(z.flatten(0, 1), repeat_rows(c, k)))
 
     @torch.no_grad()
     def sample(

@@ -21,14 +21,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributions import StandardNormal
+from ..models.vae import repeat_rows
+
 
 @dataclass
 class ELBOTerms:
-    """Per-datapoint terms of the ELBO: each (B,) except ``kl_per_dim`` (B, L)."""
+    """Per-datapoint terms of the ELBO: each (B,) except ``kl_per_dim`` (B, L) and ``log_w`` (k, B)."""
 
-    log_px_z: torch.Tensor  # single-sample estimate of E_Q[log P(X|z)]
+    log_px_z: torch.Tensor  # estimate of E_Q[log P(X|z)] (mean over the k draws)
     kl: torch.Tensor  # KL(Q(z|X) || P(z)), closed form
     kl_per_dim: torch.Tensor
+    log_w: torch.Tensor | None = None  # log importance weights of the k draws, when k > 1
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -38,7 +42,12 @@ class ELBOTerms:
         """Scalar to minimise: -(E[log P(X|z)] - beta * KL), mean over the batch.
 
         beta != 1 is the beta-VAE (Higgins et al. 2017); ``free_bits`` > 0 stops penalising each latent
-        dimension's batch-mean KL below that many nats (Kingma et al. 2016, eq. 15)."""
+        dimension's batch-mean KL below that many nats (Kingma et al. 2016, eq. 15).
+        With k > 1 draws the loss is the IWAE objective -L_k instead (Burda et al. 2016), where beta
+        and free bits have no meaning."""
+        if self.log_w is not None:
+            k = self.log_w.shape[0]
+            return -(torch.logsumexp(self.log_w, dim=0) - math.log(k)).mean()
         if free_bits > 0:
             kl = self.kl_per_dim.mean(0).clamp(min=free_bits).sum()
         else:
@@ -53,12 +62,27 @@ def elbo(
     *,
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    k: int = 1,
 ) -> ELBOTerms:
     """The ELBO's terms for a batch x (B, C, H, W). ``c``: condition; ``mask``: which elements of x
-    the likelihood scores (a conditional model scores only the unobserved part)."""
-    out = model(x, c, generator=generator)
+    the likelihood scores (a conditional model scores only the unobserved part). ``k`` > 1 draws k z
+    per x (through the model's forward, so DistributedDataParallel sees it) and also returns their
+    log importance weights, from which ``loss()`` is the IWAE objective."""
+    out = model(x, c, generator=generator) if k == 1 else model(x, c, generator=generator, k=k)
     kl_d = out.posterior.kl_standard_normal_elements()  # (B, L)
-    return ELBOTerms(out.likelihood.log_prob(x, mask), kl_d.sum(-1), kl_d)
+    if k == 1:
+        return ELBOTerms(out.likelihood.log_prob(x, mask), kl_d.sum(-1), kl_d)
+    log_w, log_px_z = _log_weights(out.posterior, out.z, out.likelihood, x, mask)
+    return ELBOTerms(log_px_z.mean(0), kl_d.sum(-1), kl_d, log_w)
+
+
+def _log_weights(q, z: torch.Tensor, px, x: torch.Tensor, mask: torch.Tensor | None):
+    """log w = log P(X|z) + log P(z) - log Q(z|X) for z (k, B, L) and a likelihood over the k*B
+    sample-major rows: returns (log w, log P(X|z)), each (k, B)."""
+    k, b = z.shape[:2]
+    log_px_z = px.log_prob(repeat_rows(x, k), repeat_rows(mask, k)).view(k, b)
+    log_pz = StandardNormal(z.shape[-1]).log_prob(z)  # (k, B)
+    return log_px_z + log_pz - q.log_prob(z), log_px_z
 
 
 def log_importance_weights(
@@ -71,19 +95,12 @@ def log_importance_weights(
     generator: torch.Generator | None = None,
     posterior=None,
 ) -> torch.Tensor:
-    """log w_i = log P(X|z_i) + log P(z_i) - log Q(z_i|X) for k draws z_i ~ Q(z|X): shape (k, B)."""
+    """log w_i = log P(X|z_i) + log P(z_i) - log Q(z_i|X) for k draws z_i ~ Q(z|X): shape (k, B).
+    ``posterior``: Q(z|X) when already computed (chunked evaluation reuses it)."""
     q = posterior if posterior is not None else model.encode(x, c)
     z = q.rsample(generator, sample_shape=(k,))  # (k, B, L)
-    b = x.shape[0]
-    zf = z.reshape(k * b, -1)
-    cf = None if c is None else c.expand(k, *c.shape).reshape(k * b, *c.shape[1:])
-    px = model.decode(zf, cf)
-    xf = x.expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-    mf = None if mask is None else mask.expand(k, *mask.shape).reshape(k * b, *mask.shape[1:])
-    log_px_z = px.log_prob(xf, mf).view(k, b)
-    log_pz = model.prior().log_prob(z)  # (k, B)
-    log_qz = q.log_prob(z)  # (k, B)
-    return log_px_z + log_pz - log_qz
+    px = model.decode(z.flatten(0, 1), repeat_rows(c, k))
+    return _log_weights(q, z, px, x, mask)[0]
 
 
 @torch.no_grad()
@@ -120,5 +137,4 @@ def iwae_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Training objective of the IWAE: -L_k, mean over the batch (differentiable)."""
-    lw = log_importance_weights(model, x, k, c, mask=mask, generator=generator)
-    return -(torch.logsumexp(lw, dim=0) - math.log(k)).mean()
+    return elbo(model, x, c, mask=mask, generator=generator, k=k).loss()

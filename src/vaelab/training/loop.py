@@ -339,8 +339,8 @@ def _train_locked(cfg, run, data, resume, callbacks, max_steps, rank, world, dis
                 x = torch.bernoulli(x, generator=noise)
             batch = condition(x, None if train_y is None else train_y.index_select(0, idx), noise)
             beta = beta_at(cfg, epoch + i / steps_per_epoch)
-            terms = elbo(train_model, batch.x, batch.c, mask=batch.mask, generator=noise)
-            loss = terms.loss(beta, t.free_bits)
+            terms = elbo(train_model, batch.x, batch.c, mask=batch.mask, generator=noise, k=t.iwae_k)
+            loss = terms.loss(beta, t.free_bits)  # -ELBO (beta-weighted), or -L_k when iwae_k > 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = (torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip is not None
