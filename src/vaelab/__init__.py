@@ -10,9 +10,8 @@ Typical use::
 
 __version__ = "0.1.0"
 
-from .api import LoadedRun, load_run
 from .conditioning import CONDITIONS, Condition, build_condition
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import DataConfig, DataSpec, ModelConfig, RunConfig, TrainConfig
 from .data import DATASETS, DataSplits, ImageSet, load_data
 from .distributions import LIKELIHOODS, Bernoulli, DiagonalGaussian, Gaussian, StandardNormal
 from .errors import (
@@ -25,9 +24,11 @@ from .errors import (
     VaelabError,
 )
 from .evaluation import EvalResult, evaluate_model, evaluate_run
-from .models import CVAE, MODELS, VAE, Regressor, build_model
-from .objectives import ELBOTerms, elbo, iwae_bound
-from .training import RunDir, TrainResult, train
+from .models import CVAE, MODELS, VAE, LatentModel, ModelOutput, Regressor, StochasticLayer, build_model
+from .objectives import ELBOObjective, ELBOTerms, elbo, iwae_bound
+from .pipeline import BatchPipeline
+from .runs import Run, RunDir, load_run
+from .training import TrainResult, train, train_step
 from .viz import encode_run, interpolate_run, manifold_run, reconstruct_run, sample_run
 from .viz.complete import Completion, complete_images, complete_run
 
@@ -38,6 +39,7 @@ __all__ = [
     "LIKELIHOODS",
     "MODELS",
     "VAE",
+    "BatchPipeline",
     "Bernoulli",
     "CheckpointError",
     "Completion",
@@ -45,21 +47,26 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataError",
+    "DataSpec",
     "DataSplits",
     "DatasetNotFoundError",
     "DiagonalGaussian",
+    "ELBOObjective",
     "ELBOTerms",
     "EvalResult",
     "Gaussian",
     "ImageSet",
-    "LoadedRun",
+    "LatentModel",
     "ModelConfig",
+    "ModelOutput",
     "NonFiniteError",
     "Regressor",
+    "Run",
     "RunConfig",
     "RunDir",
     "RunLockedError",
     "StandardNormal",
+    "StochasticLayer",
     "TrainConfig",
     "TrainResult",
     "VaelabError",
@@ -79,4 +86,5 @@ __all__ = [
     "reconstruct_run",
     "sample_run",
     "train",
+    "train_step",
 ]

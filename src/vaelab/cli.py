@@ -88,16 +88,15 @@ def _default_run(cfg: RunConfig) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .runs.checkpoint import read_config
+    from .runs.rundir import RunDir
     from .training import train
 
     run = args.resume or args.run
-    cfg = config_from_args(args)
-    if args.resume:
-        from .training.checkpoint import load_checkpoint
-        from .training.rundir import RunDir
-
-        saved = load_checkpoint(RunDir.of(args.resume).checkpoint("latest")).config
-        cfg = config_from_args(args, base=saved.to_dict())
+    # An existing run keeps its own settings; only what is given on this command line overrides them.
+    latest = RunDir.of(run).latest if run else None
+    base = read_config(latest).to_dict() if latest is not None and latest.exists() else None
+    cfg = config_from_args(args, base=base)
     run_dir = Path(run) if run else _default_run(cfg)
     res = train(cfg, run_dir, resume=True if args.resume else None, max_steps=args.max_steps)
     print(f"run directory: {res.run_dir}")
@@ -124,27 +123,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_condition(run: str, which: str, label: int | None):
+def _label_condition(run, label: int | None):
+    """The one-hot c of ``label`` for a label-conditioned run (None without --label)."""
     if label is None:
         return None
-    from .api import load_run
-    from .conditioning import build_condition
-
-    loaded = load_run(run, which)
-    cond = build_condition(loaded.config.model, loaded.config.model.num_classes)
-    if not hasattr(cond, "encode_labels"):
-        raise VaelabError(f"{run}: --label needs a label-conditioned model (model.condition={loaded.config.model.condition!r})")
     import torch
 
-    return cond.encode_labels(torch.tensor([label]))
+    from .conditioning import LabelCondition
+
+    if not isinstance(run.condition, LabelCondition):
+        raise VaelabError(f"{run.root}: --label needs a label-conditioned model (model.condition={run.condition.name!r})")
+    return run.condition.encode_labels(torch.tensor([label]))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .runs import Run
     from .viz import sample_run
 
-    c = _label_condition(args.run, _which(args), args.label)
-    p = sample_run(args.run, args.out, n=args.n, seed=args.seed, temperature=args.temperature, which=_which(args), c=c)
-    print(p)
+    run = Run(args.run, _which(args))
+    c = _label_condition(run, args.label)
+    print(sample_run(run, args.out, n=args.n, seed=args.seed, temperature=args.temperature, c=c))
     return 0
 
 
@@ -166,11 +164,14 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_manifold(args: argparse.Namespace) -> int:
     from .viz import manifold_run
 
+    from .runs import Run
+
     dims = tuple(int(v) for v in args.dims.split(","))
     if len(dims) != 2:
         raise VaelabError("--dims takes two latent indices, e.g. 0,1")
-    c = _label_condition(args.run, _which(args), args.label)
-    print(manifold_run(args.run, args.out, n=args.n, dims=(dims[0], dims[1]), which=_which(args), c=c))
+    run = Run(args.run, _which(args))
+    c = _label_condition(run, args.label)
+    print(manifold_run(run, args.out, n=args.n, dims=(dims[0], dims[1]), c=c))
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from .config import DataSpec
 from .errors import ConfigError, DataError
 from .registry import Registry
 
@@ -57,9 +57,10 @@ class Condition:
     #: whether the registered name takes an argument after a colon (``mask:PATH``)
     takes_arg: bool = False
 
-    def __init__(self, cfg: ModelConfig, num_classes: int | None = None) -> None:
-        self.cfg = cfg
-        self.num_classes = num_classes
+    def __init__(self, name: str, spec: DataSpec) -> None:
+        self.name = name  # as registered, with its argument (``mask:PATH``)
+        self.spec = spec  # only the image shape and the class count are used
+        self.num_classes = spec.num_classes
 
     @property
     def dim(self) -> int:
@@ -84,15 +85,21 @@ def _split_name(name: str) -> tuple[str, str | None]:
     return prefix, (arg if sep else None)
 
 
-def build_condition(cfg: ModelConfig, num_classes: int | None = None) -> Condition:
-    """The condition named by ``cfg.condition`` (``NAME`` or ``PREFIX:ARG``, e.g. ``mask:holes.png``)."""
-    prefix, arg = _split_name(cfg.condition)
+def build_condition(name: str, spec: DataSpec) -> Condition:
+    """The condition ``name`` (``NAME`` or ``PREFIX:ARG``, e.g. ``mask:holes.png``) for data of ``spec``."""
+    prefix, arg = _split_name(name)
     cls = CONDITIONS.get(prefix)
     if cls.takes_arg and not arg:
         raise ConfigError(f"condition {prefix!r} needs an argument: {prefix}:PATH")
     if arg is not None and not cls.takes_arg:
-        raise ConfigError(f"condition {prefix!r} takes no argument (got {cfg.condition!r})")
-    return cls(cfg, num_classes)
+        raise ConfigError(f"condition {prefix!r} takes no argument (got {name!r})")
+    return cls(name, spec)
+
+
+def describe_data(shape: tuple[int, int, int], num_classes: int | None, condition: str) -> DataSpec:
+    """What data of this shape and class count imply for a model with this condition (c's size)."""
+    spec = DataSpec(shape=tuple(shape), num_classes=num_classes)  # type: ignore[arg-type]
+    return dataclasses.replace(spec, cond_dim=build_condition(condition, spec).dim)
 
 
 # ---------------------------------------------------------------- class labels
@@ -100,9 +107,9 @@ def build_condition(cfg: ModelConfig, num_classes: int | None = None) -> Conditi
 class LabelCondition(Condition):
     """c = one-hot of the class label (B, num_classes); the likelihood scores the whole image."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int | None = None) -> None:
-        super().__init__(cfg, num_classes)
-        if num_classes is None or num_classes < 1:
+    def __init__(self, name: str, spec: DataSpec) -> None:
+        super().__init__(name, spec)
+        if self.num_classes is None or self.num_classes < 1:
             raise ConfigError(
                 "condition 'label' needs a data set with class labels (its class count is unknown)"
             )
@@ -151,7 +158,7 @@ class MaskCondition(Condition, ABC):
 
     @property
     def dim(self) -> int:
-        d = math.prod(self.cfg.input_shape)
+        d = math.prod(self.spec.shape)
         return 2 * d if self.include_mask else d
 
     @abstractmethod
@@ -164,10 +171,10 @@ class MaskCondition(Condition, ABC):
 
     def observe(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Observation:
         """The partial observation of images x (B, C, H, W). Draws the mask first, then the noise."""
-        if tuple(x.shape[1:]) != tuple(self.cfg.input_shape):
+        if tuple(x.shape[1:]) != tuple(self.spec.shape):
             raise ConfigError(
-                f"condition {self.cfg.condition!r}: images of shape {tuple(x.shape[1:])}, the model's are "
-                f"{tuple(self.cfg.input_shape)}"
+                f"condition {self.name!r}: images of shape {tuple(x.shape[1:])}, the model's are "
+                f"{tuple(self.spec.shape)}"
             )
         m = self.observed_mask(x.shape[0], generator).to(x.device).expand_as(x).contiguous()  # (B, C, H, W)
         v = torch.bernoulli(x, generator=generator) if self.noisy else x
@@ -195,7 +202,7 @@ class FixedMaskCondition(MaskCondition):
         """(H, W) bool, True where observed."""
 
     def observed_mask(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
-        _, h, w = self.cfg.input_shape
+        _, h, w = self.spec.shape
         return self.region_mask(h, w).to(torch.float32)[None, None]  # (1, 1, H, W)
 
 
@@ -213,11 +220,11 @@ class CentreColumn(FixedMaskCondition):
 
     @property
     def column(self) -> int:
-        return max(0, self.cfg.input_shape[2] // 2 - 1)
+        return max(0, self.spec.shape[2] // 2 - 1)
 
     @property
     def region(self) -> str:  # type: ignore[override]
-        return f"the centre column (column {self.column} of {self.cfg.input_shape[2]})"
+        return f"the centre column (column {self.column} of {self.spec.shape[2]})"
 
     def region_mask(self, h: int, w: int) -> torch.Tensor:
         return _rows_cols(h, w)[1] == self.column
@@ -265,7 +272,7 @@ class RandomPatches(MaskCondition):
 
     @property
     def size(self) -> int:
-        return max(1, min(self.cfg.input_shape[1:]) // 4)
+        return max(1, min(self.spec.shape[1:]) // 4)
 
     @property
     def region(self) -> str:  # type: ignore[override]
@@ -273,7 +280,7 @@ class RandomPatches(MaskCondition):
         return f"{self.patches} random {s}x{s} patches per image (resampled each pass)"
 
     def observed_mask(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
-        _, h, w = self.cfg.input_shape
+        _, h, w = self.spec.shape
         s = self.size
         top = torch.randint(0, h - s + 1, (n, self.patches, 1), generator=generator)  # (n, P, 1)
         left = torch.randint(0, w - s + 1, (n, self.patches, 1), generator=generator)
@@ -292,9 +299,9 @@ class MaskFile(FixedMaskCondition):
 
     takes_arg = True
 
-    def __init__(self, cfg: ModelConfig, num_classes: int | None = None) -> None:
-        super().__init__(cfg, num_classes)
-        self.path = Path(_split_name(cfg.condition)[1] or "")
+    def __init__(self, name: str, spec: DataSpec) -> None:
+        super().__init__(name, spec)
+        self.path = Path(_split_name(name)[1] or "")
         self._mask = self._read(self.path)
 
     def _read(self, path: Path) -> torch.Tensor:
@@ -307,7 +314,7 @@ class MaskFile(FixedMaskCondition):
             raise DataError(f"{path}: mask image not found") from None
         except (OSError, UnidentifiedImageError) as e:
             raise DataError(f"{path}: cannot read the mask image: {e}") from None
-        _, h, w = self.cfg.input_shape
+        _, h, w = self.spec.shape
         if arr.shape != (h, w):
             raise DataError(
                 f"{path}: the mask image is {arr.shape[0]}x{arr.shape[1]} (HxW) but the model's images are "
@@ -323,17 +330,16 @@ class MaskFile(FixedMaskCondition):
         return self._mask
 
 
-def override_condition(cfg: ModelConfig, name: str) -> MaskCondition:
-    """A different partial observation ``name`` for a model trained with a mask condition: the region
-    changes, how it is presented (binarized or not, mask in c or not) stays the model's, so c keeps
-    the layout the networks were trained on."""
-    trained = build_condition(cfg, cfg.num_classes)
+def override_condition(trained: Condition, name: str) -> MaskCondition:
+    """A different partial observation ``name`` for a model trained with the mask condition ``trained``:
+    the region changes, how it is presented (binarized or not, mask in c or not) stays the model's, so
+    c keeps the layout the networks were trained on."""
     if not isinstance(trained, MaskCondition):
         raise ConfigError(
-            f"this model's condition is {cfg.condition!r}, not a partial observation; it cannot be given "
+            f"this model's condition is {trained.name!r}, not a partial observation; it cannot be given "
             f"a mask"
         )
-    new = build_condition(dataclasses.replace(cfg, condition=name), cfg.num_classes)
+    new = build_condition(name, trained.spec)
     if not isinstance(new, MaskCondition):
         raise ConfigError(f"condition {name!r} is not a partial observation (a mask)")
     new.noisy, new.include_mask = trained.noisy, trained.include_mask

@@ -24,13 +24,19 @@ else:  # pragma: no cover
 C = TypeVar("C")
 
 
+def resumable(default: Any) -> Any:
+    """A setting that may change when a run is resumed (where the data lives, how long to train, how
+    much to print): it does not change the maths of the run. Every other setting is fixed for a run."""
+    return field(default=default, metadata={"resumable": True})
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, where to look for it, and how pixels are presented to the model."""
 
     name: str = "fashion-mnist"  # a registered data set, or "folder:PATH", "npz:PATH", ...
-    data_dir: str | None = None  # searched first; then $VAELAB_DATA, /usr/share/datasets, the cache
-    download: bool = True  # download into the cache when found nowhere
+    data_dir: str | None = resumable(None)  # searched first; then $VAELAB_DATA, /usr/share/datasets, the cache
+    download: bool = resumable(True)  # download into the cache when found nowhere
     binarize: str = "none"  # none ([0,1] intensities) | dynamic (fresh Bernoulli each pass) | fixed (once, seeded)
     val_size: int = 5000  # examples held out of train for validation (seeded)
     limit_train: int | None = None  # use only the first N training examples (quick runs)
@@ -49,10 +55,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The generative model p(x|z)p(z) and the inference network q(z|x)."""
+    """The generative model p(x|z)p(z) and the inference network q(z|x), as the user asks for them.
+    What the data implies (image shape, class count, condition size) is a :class:`DataSpec`."""
 
     model: str = "vae"  # registry name
-    input_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W); filled in from the data
     latent_dim: int = 20
     encoder: str = "mlp"  # registry name of the encoder network
     decoder: str = "mlp"
@@ -62,23 +68,42 @@ class ModelConfig:
     sigma: float = 1.0  # Gaussian likelihood: fixed sigma, or the initial value when learned
     n_mixtures: int = 5  # mixture likelihoods
     condition: str = "none"  # registry name of the condition (conditional VAE); "none": unconditional
-    cond_dim: int = 0  # size of the condition vector fed to encoder and decoder; set from the condition
-    num_classes: int | None = None  # label count of the data, for label conditions
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1:
             raise ConfigError("model.latent_dim must be >= 1")
-        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
-            raise ConfigError(f"model.input_shape must be (C, H, W), got {self.input_shape}")
         if self.sigma <= 0:
             raise ConfigError("model.sigma must be > 0")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data (and the model's condition) imply, as opposed to what the user asked for: found
+    when a run starts and saved in every checkpoint, so a model is rebuilt without the data."""
+
+    shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W) of the images
+    num_classes: int | None = None  # label count of the data set (None: no labels)
+    cond_dim: int = 0  # size of the condition vector c fed to the networks (0: unconditional)
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ConfigError(f"data shape must be (C, H, W) with positive sizes, got {self.shape}")
+        if self.cond_dim < 0 or (self.num_classes is not None and self.num_classes < 1):
+            raise ConfigError(f"invalid data description: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataSpec:
+        return from_dict(cls, d, "data spec")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation of the ELBO with Adam."""
 
-    epochs: int = 10
+    epochs: int = resumable(10)
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -89,12 +114,12 @@ class TrainConfig:
     free_bits: float = 0.0  # nats per latent dimension below which the KL is not penalised
     iwae_k: int = 1  # draws of z per datapoint; > 1 trains the IWAE bound L_k (Burda et al. 2016)
     grad_clip: float | None = None  # clip the gradient's global norm
-    max_nonfinite: int = 20  # consecutive skipped (non-finite) steps before the run stops
+    max_nonfinite: int = resumable(20)  # consecutive skipped (non-finite) steps before the run stops
     seed: int = 0
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: at each epoch's end only)
+    checkpoint_every: int = resumable(0)  # also checkpoint every N steps (0: at each epoch's end only)
     eval_batch_size: int = 1000
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
-    progress: bool = True  # progress bars (shown when the output is a terminal)
+    threads: int | None = resumable(None)  # torch intra-op threads (None: torch's default)
+    progress: bool = resumable(True)  # progress bars (shown when the output is a terminal)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -137,6 +162,25 @@ class RunConfig:
 
     def replace(self, **sections: Any) -> RunConfig:
         return dataclasses.replace(self, **sections)
+
+    def resume_with(self, requested: RunConfig) -> RunConfig:
+        """This (saved) config with the resumable settings of ``requested``; a difference in any other
+        setting is a :class:`ConfigError` that lists them."""
+        diffs, sections = [], {}
+        for sec in dataclasses.fields(self):
+            mine, theirs = getattr(self, sec.name), getattr(requested, sec.name)
+            changes = {}
+            for f in dataclasses.fields(mine):
+                a, b = getattr(mine, f.name), getattr(theirs, f.name)
+                if f.metadata.get("resumable"):
+                    changes[f.name] = b
+                elif a != b:
+                    diffs.append(f"{sec.name}.{f.name}: run has {to_dict(a)!r}, now {to_dict(b)!r}")
+            sections[sec.name] = dataclasses.replace(mine, **changes)
+        if diffs:
+            raise ConfigError("cannot resume with a different configuration:\n  " + "\n  ".join(diffs)
+                              + "\nUse a new run directory for a new configuration.")
+        return RunConfig(**sections)
 
 
 def to_dict(obj: Any) -> Any:

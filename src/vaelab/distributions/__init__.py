@@ -3,11 +3,13 @@
 from .base import Distribution
 from .bernoulli import Bernoulli
 from .gaussian import Gaussian
+from .kl import KL, kl_divergence, monte_carlo_kl, register_kl
 from .likelihoods import LIKELIHOODS, LikelihoodHead, build_likelihood
 from .logistic import DiscretizedLogistic, DiscretizedLogisticMixture  # registers the 8-bit likelihoods
 from .normal import DiagonalGaussian, StandardNormal
 
 __all__ = [
+    "KL",
     "LIKELIHOODS",
     "Bernoulli",
     "DiagonalGaussian",
@@ -18,4 +20,7 @@ __all__ = [
     "LikelihoodHead",
     "StandardNormal",
     "build_likelihood",
+    "kl_divergence",
+    "monte_carlo_kl",
+    "register_kl",
 ]

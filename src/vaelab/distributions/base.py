@@ -38,6 +38,10 @@ class Distribution(ABC):
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def numel(self) -> int:
+        """How many numbers parameterise this distribution (memory a caller must budget for)."""
+        return sum(v.numel() for v in vars(self).values() if isinstance(v, torch.Tensor))
+
 
 def sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:
     return t.flatten(start_dim=t.dim() - event_dims).sum(-1) if event_dims else t

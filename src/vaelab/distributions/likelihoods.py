@@ -22,9 +22,9 @@ class LikelihoodHead(nn.Module):
     #: A short statement of what -log_prob means for this likelihood, printed by `evaluate`.
     meaning: str = ""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, channels: int) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.channels = cfg, channels
 
     @staticmethod
     def num_params(channels: int, cfg: ModelConfig) -> int:
@@ -54,8 +54,8 @@ class GaussianHead(LikelihoodHead):
 
     meaning = "Gaussian density of continuous pixel values (nats); not a probability of 8-bit data"
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, channels: int) -> None:
+        super().__init__(cfg, channels)
         self.register_buffer("log_sigma", torch.tensor(math.log(cfg.sigma)), persistent=False)
 
     def forward(self, h: torch.Tensor) -> Distribution:
@@ -69,13 +69,14 @@ class LearnedGaussianHead(LikelihoodHead):
 
     meaning = "Gaussian density (learned sigma) of continuous pixel values (nats); not a probability of 8-bit data"
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-        self.log_sigma = nn.Parameter(torch.full((cfg.input_shape[0], 1, 1), math.log(cfg.sigma)))
+    def __init__(self, cfg: ModelConfig, channels: int) -> None:
+        super().__init__(cfg, channels)
+        self.log_sigma = nn.Parameter(torch.full((channels, 1, 1), math.log(cfg.sigma)))
 
     def forward(self, h: torch.Tensor) -> Distribution:
         return Gaussian(h, self.log_sigma.clamp(min=math.log(1e-3)), event_dims=3)
 
 
-def build_likelihood(cfg: ModelConfig) -> LikelihoodHead:
-    return LIKELIHOODS.get(cfg.likelihood)(cfg)
+def build_likelihood(cfg: ModelConfig, channels: int) -> LikelihoodHead:
+    """The head named by ``cfg.likelihood`` for images of ``channels`` channels."""
+    return LIKELIHOODS.get(cfg.likelihood)(cfg, channels)

@@ -246,7 +246,7 @@ class DiscretizedLogisticMixtureHead(LikelihoodHead):
         return cfg.n_mixtures * (1 + 2 * channels + n_coeffs(channels))
 
     def forward(self, h: torch.Tensor) -> Distribution:
-        m, c = self.cfg.n_mixtures, self.cfg.input_shape[0]
+        m, c = self.cfg.n_mixtures, self.channels
         b, _, hgt, wid = h.shape
         logits = h[:, :m]  # (B, M, H, W)
         rest = h[:, m:].reshape(b, m, 2 * c + n_coeffs(c), hgt, wid)

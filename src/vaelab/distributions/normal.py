@@ -1,4 +1,5 @@
-"""Diagonal Gaussians: the posterior Q(z|X) = N(mu(X), diag sigma^2(X)) and the prior N(0, I)."""
+"""Diagonal Gaussians: posteriors Q(z|X) = N(mu(X), diag sigma^2(X)), Gaussian priors (fixed,
+learned or conditional on the layer above) and the standard normal N(0, I)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import math
 import torch
 
 from .base import Distribution, sum_event
+from .kl import register_kl
 
 LOG_2PI = math.log(2.0 * math.pi)
 
 
 class DiagonalGaussian(Distribution):
-    """N(mu, diag exp(logvar)) with a 1-D event (the latent vector)."""
+    """N(mu, diag exp(logvar)) with a 1-D event (the latent vector). ``mu`` and ``logvar`` broadcast
+    against each other and against the points scored (a learned prior has batch shape ())."""
 
     def __init__(self, mu: torch.Tensor, logvar: torch.Tensor, event_dims: int = 1) -> None:
         self.mu, self.logvar, self.event_dims = mu, logvar, event_dims
@@ -27,13 +30,20 @@ class DiagonalGaussian(Distribution):
 
     def rsample(self, generator: torch.Generator | None = None, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         """Reparameterised draw z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, Sec. 2.4)."""
-        shape = sample_shape + self.mu.shape
+        shape = sample_shape + torch.broadcast_shapes(self.mu.shape, self.logvar.shape)
         eps = torch.randn(shape, generator=generator, dtype=self.mu.dtype, device=self.mu.device)
         return self.mu + self.std * eps
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         with torch.no_grad():
             return self.rsample(generator)
+
+    def sample_n(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """n draws with the standard deviation scaled by ``temperature``: (n, *batch, L), no gradient."""
+        with torch.no_grad():
+            shape = (n, *torch.broadcast_shapes(self.mu.shape, self.logvar.shape))
+            eps = torch.randn(shape, generator=generator, dtype=self.mu.dtype, device=self.mu.device)
+            return self.mu + temperature * self.std * eps
 
     def log_prob_elements(self, x: torch.Tensor) -> torch.Tensor:
         return -0.5 * (LOG_2PI + self.logvar + (x - self.mu) ** 2 * torch.exp(-self.logvar))
@@ -46,11 +56,15 @@ class DiagonalGaussian(Distribution):
         """Doersch (2016) eq. 7: 1/2 (tr Sigma + mu^T mu - k - log det Sigma), per batch element."""
         return sum_event(self.kl_standard_normal_elements(), self.event_dims)
 
-    def kl(self, other: DiagonalGaussian) -> torch.Tensor:
-        """KL(self || other) between diagonal Gaussians, summed over the event."""
+    def kl_elements(self, other: DiagonalGaussian) -> torch.Tensor:
+        """KL(self || other) per dimension, broadcast over both batch shapes."""
         var_ratio = torch.exp(self.logvar - other.logvar)
         t = (self.mu - other.mu) ** 2 * torch.exp(-other.logvar)
-        return sum_event(0.5 * (var_ratio + t - 1.0 - (self.logvar - other.logvar)), self.event_dims)
+        return 0.5 * (var_ratio + t - 1.0 - (self.logvar - other.logvar))
+
+    def kl(self, other: DiagonalGaussian) -> torch.Tensor:
+        """KL(self || other) between diagonal Gaussians, summed over the event."""
+        return sum_event(self.kl_elements(other), self.event_dims)
 
 
 class StandardNormal(DiagonalGaussian):
@@ -70,3 +84,10 @@ class StandardNormal(DiagonalGaussian):
 
     def sample_n(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         return temperature * torch.randn((n, self.dim), generator=generator, device=self.mu.device)
+
+
+@register_kl(DiagonalGaussian, DiagonalGaussian)
+def _kl_gaussians(q: DiagonalGaussian, p: DiagonalGaussian) -> torch.Tensor:
+    if type(p) is StandardNormal:  # the common case, in fewer kernels (Doersch eq. 7)
+        return q.kl_standard_normal_elements()
+    return q.kl_elements(p)

@@ -11,15 +11,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+from torch import nn
 
-from ..api import load_run
-from ..conditioning import build_condition
-from ..data import ImageSet, load_data, to_float
+from ..conditioning import Condition
+from ..config import RunConfig
+from ..data import ImageSet
 from ..distributions import LIKELIHOODS
-from ..objectives import elbo, iwae_bound
-from ..training.checkpoint import atomic_write
+from ..errors import ConfigError
+from ..pipeline import BatchPipeline, condition_of
+from ..runs import Run
+from ..runs.checkpoint import atomic_write
+from .loop import evaluate_batches
 
 LN2 = math.log(2.0)
 
@@ -32,18 +34,19 @@ class EvalResult:
     neg_elbo: float  # -ELBO, nats per datapoint
     neg_elbo_stderr: float
     reconstruction: float  # -E_Q[log P(X|z)]
-    kl: float  # KL(Q(z|X) || P(z))
+    kl: float  # sum over layers of KL(Q(z_l|.) || P(z_l|.))
     nll: float  # -L_k: importance-sampled estimate of -log P(X) (an upper bound in expectation)
     nll_stderr: float  # standard error over the data
-    active_units: int
-    latent_dim: int
-    kl_per_dim: list[float]
+    active_units: int  # over all layers
+    latent_dim: int  # over all layers
+    kl_per_dim: list[float]  # closed-form layers, bottom-up
     exact: bool  # whether -log P is a true negative log-likelihood of the data as given
     meaning: str
     bits_per_dim: float | None = None
     conditional: bool = False  # numbers are -log P(x|c): x the scored pixels, c the condition
     condition: str = ""  # the condition in words
     scored_dims: float = 0.0  # dimensions the likelihood scores per datapoint (mean; bits/dim divide by it)
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per stochastic layer: name, dim, kl, active units, ...
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,9 +66,18 @@ class EvalResult:
         ]
         if self.bits_per_dim is not None:
             rows.append(("bits/dim (from -L_k)", f"{self.bits_per_dim:.4f}"))
-        rows.append(("active units (Cov_x E_q[z_u] > 0.01)", f"{self.active_units} / {self.latent_dim}"))
-        top = sorted(range(len(self.kl_per_dim)), key=lambda i: -self.kl_per_dim[i])[:8]
-        rows.append(("KL per dim (largest)", ", ".join(f"z{i}:{self.kl_per_dim[i]:.2f}" for i in top)))
+        if not self.layers:
+            rows.append(("latent variables", "none (KL = 0 by structure)"))
+        for layer in self.layers:
+            name = layer["name"]
+            sub = f" {name}" if len(self.layers) > 1 else ""
+            if len(self.layers) > 1:
+                rows.append((f"  KL layer {name}", f"{layer['kl']:.3f}" + ("" if layer["closed_form"] else " (Monte Carlo)")))
+            rows.append((f"active units{sub} (Cov_x E_q[z_u] > 0.01)", f"{layer['active_units']} / {layer['dim']}"))
+            per_dim = layer["kl_per_dim"]
+            if per_dim:
+                top = sorted(range(len(per_dim)), key=lambda i: -per_dim[i])[:8]
+                rows.append((f"KL per dim{sub} (largest)", ", ".join(f"{name}[{i}]:{per_dim[i]:.2f}" for i in top)))
         w = max(len(r[0]) for r in rows)
         lines = [f"{self.split} split, nats per datapoint (± standard error over the data)"]
         lines += [f"  {a.ljust(w)}  {b}" for a, b in rows]
@@ -75,11 +87,12 @@ class EvalResult:
         return "\n".join(lines)
 
 
-@torch.no_grad()
 def evaluate_model(
-    model: torch.nn.Module,
+    model: nn.Module,
     data: ImageSet,
     *,
+    condition: Condition | None = None,
+    pipeline: BatchPipeline | None = None,
     k: int = 5000,
     batch_size: int = 100,
     seed: int = 0,
@@ -88,59 +101,49 @@ def evaluate_model(
     progress: bool = True,
     split: str = "test",
 ) -> EvalResult:
-    """Evaluate ``model`` on uint8 ``data``: ELBO terms, -L_k with standard error, active units."""
-    model.eval()
-    cfg = model.cfg
-    cond = build_condition(cfg, cfg.num_classes)
-    g = torch.Generator().manual_seed(seed)
-    n = len(data)
-    elbos, recs, kls, lks, mus, kld = [], [], [], [], [], []
-    scored = 0.0  # total scored dimensions (all of them, or the likelihood mask's)
-    # Samples per decoder call sized so one call's output (chunk x batch x K x H x W floats, K the
-    # likelihood's parameters per pixel) stays near 64 MiB, whatever the decoder and image size.
-    per_row = LIKELIHOODS.get(cfg.likelihood).num_params(cfg.input_shape[0], cfg) * math.prod(cfg.input_shape[1:])
-    chunk = max(1, (16 << 20) // (batch_size * per_row))
-    for i in tqdm(range(0, n, batch_size), desc=f"evaluate (k={k})", disable=None if progress else True, leave=False):
-        x = to_float(data.images[i : i + batch_size])
-        labels = None if data.labels is None else data.labels[i : i + batch_size]
-        b = cond(x, labels, g)
-        t = elbo(model, b.x, b.c, mask=b.mask, generator=g)
-        elbos.append(t.elbo)
-        recs.append(t.log_px_z)
-        kls.append(t.kl)
-        kld.append(t.kl_per_dim)
-        mus.append(model.encode(b.x, b.c).mu)
-        lks.append(iwae_bound(model, b.x, k, b.c, mask=b.mask, generator=g, chunk=chunk))
-        scored += float(b.x[0].numel() * b.x.shape[0] if b.mask is None else torch.broadcast_to(b.mask, b.x.shape).sum())
-    e, lk = torch.cat(elbos).double(), torch.cat(lks).double()
-    mu = torch.cat(mus).double()
-    au = int((mu.var(0, unbiased=True) > 1e-2).sum()) if n > 1 else 0
-    dims = scored / max(n, 1)
+    """Evaluate ``model`` on uint8 ``data``: ELBO terms per layer, -L_k with standard error, active units.
+    ``condition`` (or a whole ``pipeline``): what a conditional model is given (default: the model's own)."""
+    if pipeline is None:
+        pipeline = BatchPipeline(condition or condition_of(model))
+    if pipeline.condition.dim != model.spec.cond_dim:
+        raise ConfigError(f"the model takes a condition of size {model.spec.cond_dim}, the condition "
+                          f"{pipeline.condition.name!r} gives {pipeline.condition.dim}")
+    ev = evaluate_batches(model, data.images, data.labels, pipeline, k=k, batch_size=batch_size, seed=seed,
+                          progress=progress)
+    n = ev.n
+    e, lk = ev.elbo, ev.lk
+    dims = ev.scored / max(n, 1)
     nll = float(-lk.mean())
     se = lambda v: float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")  # noqa: E731
+    layers = [{
+        "name": ly.name, "dim": ly.dim, "kl": float(ly.kl.mean()), "closed_form": ly.kl_per_dim is not None,
+        "active_units": ly.active_units(),
+        "kl_per_dim": None if ly.kl_per_dim is None else [float(v) for v in ly.kl_per_dim.mean(0)],
+    } for ly in ev.layers]
     return EvalResult(
         split=split,
         n=n,
         k=k,
         neg_elbo=float(-e.mean()),
         neg_elbo_stderr=se(e),
-        reconstruction=float(-torch.cat(recs).double().mean()),
-        kl=float(torch.cat(kls).double().mean()),
+        reconstruction=float(-ev.rec.mean()),
+        kl=float(ev.kl.mean()),
         nll=nll,
         nll_stderr=se(lk),
-        active_units=au,
-        latent_dim=cfg.latent_dim,
-        kl_per_dim=[float(v) for v in torch.cat(kld).double().mean(0)],
+        active_units=sum(ly["active_units"] for ly in layers),
+        latent_dim=sum(ly["dim"] for ly in layers),
+        kl_per_dim=[v for ly in layers for v in (ly["kl_per_dim"] or [])],
         exact=exact,
         meaning=meaning,
         bits_per_dim=nll / (dims * LN2) if exact and dims > 0 else None,
-        conditional=cfg.condition != "none",
-        condition=cond.describe(),
+        conditional=pipeline.condition.dim > 0,
+        condition=pipeline.condition.describe(),
         scored_dims=dims,
+        layers=layers,
     )
 
 
-def describe_likelihood(run_cfg) -> tuple[bool, str]:
+def describe_likelihood(run_cfg: RunConfig) -> tuple[bool, str]:
     """Whether -log P(X) is a true NLL for this likelihood and data, and a sentence saying what it is."""
     head = LIKELIHOODS.get(run_cfg.model.likelihood)
     binary = run_cfg.data.binarize != "none"
@@ -152,7 +155,7 @@ def describe_likelihood(run_cfg) -> tuple[bool, str]:
 
 
 def evaluate_run(
-    run_dir: str | os.PathLike[str],
+    run_dir: Run | str | os.PathLike[str],
     *,
     k: int = 5000,
     split: str = "test",
@@ -165,25 +168,17 @@ def evaluate_run(
     write: bool = True,
 ) -> EvalResult:
     """Evaluate a trained run on its test (or val) split; writes ``RUN/eval/<split>-k<k>.json``."""
-    loaded = load_run(run_dir, which)
-    dcfg = loaded.config.data
-    if data_dir is not None:
-        from dataclasses import replace
-
-        dcfg = replace(dcfg, data_dir=data_dir)
-    splits = load_data(dcfg)
-    data = getattr(splits, split)
-    if limit is not None:
-        data = data.subset(slice(0, limit))
-    exact, meaning = describe_likelihood(loaded.config)
+    run = Run.of(run_dir, which, data_dir=data_dir)
+    data = run.data(split, limit=None if limit is None else min(limit, len(run.data(split))))
+    exact, meaning = describe_likelihood(run.config)
     res = evaluate_model(
-        loaded.model, data, k=k, batch_size=batch_size, seed=seed, exact=exact, meaning=meaning,
-        progress=progress, split=split,
+        run.model, data, pipeline=run.pipeline, k=k, batch_size=batch_size, seed=seed, exact=exact,
+        meaning=meaning, progress=progress, split=split,
     )
-    res.extra = {"checkpoint": str(loaded.checkpoint), "epoch": loaded.state.get("epoch"),
-                 "step": loaded.state.get("step"), "data": dcfg.name}
+    res.extra = {"checkpoint": str(run.checkpoint), "epoch": run.state.get("epoch"),
+                 "step": run.state.get("step"), "data": run.config.data.name}
     if write:
-        out = Path(loaded.run.eval) / f"{split}-k{k}.json"
+        out = Path(run.dir.eval) / f"{split}-k{k}.json"
         atomic_write(out, json.dumps(res.to_dict(), indent=2).encode())
         res.extra["written"] = str(out)
     return res

@@ -1,6 +1,28 @@
-"""Models: the VAE (and its conditional use) built from a :class:`ModelConfig`."""
+"""Models: the latent-variable contract, the VAE (and its conditional use), the regressor baseline."""
 
+from .base import (
+    MODELS,
+    LatentModel,
+    LatentModelBase,
+    ModelOutput,
+    StochasticLayer,
+    build_model,
+    flat_draws,
+    repeat_rows,
+)
 from .regressor import Regressor
-from .vae import CVAE, MODELS, VAE, VAEOutput, build_model
+from .vae import CVAE, VAE
 
-__all__ = ["CVAE", "MODELS", "VAE", "Regressor", "VAEOutput", "build_model"]
+__all__ = [
+    "CVAE",
+    "MODELS",
+    "VAE",
+    "LatentModel",
+    "LatentModelBase",
+    "ModelOutput",
+    "Regressor",
+    "StochasticLayer",
+    "build_model",
+    "flat_draws",
+    "repeat_rows",
+]

@@ -41,8 +41,8 @@ def stage_sizes(size: int, stages: int) -> list[int]:
     return out
 
 
-def _check(cfg: ModelConfig) -> None:
-    _, h, w = cfg.input_shape
+def _check(cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
+    _, h, w = shape
     if not cfg.hidden:
         raise ConfigError("conv nets need model.hidden: channels per stage, e.g. (32, 64)")
     if min(h, w) < 2 ** len(cfg.hidden):
@@ -52,14 +52,14 @@ def _check(cfg: ModelConfig) -> None:
 
 
 class ConvEncoder(nn.Module):
-    """x (B, C, H, W) -> stages of [conv 4x4 stride 2, act, (res blocks)] -> flatten ++ c -> (B, 2L)."""
+    """x (B, C, H, W) -> stages of [conv 4x4 stride 2, act, (res blocks)] -> flatten ++ c -> (B, out_features)."""
 
     blocks = 0  # residual blocks per stage
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, int, int], cond_dim: int, out_features: int) -> None:
         super().__init__()
-        _check(cfg)
-        c_in, h, w = cfg.input_shape
+        _check(cfg, input_shape)
+        c_in, h, w = input_shape
         layers: list[nn.Module] = []
         for width in cfg.hidden:
             layers += [nn.Conv2d(c_in, width, 4, stride=2, padding=1), ACTIVATIONS.get(cfg.activation)()]
@@ -68,13 +68,13 @@ class ConvEncoder(nn.Module):
         self.features = nn.Sequential(*layers)
         n = len(cfg.hidden)
         feat = cfg.hidden[-1] * stage_sizes(h, n)[-1] * stage_sizes(w, n)[-1]
-        self.head = nn.Linear(feat + cfg.cond_dim, 2 * cfg.latent_dim)
+        self.head = nn.Linear(feat + cond_dim, out_features)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x).flatten(1)  # (B, C' * H' * W')
         if c is not None:
             h = torch.cat([h, c], dim=1)
-        return self.head(h)  # (B, 2 * latent)
+        return self.head(h)  # (B, out_features)
 
 
 class ConvDecoder(nn.Module):
@@ -83,14 +83,14 @@ class ConvDecoder(nn.Module):
 
     blocks = 0
 
-    def __init__(self, cfg: ModelConfig, out_channels: int) -> None:
+    def __init__(self, cfg: ModelConfig, in_features: int, cond_dim: int, out_shape: tuple[int, int, int]) -> None:
         super().__init__()
-        _check(cfg)
-        _, h, w = cfg.input_shape
+        _check(cfg, out_shape)
+        out_channels, h, w = out_shape
         n = len(cfg.hidden)
         hs, ws = stage_sizes(h, n), stage_sizes(w, n)
         self.start = (cfg.hidden[-1], hs[-1], ws[-1])
-        self.fc = nn.Linear(cfg.latent_dim + cfg.cond_dim, cfg.hidden[-1] * hs[-1] * ws[-1])
+        self.fc = nn.Linear(in_features + cond_dim, cfg.hidden[-1] * hs[-1] * ws[-1])
         layers: list[nn.Module] = []
         for i in reversed(range(n)):  # stage i: (hidden[i], hs[i+1]) -> (hidden[i-1] or hidden[0], hs[i])
             c_in, c_out = cfg.hidden[i], cfg.hidden[max(i - 1, 0)]

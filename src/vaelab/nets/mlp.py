@@ -23,25 +23,23 @@ def mlp(sizes: list[int], activation: str) -> nn.Sequential:
 
 @ENCODERS.register("mlp")
 class MLPEncoder(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, int, int], cond_dim: int, out_features: int) -> None:
         super().__init__()
-        d = math.prod(cfg.input_shape)
-        self.net = mlp([d + cfg.cond_dim, *cfg.hidden, 2 * cfg.latent_dim], cfg.activation)
+        self.net = mlp([math.prod(input_shape) + cond_dim, *cfg.hidden, out_features], cfg.activation)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         h = x.flatten(1)  # (B, C*H*W)
         if c is not None:
             h = torch.cat([h, c], dim=1)
-        return self.net(h)  # (B, 2*latent)
+        return self.net(h)  # (B, out_features)
 
 
 @DECODERS.register("mlp")
 class MLPDecoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, out_channels: int) -> None:
+    def __init__(self, cfg: ModelConfig, in_features: int, cond_dim: int, out_shape: tuple[int, int, int]) -> None:
         super().__init__()
-        _, hgt, wid = cfg.input_shape
-        self.out_shape = (out_channels, hgt, wid)
-        self.net = mlp([cfg.latent_dim + cfg.cond_dim, *reversed(cfg.hidden), out_channels * hgt * wid], cfg.activation)
+        self.out_shape = out_shape
+        self.net = mlp([in_features + cond_dim, *reversed(cfg.hidden), math.prod(out_shape)], cfg.activation)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if c is not None:

@@ -1,5 +1,25 @@
-"""Objectives: the ELBO (once) and the importance-weighted bound."""
+"""Objectives: the ELBO (once, for every model) and the importance-weighted bound."""
 
-from .elbo import ELBOTerms, elbo, iwae_bound, iwae_loss, log_importance_weights
+from .elbo import (
+    ELBOObjective,
+    ELBOTerms,
+    LayerKL,
+    Objective,
+    elbo,
+    elbo_terms,
+    iwae_bound,
+    iwae_loss,
+    log_importance_weights,
+)
 
-__all__ = ["ELBOTerms", "elbo", "iwae_bound", "iwae_loss", "log_importance_weights"]
+__all__ = [
+    "ELBOObjective",
+    "ELBOTerms",
+    "LayerKL",
+    "Objective",
+    "elbo",
+    "elbo_terms",
+    "iwae_bound",
+    "iwae_loss",
+    "log_importance_weights",
+]

@@ -1,12 +1,18 @@
-"""The evidence lower bound, written once, and its importance-weighted tightening.
+"""The evidence lower bound, written once for every latent-variable model, and its importance-weighted
+tightening. It knows nothing of a model's structure: it reads the model's output, a likelihood
+P(X|z) and a list of stochastic layers (q, p, z) (see :mod:`vaelab.models.base`).
 
-ELBO (Kingma & Welling 2014, eq. 3; Doersch 2016, eq. 5):
+ELBO (Kingma & Welling 2014, eq. 3; Doersch 2016, eq. 5), summed over layers l:
 
-    log P(X) >= E_{Q(z|X)}[log P(X|z)] - KL(Q(z|X) || P(z))
+    log P(X) >= E_Q[log P(X|z)] - sum_l KL(Q(z_l | .) || P(z_l | .))
 
-estimated with one reparameterised z per X, with the KL in closed form (Doersch eq. 7).
+with each KL in closed form where a formula is registered for its pair of distributions (Doersch
+eq. 7 for Gaussians) and the Monte Carlo estimate log q(z_l) - log p(z_l) at the layer's draw otherwise.
 
-IWAE bound (Burda et al. 2016, eq. 8): L_k = E[log (1/k) sum_i P(X, z_i) / Q(z_i|X)], z_i ~ Q(z|X);
+IWAE bound (Burda et al. 2016, eq. 8): L_k = E[log (1/k) sum_i w_i], with
+
+    log w_i = log P(X|z_i) + sum_l log p(z_l,i) - sum_l log q(z_l,i),   z_i ~ Q;
+
 L_1 = ELBO, L_k <= L_{k+1} <= log P(X), and -L_k with large k is the standard NLL estimate.
 
 All functions return one value per datapoint (sums over its dimensions); reduce over the batch
@@ -17,42 +23,107 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
-from ..distributions import StandardNormal
-from ..models.vae import repeat_rows
+from ..distributions import kl_divergence
+from ..models.base import ModelOutput, repeat_rows
+
+if TYPE_CHECKING:
+    from ..conditioning import Batch
+    from ..config import TrainConfig
+
+
+def _per_datapoint(t: torch.Tensor, event: int) -> torch.Tensor:
+    """Average out leading draw dimensions: (k, B, *event) -> (B, *event)."""
+    while t.dim() > 1 + event:
+        t = t.mean(0)
+    return t
+
+
+@dataclass
+class LayerKL:
+    """KL(q || p) of one stochastic layer, per datapoint."""
+
+    name: str
+    dim: int  # the layer's latent size
+    kl: torch.Tensor  # (B,)
+    kl_per_dim: torch.Tensor | None  # (B, L) in closed form; None for a Monte Carlo estimate
+    closed_form: bool
 
 
 @dataclass
 class ELBOTerms:
-    """Per-datapoint terms of the ELBO: each (B,) except ``kl_per_dim`` (B, L) and ``log_w`` (k, B)."""
+    """Per-datapoint terms of the ELBO: each (B,) except per-dimension KLs (B, L) and ``log_w`` (k, B)."""
 
     log_px_z: torch.Tensor  # estimate of E_Q[log P(X|z)] (mean over the k draws)
-    kl: torch.Tensor  # KL(Q(z|X) || P(z)), closed form
-    kl_per_dim: torch.Tensor
-    log_w: torch.Tensor | None = None  # log importance weights of the k draws, when k > 1
+    layers: list[LayerKL]
+    log_w: torch.Tensor | None = None  # log importance weights of the k draws (IWAE objective when k > 1)
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """sum_l KL(q_l || p_l) per datapoint (0 for a model without latent variables)."""
+        if not self.layers:
+            return torch.zeros_like(self.log_px_z)
+        total = self.layers[0].kl
+        for layer in self.layers[1:]:
+            total = total + layer.kl
+        return total
+
+    @property
+    def kl_per_dim(self) -> torch.Tensor:
+        """The closed-form layers' KL per dimension, concatenated bottom-up: (B, sum L)."""
+        parts = [layer.kl_per_dim for layer in self.layers if layer.kl_per_dim is not None]
+        return torch.cat(parts, -1) if parts else self.log_px_z.new_zeros(self.log_px_z.shape[0], 0)
 
     @property
     def elbo(self) -> torch.Tensor:
         return self.log_px_z - self.kl
 
     def loss(self, beta: float = 1.0, free_bits: float = 0.0) -> torch.Tensor:
-        """Scalar to minimise: -(E[log P(X|z)] - beta * KL), mean over the batch.
+        """Scalar to minimise: -(E[log P(X|z)] - beta * sum_l KL_l), mean over the batch.
 
-        beta != 1 is the beta-VAE (Higgins et al. 2017); ``free_bits`` > 0 stops penalising each latent
-        dimension's batch-mean KL below that many nats (Kingma et al. 2016, eq. 15).
+        beta != 1 is the beta-VAE (Higgins et al. 2017), applied to every layer; ``free_bits`` > 0 stops
+        penalising each latent dimension's batch-mean KL below that many nats (Kingma et al. 2016,
+        eq. 15; a layer whose KL is a Monte Carlo estimate is one group of ``dim * free_bits`` nats).
         With k > 1 draws the loss is the IWAE objective -L_k instead (Burda et al. 2016), where beta
         and free bits have no meaning."""
-        if self.log_w is not None:
+        if self.log_w is not None and self.log_w.shape[0] > 1:
             k = self.log_w.shape[0]
             return -(torch.logsumexp(self.log_w, dim=0) - math.log(k)).mean()
-        if free_bits > 0:
-            kl = self.kl_per_dim.mean(0).clamp(min=free_bits).sum()
-        else:
-            kl = self.kl.mean()
+        kl = self.log_px_z.new_zeros(())
+        for layer in self.layers:
+            if free_bits <= 0:
+                kl = kl + layer.kl.mean()
+            elif layer.kl_per_dim is not None:
+                kl = kl + layer.kl_per_dim.mean(0).clamp(min=free_bits).sum()
+            else:
+                kl = kl + layer.kl.mean().clamp(min=free_bits * layer.dim)
         return -(self.log_px_z.mean() - beta * kl)
+
+
+def elbo_terms(
+    out: ModelOutput, x: torch.Tensor, mask: torch.Tensor | None = None, *, weights: bool | None = None
+) -> ELBOTerms:
+    """The ELBO's terms from a model's output for the batch x (B, C, H, W). ``mask``: which elements of
+    x the likelihood scores. ``weights`` (default: when k > 1): also the log importance weights (k, B)."""
+    k, b = out.k, x.shape[0]
+    log_px_z = out.likelihood.log_prob(repeat_rows(x, k), repeat_rows(mask, k))  # (B,) or (k*B,)
+    if k > 1:
+        log_px_z = log_px_z.view(k, b)
+    layers = []
+    for layer in out.layers:
+        kl = kl_divergence(layer.q, layer.p, layer.z)  # (B,) / (k, B), per dim (..., L) in closed form
+        per_dim = None if kl.per_dim is None else _per_datapoint(kl.per_dim, 1)
+        layers.append(LayerKL(layer.name, layer.z.shape[-1], _per_datapoint(kl.total, 0), per_dim, kl.closed_form))
+    log_w = None
+    if weights or (weights is None and k > 1):
+        log_w = log_px_z.view(k, b)
+        for layer in out.layers:
+            log_w = log_w + (layer.p.log_prob(layer.z) - layer.q.log_prob(layer.z)).view(k, b)
+    return ELBOTerms(_per_datapoint(log_px_z, 0), layers, log_w)
 
 
 def elbo(
@@ -63,26 +134,13 @@ def elbo(
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     k: int = 1,
+    weights: bool | None = None,
 ) -> ELBOTerms:
     """The ELBO's terms for a batch x (B, C, H, W). ``c``: condition; ``mask``: which elements of x
     the likelihood scores (a conditional model scores only the unobserved part). ``k`` > 1 draws k z
     per x (through the model's forward, so DistributedDataParallel sees it) and also returns their
     log importance weights, from which ``loss()`` is the IWAE objective."""
-    out = model(x, c, generator=generator) if k == 1 else model(x, c, generator=generator, k=k)
-    kl_d = out.posterior.kl_standard_normal_elements()  # (B, L)
-    if k == 1:
-        return ELBOTerms(out.likelihood.log_prob(x, mask), kl_d.sum(-1), kl_d)
-    log_w, log_px_z = _log_weights(out.posterior, out.z, out.likelihood, x, mask)
-    return ELBOTerms(log_px_z.mean(0), kl_d.sum(-1), kl_d, log_w)
-
-
-def _log_weights(q, z: torch.Tensor, px, x: torch.Tensor, mask: torch.Tensor | None):
-    """log w = log P(X|z) + log P(z) - log Q(z|X) for z (k, B, L) and a likelihood over the k*B
-    sample-major rows: returns (log w, log P(X|z)), each (k, B)."""
-    k, b = z.shape[:2]
-    log_px_z = px.log_prob(repeat_rows(x, k), repeat_rows(mask, k)).view(k, b)
-    log_pz = StandardNormal(z.shape[-1]).log_prob(z)  # (k, B)
-    return log_px_z + log_pz - q.log_prob(z), log_px_z
+    return elbo_terms(model(x, c, generator=generator, k=k), x, mask, weights=weights)
 
 
 def log_importance_weights(
@@ -93,14 +151,11 @@ def log_importance_weights(
     *,
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    posterior=None,
 ) -> torch.Tensor:
-    """log w_i = log P(X|z_i) + log P(z_i) - log Q(z_i|X) for k draws z_i ~ Q(z|X): shape (k, B).
-    ``posterior``: Q(z|X) when already computed (chunked evaluation reuses it)."""
-    q = posterior if posterior is not None else model.encode(x, c)
-    z = q.rsample(generator, sample_shape=(k,))  # (k, B, L)
-    px = model.decode(z.flatten(0, 1), repeat_rows(c, k))
-    return _log_weights(q, z, px, x, mask)[0]
+    """log w_i = log P(X|z_i) + sum_l log p(z_l,i) - sum_l log q(z_l,i) for k draws: shape (k, B)."""
+    log_w = elbo(model, x, c, mask=mask, generator=generator, k=k, weights=True).log_w
+    assert log_w is not None
+    return log_w
 
 
 @torch.no_grad()
@@ -114,14 +169,13 @@ def iwae_bound(
     generator: torch.Generator | None = None,
     chunk: int = 512,
 ) -> torch.Tensor:
-    """L_k per datapoint (B,), computed in chunks of ``chunk`` samples with a streaming logsumexp,
-    so memory stays bounded for k in the thousands."""
-    q = model.encode(x, c)
+    """L_k per datapoint (B,), computed in chunks of ``chunk`` draws with a streaming logsumexp, so
+    memory stays bounded for k in the thousands."""
     acc = torch.full((x.shape[0],), -math.inf, device=x.device)
     done = 0
     while done < k:
         m = min(chunk, k - done)
-        lw = log_importance_weights(model, x, m, c, mask=mask, generator=generator, posterior=q)
+        lw = log_importance_weights(model, x, m, c, mask=mask, generator=generator)
         acc = torch.logaddexp(acc, torch.logsumexp(lw, dim=0))
         done += m
     return acc - math.log(k)
@@ -138,3 +192,29 @@ def iwae_loss(
 ) -> torch.Tensor:
     """Training objective of the IWAE: -L_k, mean over the batch (differentiable)."""
     return elbo(model, x, c, mask=mask, generator=generator, k=k).loss()
+
+
+class Objective(Protocol):
+    """What a training step minimises: ``(loss, terms)`` for a batch."""
+
+    def __call__(
+        self, model: nn.Module, batch: Batch, *, generator: torch.Generator | None, beta: float
+    ) -> tuple[torch.Tensor, ELBOTerms]: ...
+
+
+@dataclass(frozen=True)
+class ELBOObjective:
+    """-ELBO (beta-weighted, with free bits) for k = 1; the IWAE objective -L_k for k > 1."""
+
+    k: int = 1
+    free_bits: float = 0.0
+
+    @classmethod
+    def from_config(cls, t: TrainConfig) -> ELBOObjective:
+        return cls(k=t.iwae_k, free_bits=t.free_bits)
+
+    def __call__(
+        self, model: nn.Module, batch: Batch, *, generator: torch.Generator | None, beta: float = 1.0
+    ) -> tuple[torch.Tensor, ELBOTerms]:
+        terms = elbo(model, batch.x, batch.c, mask=batch.mask, generator=generator, k=self.k)
+        return terms.loss(beta, self.free_bits), terms

@@ -1,19 +1,21 @@
-"""Training: the loop, checkpoints, run directories and the run lock."""
+"""Training: a short loop over a pure step, with the run opened, resumed and saved by small units."""
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .lock import RunLock
-from .loop import TrainResult, TrainState, complete_config, evaluate_elbo, train
-from .rundir import RunDir
+from .loop import TrainResult, beta_at, epoch_order, fit, train
+from .session import Session, make_optimizer, open_session
+from .step import Meters, StepResult, TrainState, guard_nonfinite, train_step
 
 __all__ = [
-    "Checkpoint",
-    "RunDir",
-    "RunLock",
+    "Meters",
+    "Session",
+    "StepResult",
     "TrainResult",
     "TrainState",
-    "complete_config",
-    "evaluate_elbo",
-    "load_checkpoint",
-    "save_checkpoint",
+    "beta_at",
+    "epoch_order",
+    "fit",
+    "guard_nonfinite",
+    "make_optimizer",
+    "open_session",
     "train",
+    "train_step",
 ]

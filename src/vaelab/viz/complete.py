@@ -9,7 +9,6 @@ the likelihood's means with the observed pixels pasted back in.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..conditioning import MaskCondition, build_condition, override_condition
+from ..conditioning import Condition, MaskCondition, override_condition
 from ..data import to_float
 from ..errors import ConfigError
+from ..evaluation import eval_mode
+from ..pipeline import condition_of
+from ..runs import Run
 from .grid import save_grid
 
 #: grey level that marks unobserved pixels in the "observed" column
@@ -78,23 +80,21 @@ class Completion:
         return out
 
 
-def _mask_condition(model: nn.Module, condition: MaskCondition | str | None) -> MaskCondition:
-    cfg = model.cfg
+def _mask_condition(own: Condition, condition: MaskCondition | str | None, cond_dim: int) -> MaskCondition:
+    """The partial observation to complete from: the model's ``own`` condition, or another one given
+    as an object or a name (presented the way the model was trained)."""
     if isinstance(condition, str):
-        condition = override_condition(cfg, condition)
+        condition = override_condition(own, condition)
     elif condition is None:
-        built = build_condition(cfg, cfg.num_classes)
-        if not isinstance(built, MaskCondition):
-            hint = " (use `vaelab sample --label K` for class-conditional samples)" if cfg.condition == "label" \
-                else ""
+        if not isinstance(own, MaskCondition):
+            hint = " (use `vaelab sample --label K` for class-conditional samples)" if own.name == "label" else ""
             raise ConfigError(
                 f"completion needs a model conditioned on a partial observation; this one's condition is "
-                f"{cfg.condition!r}{hint}"
+                f"{own.name!r}{hint}"
             )
-        condition = built
-    if condition.dim != cfg.cond_dim:
-        raise ConfigError(f"condition {condition.cfg.condition!r} gives c of size {condition.dim}, the model "
-                          f"takes {cfg.cond_dim}")
+        condition = own
+    if condition.dim != cond_dim:
+        raise ConfigError(f"condition {condition.name!r} gives c of size {condition.dim}, the model takes {cond_dim}")
     return condition
 
 
@@ -114,24 +114,24 @@ def complete_images(
     ``condition``: the model's own (default), another mask condition or its name (``left-half``,
     ``mask:PATH``; presented the way the model was trained). The observation is drawn once per
     image (seeded), and the CVAE and the regressor both see that same observation."""
-    model.eval()
-    cond = _mask_condition(model, condition)
+    cond = _mask_condition(condition_of(model), condition, model.spec.cond_dim)
     g = torch.Generator().manual_seed(seed)
     obs = cond.observe(x, g)
     c = cond.encode_observation(obs)  # (N, cond_dim)
     m = obs.mask
     n = x.shape[0]
     c_rep = c.repeat_interleave(samples, 0)  # (N*S, cond_dim), image-major
-    mean = model.sample(n * samples, c_rep, generator=g, temperature=temperature, mean=True).clamp(0, 1)
+    with eval_mode(model):
+        mean = model.sample(n * samples, c_rep, generator=g, temperature=temperature, mean=True).clamp(0, 1)
     mean = mean.unflatten(0, (n, samples))  # (N, S, C, H, W)
     filled = m[:, None] * obs.values[:, None] + (1 - m[:, None]) * mean
     reg = None
     if regressor is not None:
-        regressor.eval()
-        if regressor.cfg.cond_dim != c.shape[1]:
-            raise ConfigError(f"the regressor takes c of size {regressor.cfg.cond_dim}, the CVAE's condition "
+        if regressor.spec.cond_dim != c.shape[1]:
+            raise ConfigError(f"the regressor takes c of size {regressor.spec.cond_dim}, the CVAE's condition "
                               f"gives {c.shape[1]}: train both with the same condition")
-        pred = regressor.sample(n, c, generator=g, mean=True).clamp(0, 1)
+        with eval_mode(regressor):
+            pred = regressor.sample(n, c, generator=g, mean=True).clamp(0, 1)
         reg = m * obs.values + (1 - m) * pred
     observed = m * obs.values + (1 - m) * UNOBSERVED
     return Completion(observed, m, filled, x, reg)
@@ -146,7 +146,7 @@ class CompletionResult:
 
 
 def complete_run(
-    run: str | os.PathLike[str],
+    run: Run | str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     *,
     n: int = 8,
@@ -165,32 +165,24 @@ def complete_run(
 
     ``condition`` / ``mask`` (a mask image path): complete from another partial observation than the
     run's own. Returns the path and the diversity/accuracy :meth:`Completion.metrics`."""
-    from ..api import load_run
-    from ..data import load_data
-
     if condition is not None and mask is not None:
         raise ConfigError("give either a condition or a mask file, not both")
     if mask is not None:
         condition = f"mask:{mask}"
-    loaded = load_run(run, which)
+    r = Run.of(run, which, data_dir=data_dir)
     reg_model = None
     if regressor is not None:
-        reg_loaded = load_run(regressor, which)
-        if tuple(reg_loaded.config.model.input_shape) != tuple(loaded.config.model.input_shape):
-            raise ConfigError(f"{regressor}: images of shape {reg_loaded.config.model.input_shape}, the CVAE's "
-                              f"are {loaded.config.model.input_shape}")
-        if reg_loaded.config.model.condition != loaded.config.model.condition:
-            raise ConfigError(f"{regressor}: trained with condition {reg_loaded.config.model.condition!r}, the CVAE "
-                              f"with {loaded.config.model.condition!r}; compare models trained on the same X")
-        reg_model = reg_loaded.model
-    dcfg = loaded.config.data if data_dir is None else dataclasses.replace(loaded.config.data, data_dir=data_dir)
-    data = getattr(load_data(dcfg), split)
-    if start < 0 or start + n > len(data):
-        raise ConfigError(f"images {start}..{start + n - 1} requested, the {split} split has {len(data)}")
-    x = to_float(data.images[start : start + n])
-    cond = _mask_condition(loaded.model, condition)
-    comp = complete_images(loaded.model, x, samples=samples, seed=seed, condition=cond, regressor=reg_model)
-    path = save_grid(comp.grid_images(), out or loaded.run.root / "completions.png", nrow=comp.columns())
+        reg = Run.of(regressor, which)
+        if reg.spec.shape != r.spec.shape:
+            raise ConfigError(f"{regressor}: images of shape {reg.spec.shape}, the CVAE's are {r.spec.shape}")
+        if reg.condition.name != r.condition.name:
+            raise ConfigError(f"{regressor}: trained with condition {reg.condition.name!r}, the CVAE "
+                              f"with {r.condition.name!r}; compare models trained on the same X")
+        reg_model = reg.model
+    x = to_float(r.data(split, limit=n, start=start).images)
+    cond = _mask_condition(r.condition, condition, r.spec.cond_dim)
+    comp = complete_images(r.model, x, samples=samples, seed=seed, condition=cond, regressor=reg_model)
+    path = save_grid(comp.grid_images(), out or r.root / "completions.png", nrow=comp.columns())
     return CompletionResult(path, comp, comp.metrics(), cond.describe())
 
 

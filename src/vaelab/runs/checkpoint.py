@@ -22,10 +22,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError, NonFiniteError
+from ..config import DataSpec, RunConfig
+from ..errors import CheckpointError, ConfigError, NonFiniteError, VaelabError
 
-FORMAT = "vaelab-checkpoint-1"
+FORMAT = "vaelab-checkpoint-2"
+OLD_FORMATS = ("vaelab-checkpoint-1",)  # read and converted on load (see :func:`upgrade_v1`)
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 TMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
@@ -37,6 +38,7 @@ class Checkpoint:
     """What a checkpoint file holds, in memory."""
 
     config: RunConfig
+    spec: DataSpec  # what the data implied: image shape, class count, condition size
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any] | None = None  # torch optimizer state_dict
     state: dict[str, Any] = field(default_factory=dict)  # epoch, step, best, counters, ...
@@ -103,6 +105,7 @@ def serialize(ckpt: Checkpoint) -> bytes:
     meta: dict[str, str] = {
         "format": FORMAT,
         "config": ckpt.config.to_json(),
+        "data": json.dumps(ckpt.spec.to_dict()),
         "state": json.dumps(ckpt.state),
     }
     if ckpt.optimizer is not None:
@@ -245,12 +248,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         tensors = st_load(raw)
     except Exception as e:  # the parser of untrusted bytes: any failure means a corrupted file
         raise CheckpointError(f"{p}: truncated or corrupted safetensors data ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: not a vaelab checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
-    try:
-        config = RunConfig.from_dict(_json_field(p, meta, "config", dict))
-    except ConfigError as e:
-        raise CheckpointError(f"{p}: corrupted config metadata ({e})") from None
+    fmt, config, spec = _config_and_spec(p, meta)
     state = _json_field(p, meta, "state", dict, {})
     model = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     rng = {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")}
@@ -263,7 +261,85 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             optimizer = _unflatten_optimizer(tensors, opt_plain)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{p}: optimizer state is incomplete or corrupted ({e!r})") from None
-    return Checkpoint(config, model, optimizer, state, rng)
+    ckpt = Checkpoint(config, spec, model, optimizer, state, rng)
+    return upgrade_v1(ckpt, str(p)) if fmt == "vaelab-checkpoint-1" else ckpt
+
+
+# ---------------------------------------------------------------- format 1 (vaelab 0.1)
+def _spec_from_v1(p: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 kept what the data implies in the model config; move it out (``config`` is edited)."""
+    model = config.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{p}: corrupted config metadata (no model section)")
+    spec = {"shape": model.pop("input_shape", [1, 28, 28]), "num_classes": model.pop("num_classes", None),
+            "cond_dim": model.pop("cond_dim", 0)}
+    return spec
+
+
+# The first layer of each registered decoder, whose inputs are [z, c].
+_DECODER_INPUT = ("decoder.net.0.weight", "decoder.fc.weight")
+
+
+def upgrade_v1(ckpt: Checkpoint, source: str) -> Checkpoint:
+    """Format 1's regressor fed its decoder a z of ``latent_dim`` zeros; today's has no z. The columns
+    that multiplied those zeros are dropped (the same function), from the weights and from Adam's
+    moments. Every other format-1 checkpoint holds the same tensors as today's."""
+    from ..models import build_model
+
+    if ckpt.config.model.model != "regressor":
+        return ckpt
+    try:
+        model = build_model(ckpt.config.model, ckpt.spec)
+    except VaelabError as e:
+        raise CheckpointError(f"{source}: cannot convert this format-1 regressor checkpoint: {e}") from None
+    names = [n for n, _ in model.named_parameters()]
+    for key in _DECODER_INPUT:
+        w = ckpt.model.get(key)
+        want = dict(model.named_parameters()).get(key)
+        if w is None or want is None or w.dim() != 2:
+            continue
+        drop = w.shape[1] - want.shape[1]
+        if drop <= 0:
+            continue
+        ckpt.model[key] = w[:, drop:].contiguous()
+        state = (ckpt.optimizer or {}).get("state", {}).get(names.index(key), {})
+        for name, v in list(state.items()):
+            if isinstance(v, torch.Tensor) and v.shape == w.shape:
+                state[name] = v[:, drop:].contiguous()
+    return ckpt
+
+
+MAX_HEADER = 100 << 20  # a safetensors header larger than this is not one of ours
+
+
+def read_config(path: str | os.PathLike[str]) -> RunConfig:
+    """The run config stored in a checkpoint, reading only the file's header (not its tensors)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+            refuse_unsafe(p, head)
+            n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+            if not 0 < n <= MAX_HEADER:
+                raise CheckpointError(f"{p}: truncated or corrupted safetensors header")
+            fh.seek(0)
+            raw = fh.read(8 + n)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read checkpoint: {e.strerror or e}") from None
+    return _config_and_spec(p, read_metadata(p, raw))[1]
+
+
+def _config_and_spec(p: Path, meta: dict[str, str]) -> tuple[str, RunConfig, DataSpec]:
+    """The format, the run config and the data description in a checkpoint's metadata."""
+    fmt = meta.get("format")
+    if fmt != FORMAT and fmt not in OLD_FORMATS:
+        raise CheckpointError(f"{p}: not a vaelab checkpoint (format {fmt!r}, expected {FORMAT!r})")
+    config_d = _json_field(p, meta, "config", dict)
+    spec_d = _json_field(p, meta, "data", dict) if fmt == FORMAT else _spec_from_v1(p, config_d)
+    try:
+        return fmt, RunConfig.from_dict(config_d), DataSpec.from_dict(spec_d)
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: corrupted config metadata ({e})") from None
 
 
 def read_metadata(path: Path, raw: bytes | None = None) -> dict[str, str]:

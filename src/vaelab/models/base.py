@@ -1,0 +1,127 @@
+"""The contract between a latent-variable model and everything that trains, evaluates or draws it.
+
+A model's ``forward`` returns its likelihood P(X|z) and a list of stochastic layers, each holding its
+posterior q, its prior p (fixed, learned, or conditional on the layer above) and its reparameterised
+draw z, as the blocks of openai/vdvae return their own stats and Pyro's Trace_ELBO reads a model's
+sample sites. The one objective (:mod:`vaelab.objectives`) needs nothing else:
+
+    log w = log P(X|z) + sum_l log p_l(z_l) - sum_l log q_l(z_l),
+    ELBO  = E_q[log P(X|z)] - sum_l KL(q_l || p_l)    (closed form where known, else Monte Carlo).
+
+Shapes: with ``k`` draws per datapoint, each layer's z is (B, L_l) for k = 1 and (k, B, L_l)
+otherwise; q and p have any batch shape that broadcasts against z ((B,), (k, B) or () for a learned
+prior); the likelihood covers the k*B rows sample-major (row i*B + b is draw i of datapoint b).
+
+Layers are listed bottom-up: ``layers[0]`` is nearest the data, ``layers[-1]`` the top layer, whose
+prior is unconditional and whose latent space is the one pictures travel through (interpolation,
+manifold). A model with no latent variables (the regressor) has no layers: its KL is 0 by structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..config import DataSpec, ModelConfig
+from ..distributions import Distribution
+from ..registry import Registry
+
+
+@dataclass
+class StochasticLayer:
+    """One stochastic layer of a forward pass."""
+
+    name: str  # e.g. "z", "z1", "z2"
+    q: Distribution  # posterior Q(z_l | X, layers below/above), event (L_l,)
+    p: Distribution  # prior P(z_l | layer above) or P(z_l), event (L_l,)
+    z: torch.Tensor  # reparameterised draw from q: (B, L_l) or (k, B, L_l)
+
+
+@dataclass
+class ModelOutput:
+    likelihood: Distribution  # P(X|z): batch (B,) for k = 1, (k*B,) sample-major otherwise
+    layers: list[StochasticLayer]  # bottom-up; empty for a model without latent variables
+    k: int = 1  # draws of z per datapoint
+
+
+@runtime_checkable
+class LatentModel(Protocol):
+    """What vaelab's training, evaluation, pictures and completion use of a model."""
+
+    config: ModelConfig
+    spec: DataSpec  # image shape, class count, condition size
+
+    @property
+    def latent_dims(self) -> tuple[int, ...]:
+        """Size of each stochastic layer, bottom-up; () for a model without latent variables."""
+        ...
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None, k: int = 1
+    ) -> ModelOutput:
+        """Encode x (B, C, H, W), draw k reparameterised z per datapoint through every layer, decode."""
+        ...
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor | None = None) -> list[Distribution]:
+        """The posterior of each layer, bottom-up; a layer that depends on the one below is given
+        that layer's posterior mean (a deterministic code, for pictures and active units)."""
+        ...
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor | None = None) -> Distribution:
+        """P(X | z_top) for top-layer codes z (N, L_top): layers below take their prior's mean."""
+        ...
+
+    def prior(self) -> Distribution:
+        """The top layer's prior P(z_top) (batch shape broadcastable; has ``sample_n``)."""
+        ...
+
+    def sample(
+        self, n: int, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
+        temperature: float = 1.0, mean: bool = True,
+    ) -> torch.Tensor:
+        """n images (n, C, H, W) drawn from the model's own prior: the likelihood's mean, or a draw."""
+        ...
+
+
+class LatentModelBase(nn.Module):
+    """Conveniences shared by vaelab's models (not required by the contract)."""
+
+    config: ModelConfig
+    spec: DataSpec
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
+        temperature: float = 1.0, mean: bool = True,
+    ) -> torch.Tensor:
+        z = self.prior().sample_n(n, generator, temperature)  # type: ignore[attr-defined]
+        px = self.decode(z, c)  # type: ignore[attr-defined]
+        return px.mean if mean else px.sample(generator)
+
+
+def repeat_rows(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """(B, ...) -> (k*B, ...), sample-major, for k draws per row; a broadcast batch of 1 stays as is."""
+    if t is None or k == 1 or t.shape[0] == 1:
+        return t
+    return t.expand(k, *t.shape).reshape(k * t.shape[0], *t.shape[1:])
+
+
+def flat_draws(z: torch.Tensor, k: int) -> torch.Tensor:
+    """A layer's draws as decoder rows: (B, L) stays, (k, B, L) -> (k*B, L) sample-major."""
+    return z if k == 1 else z.flatten(0, 1)
+
+
+MODELS: Registry[type[nn.Module]] = Registry("model")
+
+
+def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    """The registered model ``cfg.model`` for data described by ``spec``."""
+    return MODELS.get(cfg.model)(cfg, spec)

@@ -1,0 +1,92 @@
+"""A trained run, opened once: its checkpoint, config, data description, model and condition, with
+the data loaded lazily per split. Every command that reads a run (evaluate, sample, reconstruct,
+interpolate, manifold, encode, complete) goes through :class:`Run`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..conditioning import Condition, build_condition
+from ..config import DataConfig, DataSpec, RunConfig
+from ..data import DataSplits, ImageSet, load_data
+from ..errors import CheckpointError, ConfigError
+from ..models import build_model
+from ..pipeline import BatchPipeline
+from .checkpoint import load_checkpoint, load_model_state
+from .rundir import RunDir
+
+SPLITS = ("train", "val", "test")
+
+
+class Run:
+    """A run directory (or one checkpoint file) opened for use: the model is in eval mode."""
+
+    def __init__(self, path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.dir = RunDir.of(p)
+            self.checkpoint = self.dir.checkpoint(which)
+        elif p.exists():
+            self.checkpoint = p
+            self.dir = RunDir.of(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
+        else:
+            raise CheckpointError(f"{p}: no such run directory or checkpoint file")
+        ckpt = load_checkpoint(self.checkpoint)
+        self.config: RunConfig = ckpt.config
+        self.spec: DataSpec = ckpt.spec
+        self.state: dict[str, Any] = ckpt.state
+        self.model: nn.Module = build_model(ckpt.config.model, ckpt.spec)
+        load_model_state(self.model, ckpt.model, str(self.checkpoint))
+        self.model.eval()
+        self.condition: Condition = build_condition(self.config.model.condition, self.spec)
+        self.pipeline = BatchPipeline(self.condition, self.config.data.binarize)
+        self.data_dir = data_dir
+
+    @classmethod
+    def of(cls, run: Run | str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None) -> Run:
+        """``run`` itself if already opened (with ``data_dir`` applied), else the run at that path."""
+        if isinstance(run, Run):
+            if data_dir is not None and data_dir != run.data_dir:
+                run.data_dir = data_dir
+                run.__dict__.pop("splits", None)
+            return run
+        return cls(run, which, data_dir=data_dir)
+
+    @property
+    def root(self) -> Path:
+        return self.dir.root
+
+    @property
+    def data_config(self) -> DataConfig:
+        d = self.config.data
+        return d if self.data_dir is None else dataclasses.replace(d, data_dir=self.data_dir)
+
+    @cached_property
+    def splits(self) -> DataSplits:
+        return load_data(self.data_config)
+
+    def data(self, split: str = "test", limit: int | None = None, start: int = 0) -> ImageSet:
+        """Images (uint8) of a split, loaded on first use; ``limit`` images from ``start``."""
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        s: ImageSet = getattr(self.splits, split)
+        if start or limit is not None:
+            end = len(s) if limit is None else start + limit
+            if start < 0 or end > len(s):
+                raise ConfigError(f"images {start}..{end - 1} requested, the {split} split has {len(s)}")
+            s = s.subset(slice(start, end))
+        return s
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r}, checkpoint={self.checkpoint.name!r}, model={self.config.model.model!r})"
+
+
+def load_run(path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None) -> Run:
+    """Open a run directory (``which`` = best | latest) or a checkpoint file; the model in eval mode."""
+    return Run(path, which, data_dir=data_dir)

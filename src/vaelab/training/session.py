@@ -1,0 +1,181 @@
+"""Opening a run for training (fresh or resumed) and saving it: the units around the loop.
+
+Exact resume: every source of randomness is either re-derived from (seed, epoch) (the data order)
+or saved in the checkpoint (the noise generator used for z, binarization and conditions, and the
+global torch/numpy/Python RNGs), so a run resumed from any checkpoint continues bit-identically on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..conditioning import build_condition, describe_data
+from ..config import DataSpec, RunConfig
+from ..data import DataSplits, load_data
+from ..data.validate import check_splits
+from ..errors import CheckpointError, NonFiniteError
+from ..models import build_model
+from ..pipeline import BatchPipeline
+from ..runs.checkpoint import (
+    Checkpoint,
+    atomic_write,
+    capture_global_rng,
+    load_checkpoint,
+    load_model_state,
+    remove_stale_temps,
+    restore_global_rng,
+    save_checkpoint,
+)
+from ..runs.rundir import RunDir
+from .distributed import all_gather, unwrap
+from .step import TrainState
+
+OptimizerFactory = Callable[[nn.Module, RunConfig], torch.optim.Optimizer]
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    kw: dict[str, Any] = {"lr": t.lr, "betas": t.adam_betas, "eps": t.adam_eps, "weight_decay": t.weight_decay}
+    # The fused kernel does the whole update in one pass over the parameters (~3x faster than
+    # the default on CPU) and computes the same Adam.
+    return torch.optim.Adam(model.parameters(), fused=True, **kw)
+
+
+@dataclass
+class Session:
+    """Everything a training run holds while it trains."""
+
+    run: RunDir
+    cfg: RunConfig
+    spec: DataSpec
+    data: DataSplits
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    noise: torch.Generator  # z draws, dynamic binarization, conditions: this process's stream
+    state: TrainState
+    pipeline: BatchPipeline
+    rank: int = 0
+    world: int = 1
+
+    def say(self, msg: str) -> None:
+        """Print on rank 0 only (through tqdm, so progress bars stay intact)."""
+        if self.rank == 0:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg)
+
+    def last_good(self) -> str:
+        return str(self.run.latest) if self.run.latest.exists() else "(none yet)"
+
+    def save(self, paths: Sequence[Path]) -> None:
+        """Write the same checkpoint to each of ``paths`` in order (rank 0). A failed write stops
+        training with an error that names the file; the files already there stay intact."""
+        rng, rng_meta = capture_global_rng()
+        states = all_gather(self.noise.get_state(), self.world)  # every rank's noise stream
+        if self.rank != 0:
+            return
+        rng.update({f"noise/{r}": s for r, s in enumerate(states)})
+        st = {**dataclasses.asdict(self.state), "rng_meta": rng_meta, "world_size": self.world}
+        ckpt = Checkpoint(self.cfg, self.spec, unwrap(self.model).state_dict(), self.optimizer.state_dict(), st, rng)
+        for path in paths:
+            try:
+                save_checkpoint(path, ckpt)
+            except NonFiniteError as e:
+                raise NonFiniteError(
+                    f"training stopped at step {self.state.step}: the parameters or optimizer state became "
+                    f"non-finite. {e}. Try a lower train.lr or train.grad_clip."
+                ) from None
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"training stopped at step {self.state.step}: {e}. Fix the cause and "
+                    "re-run the same command to resume from the last good checkpoint."
+                ) from None
+
+    def save_epoch(self, improved: bool) -> None:
+        """Best before latest: a crash between the two writes then resumes from the older latest and
+        redoes this epoch, rewriting best identically. Without validation data there is no best
+        (``RunDir.checkpoint("best")`` falls back to latest)."""
+        self.save([self.run.best, self.run.latest] if improved else [self.run.latest])
+
+
+def _previous(run: RunDir, resume: bool | None) -> Checkpoint | None:
+    if run.latest.exists() and resume is not False:
+        return load_checkpoint(run.latest)
+    if resume:
+        raise CheckpointError(f"{run.root}: nothing to resume (no {run.latest})")
+    if run.latest.exists():
+        raise CheckpointError(f"{run.root}: already holds a run; resume it or choose a new directory")
+    return None
+
+
+def _restore(s: Session, ckpt: Checkpoint) -> None:
+    """Weights, optimizer, counters and every RNG from ``ckpt``; errors name the file."""
+    load_model_state(s.model, ckpt.model, str(s.run.latest))
+    try:
+        if ckpt.optimizer is not None:
+            s.optimizer.load_state_dict(ckpt.optimizer)
+        st = dict(ckpt.state)
+        rng_meta = st.pop("rng_meta", {})
+        saved_world = st.pop("world_size", 1)
+        s.state = TrainState(**st)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{s.run.latest}: corrupted optimizer or training state ({e!r})") from None
+    if s.state.step_in_epoch and saved_world != s.world:
+        raise CheckpointError(
+            f"{s.run.latest}: taken mid-epoch with {saved_world} processes; resume with the same number"
+        )
+    restore_global_rng(ckpt.rng, rng_meta, str(s.run.latest))
+    key = f"noise/{s.rank}"
+    if key in ckpt.rng:
+        s.noise.set_state(ckpt.rng[key])
+
+
+def open_session(
+    cfg: RunConfig, run: RunDir, data: DataSplits | None, resume: bool | None, rank: int, world: int,
+    make_optimizer: OptimizerFactory = make_optimizer,
+) -> Session:
+    """A fresh run in ``run`` with ``cfg``, or the run already there resumed with ``cfg``'s resumable
+    settings (any other difference is an error that lists it)."""
+    if rank == 0:
+        remove_stale_temps(run.checkpoints)  # left by a process killed mid-write; we hold the lock
+    ckpt = _previous(run, resume)
+    if ckpt is not None:
+        cfg = ckpt.config.resume_with(cfg)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    data = data if data is not None else load_data(cfg.data)
+    check_splits(data)
+    spec = describe_data(data.shape, data.num_classes, cfg.model.condition)
+    if ckpt is not None and ckpt.spec != spec:
+        raise CheckpointError(f"{run.root}: the data now gives {spec}, the run was trained on {ckpt.spec}")
+    # Seed every global RNG, not only torch's: checkpoints save all of them, and a run must not depend
+    # on what the process drew before (a resumed run restores them).
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed % 2**32)
+    random.seed(t.seed)
+    model = build_model(cfg.model, spec)
+    pipeline = BatchPipeline(build_condition(cfg.model.condition, spec), cfg.data.binarize)
+    noise = torch.Generator().manual_seed(t.seed + 7919 * rank)
+    s = Session(run, cfg, spec, data, model, make_optimizer(model, cfg), noise, TrainState(), pipeline, rank, world)
+    if ckpt is not None:
+        _restore(s, ckpt)
+        if rank == 0:
+            run.truncate_metrics(s.state.step)
+            atomic_write(run.config, cfg.to_json().encode())  # with the resumable settings now in force
+        s.say(f"resuming {run.root} from epoch {s.state.epoch}, step {s.state.step}")
+    elif rank == 0:
+        run.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(run.config, cfg.to_json().encode())
+        if run.metrics.exists():
+            run.metrics.unlink()
+    return s

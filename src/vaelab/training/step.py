@@ -1,0 +1,121 @@
+"""One optimisation step, and the small units the loop runs around it: the running meters (with
+their reduction over processes) and the non-finite guard."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..conditioning import Batch
+from ..errors import NonFiniteError
+from ..objectives import Objective
+from .distributed import all_agree, all_sum
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # the objective's value (mean over the batch)
+    grad_norm: float  # global L2 norm of the gradient (before clipping)
+    rec: float  # sum over the batch of the estimate of log P(X|z)
+    kl: float  # sum over the batch of sum_l KL_l
+    n: int  # datapoints in the batch
+    applied: bool  # whether the update was taken (loss and gradient finite on every process)
+
+
+def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients (inf/nan when any gradient is non-finite)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective,
+    batch: Batch,
+    beta: float,
+    *,
+    generator: torch.Generator | None,
+    grad_clip: float | None = None,
+    world: int = 1,
+) -> StepResult:
+    """Minimise ``objective`` on ``batch`` by one optimizer step. A non-finite loss or gradient on any
+    process skips the update everywhere (the gradients are dropped), as vdvae's step does."""
+    loss, terms = objective(model, batch, generator=generator, beta=beta)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else grad_norm(params)
+    # One synchronisation per step: the loss, the gradient norm and the batch's sums.
+    loss_v, gnorm_v, rec_v, kl_v = torch.stack(
+        [loss.detach(), gnorm, terms.log_px_z.detach().sum(), terms.kl.detach().sum()]
+    ).tolist()
+    ok = all_agree(math.isfinite(loss_v) and math.isfinite(gnorm_v), world)
+    if ok:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok)
+
+
+@dataclass
+class Meters:
+    """Running sums of an epoch's applied steps (saved in mid-epoch checkpoints)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0.0, **self.sums}
+
+    def add(self, r: StepResult) -> None:
+        if r.applied:
+            self.sums["loss"] += r.loss * r.n
+            self.sums["rec"] += r.rec
+            self.sums["kl"] += r.kl
+            self.sums["n"] += r.n
+
+    @property
+    def loss(self) -> float:
+        return self.sums["loss"] / self.sums["n"] if self.sums["n"] else math.nan
+
+    def means(self, world: int = 1) -> dict[str, float]:
+        """train_loss / train_rec / train_kl per datapoint, summed over every process."""
+        keys = ("loss", "rec", "kl", "n")
+        tot = dict(zip(keys, all_sum([self.sums[k] for k in keys], world), strict=True))
+        n = max(tot["n"], 1.0)
+        return {f"train_{k}": tot[k] / n for k in keys[:3]}
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries besides tensors."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (including skipped non-finite ones)
+    step_in_epoch: int = 0  # batches of the current epoch already consumed
+    best_val: float = -math.inf  # best validation ELBO (nats, higher is better)
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0  # consecutive
+    sums: dict[str, float] = field(default_factory=dict)  # running train sums of the current epoch
+    elapsed: float = 0.0  # training seconds so far
+
+
+def guard_nonfinite(state: TrainState, r: StepResult, limit: int, last_good: str, say: Callable[[str], None]) -> None:
+    """Count a skipped step; ``limit`` in a row stop the run, naming the last good checkpoint."""
+    if r.applied:
+        state.nonfinite_run = 0
+        return
+    state.nonfinite_run += 1
+    state.nonfinite_total += 1
+    say(f"step {state.step}: non-finite loss or gradient, update skipped ({state.nonfinite_run} in a row)")
+    if state.nonfinite_run >= limit:
+        raise NonFiniteError(
+            f"{state.nonfinite_run} consecutive non-finite losses/gradients at step {state.step}; stopping. "
+            f"Last good checkpoint: {last_good}. Try a lower train.lr or train.grad_clip, and check the data."
+        )
