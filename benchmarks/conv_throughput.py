@@ -58,13 +58,13 @@ def main() -> None:
     data = DataSplits(train_set, ImageSet(images[args.n : args.n + 100]), ImageSet(images[args.n + 100 :]), "random")
     cfg = vaelab.RunConfig(
         data=vaelab.DataConfig(name="random", val_size=100),
-        model=vaelab.ModelConfig(input_shape=(3, 32, 32), encoder="conv", decoder="conv", hidden=(32, 64),
+        model=vaelab.ModelConfig(encoder="conv", decoder="conv", hidden=(32, 64),
                                  latent_dim=32, likelihood="discretized-logistic"),
         train=vaelab.TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, progress=False, threads=args.threads),
     )
 
     torch.manual_seed(1)
-    net = vaelab.build_model(cfg.model)
+    net = vaelab.build_model(cfg.model, vaelab.DataSpec((3, 32, 32)))
     enc, dec = copy.deepcopy(net.encoder), copy.deepcopy(net.decoder)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
     loader = DataLoader(TensorDataset(to_float(train_set.images)), batch_size=128, shuffle=True)

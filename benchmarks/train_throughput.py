@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
 from vaelab.data import to_float
-from vaelab.training import evaluate_elbo
+from vaelab.evaluation import evaluate_batches
 
 
 class ReferenceVAE(nn.Module):
@@ -129,7 +129,8 @@ def main() -> None:
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(x_train), batch_size=128, shuffle=True)
     res, ours_times, ref_times = train_interleaved(cfg, data, lambda: reference_epoch(ref, ref_opt, loader), args.run)
-    ours_nelbo = -evaluate_elbo(res.model, data.test.images)["elbo"]
+    ours_nelbo = -evaluate_batches(res.model, data.test.images, None, vaelab.BatchPipeline(vaelab.build_condition(
+        "none", res.spec)), batch_size=1000).means()["elbo"]
     ref_nelbo = reference_test_neg_elbo(ref, x_test)
     floor = matmul_floor(len(x_train))
 

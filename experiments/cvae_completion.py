@@ -38,7 +38,7 @@ from vaelab import (
     load_data,
     train,
 )
-from vaelab.conditioning import build_condition
+from vaelab.pipeline import condition_of
 from vaelab.data import to_float
 from vaelab.evaluation import describe_likelihood
 from vaelab.viz import save_grid
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cvae, reg = runs["cvae"].model.eval(), runs["regressor"].model.eval()
     test = splits.test.subset(slice(0, a.eval_n))
     exact, meaning = describe_likelihood(runs["cvae"].config)
-    cond = build_condition(cvae.cfg, cvae.cfg.num_classes)
+    cond = condition_of(cvae)
 
     print(f"== evaluating on {len(test)} test images: CVAE with k={a.k}, regressor exactly (k=1)")
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ def test_train_evaluate_generate_end_to_end(mnist_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["val_elbo"]) for r in rows)
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["model"]["input_shape"] == [1, 28, 28] and cfg["model"]["latent_dim"] == 2
+    assert cfg["model"]["latent_dim"] == 2 and vaelab.load_run(run).spec.shape == (1, 28, 28)
 
     capsys.readouterr()
     assert main(["evaluate", str(run), "-k", "20", "--no-progress", "--json"]) == 0

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from test_data_formats import photos, write_cifar, write_svhn
 
-from vaelab import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate_run, train
+from vaelab import ConfigError, DataConfig, DataSpec, ModelConfig, RunConfig, TrainConfig, evaluate_run, load_run, train
 from vaelab.cli import main
 from vaelab.distributions import LIKELIHOODS
 from vaelab.models import build_model
@@ -25,8 +25,8 @@ SHAPES = [((1, 28, 28), (8, 16)), ((3, 32, 32), (8, 16)), ((3, 64, 64), (8, 16, 
 @pytest.mark.parametrize("net", ["conv", "resnet"])
 @pytest.mark.parametrize("shape,hidden", SHAPES)
 def test_shapes_for_every_size_and_channel_count(net, shape, hidden):
-    cfg = ModelConfig(input_shape=shape, encoder=net, decoder=net, hidden=hidden, latent_dim=3)
-    enc, dec = ENCODERS.get(net)(cfg), DECODERS.get(net)(cfg, 5)
+    cfg = ModelConfig(encoder=net, decoder=net, hidden=hidden, latent_dim=3)
+    enc, dec = ENCODERS.get(net)(cfg, shape, 0, 6), DECODERS.get(net)(cfg, 3, 0, (5, *shape[1:]))
     x = torch.rand(6, *shape)
     assert enc(x).shape == (6, 6)
     assert dec(torch.randn(6, 3)).shape == (6, 5, *shape[1:])
@@ -35,8 +35,8 @@ def test_shapes_for_every_size_and_channel_count(net, shape, hidden):
 
 @pytest.mark.parametrize("net", ["conv", "resnet"])
 def test_condition_reaches_both_networks(net):
-    cfg = ModelConfig(input_shape=(3, 32, 32), encoder=net, decoder=net, hidden=(8, 16), latent_dim=3, cond_dim=4)
-    enc, dec = ENCODERS.get(net)(cfg), DECODERS.get(net)(cfg, 6)
+    cfg = ModelConfig(encoder=net, decoder=net, hidden=(8, 16), latent_dim=3)
+    enc, dec = ENCODERS.get(net)(cfg, (3, 32, 32), 4, 6), DECODERS.get(net)(cfg, 3, 4, (6, 32, 32))
     x, z = torch.rand(2, 3, 32, 32), torch.randn(2, 3)
     c1, c2 = torch.eye(4)[[0, 1]], torch.eye(4)[[2, 3]]
     assert not torch.allclose(enc(x, c1), enc(x, c2))
@@ -45,17 +45,17 @@ def test_condition_reaches_both_networks(net):
 
 def test_too_many_stages_is_a_config_error():
     with pytest.raises(ConfigError, match="too many for 8x8"):
-        build_model(ModelConfig(input_shape=(1, 8, 8), encoder="conv", decoder="conv", hidden=(4, 4, 4, 4)))
+        build_model(ModelConfig(encoder="conv", decoder="conv", hidden=(4, 4, 4, 4)), DataSpec((1, 8, 8)))
     with pytest.raises(ConfigError, match="model.hidden"):
-        build_model(ModelConfig(input_shape=(1, 8, 8), encoder="conv", decoder="conv", hidden=()))
+        build_model(ModelConfig(encoder="conv", decoder="conv", hidden=()), DataSpec((1, 8, 8)))
 
 
 @pytest.mark.parametrize("likelihood", ["discretized-logistic", "discretized-logistic-mixture", "bernoulli"])
 def test_conv_vae_objectives_and_a_few_steps_of_learning(likelihood):
     torch.manual_seed(0)
-    cfg = ModelConfig(input_shape=(3, 16, 16), encoder="conv", decoder="conv", hidden=(8, 16), latent_dim=4,
+    cfg = ModelConfig(encoder="conv", decoder="conv", hidden=(8, 16), latent_dim=4,
                       likelihood=likelihood, n_mixtures=3)
-    model = build_model(cfg)
+    model = build_model(cfg, DataSpec((3, 16, 16)))
     x = torch.randint(0, 256, (16, 3, 16, 16)).float() / 255
     x[:8] = x[:8].mean(1, keepdim=True).round()  # some structure to learn
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -84,7 +84,7 @@ def test_cli_cifar_end_to_end(tmp_path, capsys):
                  "--hidden", "8,16", "--latent-dim", "4", "--val-size", "8", "--batch-size", "16",
                  "--epochs", "1", "--threads", "1", "--no-progress", "--run", str(run)]) == 0
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["model"]["input_shape"] == [3, 32, 32] and cfg["model"]["encoder"] == "conv"
+    assert load_run(run).spec.shape == (3, 32, 32) and cfg["model"]["encoder"] == "conv"
     capsys.readouterr()
     assert main(["evaluate", str(run), "-k", "4", "--batch-size", "8", "--no-progress"]) == 0
     table = capsys.readouterr().out
@@ -128,6 +128,6 @@ def test_api_trains_and_evaluates_on_colour_sources(tmp_path, kind, likelihood):
         train=TrainConfig(epochs=1, batch_size=8, progress=False, threads=1),
     )
     res = train(cfg, tmp_path / "run")
-    assert res.config.model.input_shape[0] == 3 and np.isfinite(res.history[-1]["val_elbo"])
+    assert res.model.spec.shape[0] == 3 and np.isfinite(res.history[-1]["val_elbo"])
     ev = evaluate_run(tmp_path / "run", k=2, progress=False, write=False)
     assert ev.bits_per_dim is not None and np.isfinite(ev.bits_per_dim)

@@ -16,8 +16,8 @@ from PIL import Image
 
 from vaelab import load_run, train
 from vaelab.cli import main
-from vaelab.conditioning import CONDITIONS, MaskCondition, build_condition, override_condition
-from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from vaelab.conditioning import CONDITIONS, Condition, MaskCondition, build_condition, describe_data, override_condition
+from vaelab.config import DataConfig, DataSpec, ModelConfig, RunConfig, TrainConfig
 from vaelab.data.idx import write_idx
 from vaelab.errors import ConfigError, DataError
 from vaelab.models import CVAE, VAE, Regressor, build_model
@@ -27,9 +27,12 @@ from vaelab.viz.complete import complete_images, complete_run
 H = W = 8
 
 
-def _cfg(condition: str, shape=(1, 28, 28), num_classes: int | None = 10, **kw) -> ModelConfig:
-    cfg = ModelConfig(input_shape=shape, condition=condition, num_classes=num_classes, **kw)
-    return dataclasses.replace(cfg, cond_dim=build_condition(cfg, num_classes).dim)
+def _built(condition: str, shape=(1, 28, 28), num_classes: int | None = 10, **kw) -> tuple[ModelConfig, DataSpec]:
+    return ModelConfig(condition=condition, **kw), describe_data(shape, num_classes, condition)
+
+
+def _cond(condition: str, shape=(1, 28, 28), num_classes: int | None = 10) -> Condition:
+    return build_condition(condition, DataSpec(shape, num_classes))
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -38,7 +41,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 # ---------------------------------------------------------------- masks and noisy binarization
 def test_centre_column_is_column_13_of_28_binarized_with_rate_equal_to_intensity():
-    cond = build_condition(_cfg("centre-column"))
+    cond = _cond("centre-column")
     # intensity varies down the column: row r has intensity r / 27
     x = (torch.arange(28.0) / 27.0)[None, None, :, None].expand(4000, 1, 28, 28).contiguous()
     b = cond(x, None, _gen())
@@ -63,7 +66,7 @@ def test_centre_column_is_column_13_of_28_binarized_with_rate_equal_to_intensity
     ],
 )
 def test_half_masks_observe_their_half_and_score_the_rest(name, region):
-    cond = build_condition(_cfg(name, shape=(2, H, W)))
+    cond = _cond(name, shape=(2, H, W))
     x = torch.rand(3, 2, H, W)
     b = cond(x, None, _gen())
     want = torch.zeros(H, W)
@@ -74,7 +77,7 @@ def test_half_masks_observe_their_half_and_score_the_rest(name, region):
 
 
 def test_random_patches_are_deterministic_given_the_generator_and_carry_the_mask():
-    cond = build_condition(_cfg("random-patches"))
+    cond = _cond("random-patches")
     x = torch.rand(64, 1, 28, 28)
     b1, b2 = cond(x, None, _gen(5)), cond(x, None, _gen(5))
     assert torch.equal(b1.c, b2.c) and torch.equal(b1.mask, b2.mask)
@@ -90,7 +93,7 @@ def test_random_patches_are_deterministic_given_the_generator_and_carry_the_mask
 
 
 def test_noisy_condition_is_deterministic_given_the_generator():
-    cond = build_condition(_cfg("centre-column"))
+    cond = _cond("centre-column")
     x = torch.rand(16, 1, 28, 28)
     g = _gen(3)
     first = [cond(x, None, g).c for _ in range(2)]
@@ -105,7 +108,7 @@ def test_mask_file_condition(tmp_path):
     arr[2:5, 1:3] = 255
     p = tmp_path / "holes.png"
     Image.fromarray(arr).save(p)
-    cond = build_condition(_cfg(f"mask:{p}", shape=(1, H, W)))
+    cond = _cond(f"mask:{p}", shape=(1, H, W))
     b = cond(torch.rand(2, 1, H, W), None, _gen())
     assert torch.equal((1 - b.mask)[0, 0], torch.from_numpy(arr > 0).float())
     assert str(p) in cond.describe()
@@ -116,18 +119,18 @@ def test_bad_conditions_give_clear_errors(tmp_path):
     p = tmp_path / "wrong.png"
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(p)
     with pytest.raises(DataError, match=r"wrong\.png.*10x12.*8x8"):
-        build_condition(_cfg(f"mask:{p}", shape=(1, H, W)))
+        _cond(f"mask:{p}", shape=(1, H, W))
     with pytest.raises(DataError, match="missing.png: mask image not found"):
-        build_condition(_cfg(f"mask:{tmp_path / 'missing.png'}", shape=(1, H, W)))
+        _cond(f"mask:{tmp_path / 'missing.png'}", shape=(1, H, W))
     with pytest.raises(ConfigError, match="needs an argument"):
-        build_condition(ModelConfig(condition="mask"))
+        _cond("mask")
     with pytest.raises(ConfigError, match="takes no argument"):
-        build_condition(ModelConfig(condition="left-half:3"))
+        _cond("left-half:3")
     with pytest.raises(ConfigError, match="unknown condition 'middle'"):
-        build_condition(ModelConfig(condition="middle"))
+        _cond("middle")
     with pytest.raises(ConfigError, match="class labels"):
-        build_condition(ModelConfig(condition="label"), None)
-    lab = build_condition(_cfg("label", num_classes=3), 3)
+        _cond("label", num_classes=None)
+    lab = _cond("label", num_classes=3)
     assert torch.equal(lab.encode_labels(torch.tensor([2, 0])), torch.tensor([[0.0, 0, 1], [1, 0, 0]]))
     with pytest.raises(ConfigError, match=r"label 7 is out of range.*0\.\.2"):
         lab.encode_labels(torch.tensor([1, 7]))
@@ -136,9 +139,9 @@ def test_bad_conditions_give_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="needs labels"):
         lab(torch.rand(2, 1, 28, 28), None)
     with pytest.raises(ConfigError, match="model 'cvae' needs a condition"):
-        build_model(ModelConfig(model="cvae"))
+        build_model(ModelConfig(model="cvae"), DataSpec())
     with pytest.raises(ConfigError, match="not a partial observation"):
-        override_condition(_cfg("label"), "left-half")
+        override_condition(_cond("label"), "left-half")
 
 
 # ---------------------------------------------------------------- models
@@ -147,11 +150,11 @@ def test_empty_observation_is_the_unconditional_vae(tmp_path):
     weights (the extra input columns multiply zeros) the CVAE's loss equals the VAE's on the same seed."""
     p = tmp_path / "empty.png"
     Image.fromarray(np.zeros((H, W), np.uint8)).save(p)
-    base = ModelConfig(input_shape=(1, H, W), latent_dim=3, hidden=(16,))
+    base = ModelConfig(latent_dim=3, hidden=(16,))
     torch.manual_seed(0)
-    vae = build_model(base)
-    ccfg = _cfg(f"mask:{p}", shape=(1, H, W), latent_dim=3, hidden=(16,), model="cvae")
-    cvae = build_model(ccfg)
+    vae = build_model(base, DataSpec((1, H, W)))
+    ccfg, cspec = _built(f"mask:{p}", shape=(1, H, W), latent_dim=3, hidden=(16,), model="cvae")
+    cvae = build_model(ccfg, cspec)
     assert isinstance(cvae, CVAE)
     with torch.no_grad():
         sd = cvae.state_dict()
@@ -159,7 +162,7 @@ def test_empty_observation_is_the_unconditional_vae(tmp_path):
             sd[k][tuple(slice(0, s) for s in v.shape)] = v  # first layers: the non-c columns
         cvae.load_state_dict(sd)
     x = torch.rand(32, 1, H, W)
-    b = build_condition(ccfg)(x, None, _gen())
+    b = _cond(f"mask:{p}", shape=(1, H, W))(x, None, _gen())
     assert torch.count_nonzero(b.c) == 0 and torch.equal(b.mask, torch.ones_like(x))
     t_c = elbo(cvae, b.x, b.c, mask=b.mask, generator=_gen(1))
     t_u = elbo(vae, x, generator=_gen(1))
@@ -170,19 +173,21 @@ def test_empty_observation_is_the_unconditional_vae(tmp_path):
 
 
 def test_regressor_is_the_decoder_alone_and_its_bound_is_exact():
-    cfg = _cfg("centre-column", latent_dim=1, hidden=(32,), model="regressor")
-    reg = build_model(cfg)
-    cvae = build_model(dataclasses.replace(cfg, model="cvae"))
-    assert isinstance(reg, Regressor) and not hasattr(reg, "encoder")
-    # the same decoder network as the CVAE's
-    assert {k: v.shape for k, v in reg.decoder.state_dict().items()} == \
-        {k: v.shape for k, v in cvae.decoder.state_dict().items()}
+    cfg, spec = _built("centre-column", latent_dim=1, hidden=(32,), model="regressor")
+    reg = build_model(cfg, spec)
+    cvae = build_model(dataclasses.replace(cfg, model="cvae"), spec)
+    assert isinstance(reg, Regressor) and not hasattr(reg, "encoder") and reg.latent_dims == ()
+    # the same decoder network as the CVAE's, without z's input columns
+    shapes = {k: v.shape for k, v in reg.decoder.state_dict().items()}
+    want = {k: v.shape for k, v in cvae.decoder.state_dict().items()}
+    want["net.0.weight"] = (want["net.0.weight"][0], want["net.0.weight"][1] - 1)
+    assert shapes == want
     x = torch.rand(8, 1, 28, 28)
-    b = build_condition(cfg)(x, None, _gen())
+    b = _cond("centre-column")(x, None, _gen())
     t = elbo(reg, b.x, b.c, mask=b.mask, generator=_gen(1))
     assert torch.equal(t.kl, torch.zeros(8))
     lk = iwae_bound(reg, b.x, 50, b.c, mask=b.mask, generator=_gen(2))
-    direct = reg.likelihood(reg.decoder(torch.zeros(8, 1), b.c)).log_prob(x, b.mask)  # log P(Y|X)
+    direct = reg.likelihood(reg.decoder(torch.zeros(8, 0), b.c)).log_prob(x, b.mask)  # log P(Y|X)
     assert torch.allclose(t.elbo, direct) and torch.allclose(lk, direct, atol=1e-4)
     # the prediction does not depend on z
     assert torch.equal(reg.decode(torch.randn(8, 1), b.c).mean, reg.decode(torch.randn(8, 1), b.c).mean)
@@ -236,8 +241,8 @@ def column_runs(toy_dir, tmp_path_factory):
 
 def test_label_conditioning_generates_the_requested_class(label_run):
     model = label_run.model.eval()
-    assert model.cfg.cond_dim == 10  # the IDX loader's 10 classes
-    cond = build_condition(model.cfg, model.cfg.num_classes)
+    assert model.spec.cond_dim == 10  # the IDX loader's 10 classes
+    cond = load_run(label_run.run_dir).condition
     for k in range(3):
         s = model.sample(60, cond.encode_labels(torch.full((60,), k)), generator=_gen(k))
         d = ((s[:, None] - PROTOS[None]) ** 2).flatten(2).sum(-1)  # (60, 3) distance to each prototype
@@ -247,7 +252,7 @@ def test_label_conditioning_generates_the_requested_class(label_run):
 def test_conditional_nll_is_below_the_conditional_negative_elbo(column_runs, toy_dir):
     cv = column_runs[0].model.eval()
     x = torch.from_numpy(_toy(300, 7)[0]).float()[:, None] / 255
-    b = build_condition(cv.cfg)(x, None, _gen())
+    b = _cond("centre-column", shape=(1, H, W))(x, None, _gen())
     with torch.no_grad():
         # the ELBO's expectation over z, estimated with 50 draws per datapoint, vs L_200
         e = torch.stack([elbo(cv, b.x, b.c, mask=b.mask, generator=_gen(10 + i)).elbo for i in range(50)]).mean(0)
@@ -296,7 +301,7 @@ def test_save_load_round_trip(column_runs, label_run):
         loaded = load_run(res.run_dir, "latest")
         assert type(loaded.model) is type(res.model) and loaded.config == res.config
         x = torch.rand(5, 1, H, W)
-        cond = build_condition(loaded.config.model, loaded.config.model.num_classes)
+        cond = loaded.condition
         b = cond(x, torch.tensor([0, 1, 2, 0, 1]), _gen())
         res.model.eval()
         a = elbo(res.model, b.x, b.c, mask=b.mask, generator=_gen(4)).elbo
@@ -312,7 +317,7 @@ def test_complete_run_and_cli(column_runs, label_run, tmp_path, capsys):
     with Image.open(res.path) as im:
         # 4 rows x (observed + 3 completions + regressor + truth), 8 px cells, 2 px padding, scale 2
         assert im.size == (2 * (6 * 10 + 2), 2 * (4 * 10 + 2))
-    assert isinstance(override_condition(cv.model.cfg, "left-half"), MaskCondition)
+    assert isinstance(override_condition(load_run(cv.run_dir).condition, "left-half"), MaskCondition)
     assert main(["complete", str(cv.run_dir), "-n", "3", "--condition", "left-half", "--out",
                  str(tmp_path / "lh.png")]) == 0
     assert (tmp_path / "lh.png").exists()

@@ -244,13 +244,13 @@ def test_mixture_masks():
 @pytest.mark.parametrize("name", ["discretized-logistic", "discretized-logistic-mixture"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_heads(name, channels):
-    cfg = ModelConfig(input_shape=(channels, 6, 5), likelihood=name, n_mixtures=4)
+    cfg = ModelConfig(likelihood=name, n_mixtures=4)
     head_cls = LIKELIHOODS.get(name)
     assert head_cls.discrete
     k = head_cls.num_params(channels, cfg)
     want = 2 * channels if name == "discretized-logistic" else 4 * (1 + 2 * channels + channels * (channels - 1) // 2)
     assert k == want  # RGB mixture: 10 per component as in PixelCNN++
-    d = head_cls(cfg)(torch.randn(7, k, 6, 5))
+    d = head_cls(cfg, channels)(torch.randn(7, k, 6, 5))
     x = torch.randint(0, 256, (7, channels, 6, 5)).float() / 255
     lp = d.log_prob(x)
     assert lp.shape == (7,) and torch.isfinite(lp).all() and (lp < 0).all()

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from vaelab import ModelConfig, build_model, elbo, iwae_bound
+from vaelab import DataSpec, ModelConfig, build_model, elbo, iwae_bound
 
 
 def _ppca_model(d: int, latent: int, likelihood: str = "gaussian-learned", sigma: float = 1.0):
     # hidden=() makes both networks a single Linear layer: the decoder mean is W z + b exactly,
     # and the encoder can represent the exact (linear-Gaussian) posterior.
-    cfg = ModelConfig(input_shape=(1, 1, d), latent_dim=latent, hidden=(), likelihood=likelihood, sigma=sigma)
-    return build_model(cfg)
+    cfg = ModelConfig(latent_dim=latent, hidden=(), likelihood=likelihood, sigma=sigma)
+    return build_model(cfg, DataSpec((1, 1, d)))
 
 
 def exact_log_px(model, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ def closed_form_elbo(model, x: torch.Tensor) -> torch.Tensor:
     W, b = lin.weight.double(), lin.bias.double()
     s2 = torch.exp(2 * model.likelihood.log_sigma.detach().double()).reshape(-1)[0]
     with torch.no_grad():
-        q = model.encode(x)
+        q = model.encode(x)[0]
     m, v = q.mu.double(), q.logvar.double().exp()
     xf = x.flatten(1).double()
     d = xf.shape[1]

@@ -20,13 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vaelab.training.checkpoint as ckmod
-import vaelab.training.loop as loopmod
+import vaelab.runs.checkpoint as ckmod
 from vaelab import cli
-from vaelab.config import RunConfig
+from vaelab.config import DataSpec, RunConfig
 from vaelab.data import write_idx
 from vaelab.errors import CheckpointError, NonFiniteError, RunLockedError
-from vaelab.training import RunDir, RunLock, load_checkpoint, save_checkpoint, train
+from vaelab.objectives import ELBOObjective
+from vaelab.runs import RunDir, RunLock, load_checkpoint, save_checkpoint
+from vaelab.training import make_optimizer, train
 
 TIMING = {"elapsed_s"}  # metrics fields that measure time and so differ between runs
 
@@ -278,33 +279,32 @@ def test_disk_full_through_the_cli_is_a_clear_error(data_dir, tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------- 3. non-finite guard
-def _poison_elbo(monkeypatch, bad_steps: set[int], kind: str = "loss") -> None:
-    """Make the training loss (kind="loss") or only its gradient (kind="grad") non-finite at the
-    given 0-based training steps; evaluation passes (no grad) are left alone."""
-    real = loopmod.elbo
-    calls = {"n": 0}
+class Poisoned(ELBOObjective):
+    """The ELBO objective with a non-finite loss (kind="loss") or only a non-finite gradient
+    (kind="grad") at the given 0-based training steps."""
 
-    def poisoned(*a, **k):
-        terms = real(*a, **k)
-        if not torch.is_grad_enabled():
-            return terms
-        step = calls["n"]
-        calls["n"] += 1
+    def __init__(self, bad_steps: set[int], kind: str = "loss") -> None:
+        super().__init__()
+        object.__setattr__(self, "bad", (bad_steps, kind, [0]))
+
+    def __call__(self, model, batch, *, generator, beta=1.0):
+        bad_steps, kind, calls = self.bad
+        terms = super().__call__(model, batch, generator=generator, beta=beta)[1]
+        step = calls[0]
+        calls[0] += 1
         if step in bad_steps:
             lp = terms.log_px_z
             if kind == "loss":
                 terms.log_px_z = lp * float("nan")
             else:  # finite value, infinite gradient: d/dx sqrt(x) at 0
                 terms.log_px_z = lp + torch.sqrt(lp - lp.detach())
-        return terms
-
-    monkeypatch.setattr(loopmod, "elbo", poisoned)
+        return terms.loss(beta), terms
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
-def test_nonfinite_steps_are_skipped_counted_and_logged(data_dir, tmp_path, monkeypatch, capsys, kind):
-    _poison_elbo(monkeypatch, {3, 4, 5, 14}, kind)
-    res = train(tiny_cfg(data_dir, 2, 0, "--set", "train.max_nonfinite=4"), tmp_path / "run")
+def test_nonfinite_steps_are_skipped_counted_and_logged(data_dir, tmp_path, capsys, kind):
+    res = train(tiny_cfg(data_dir, 2, 0, "--set", "train.max_nonfinite=4"), tmp_path / "run",
+                objective=Poisoned({3, 4, 5, 14}, kind))
     rows = RunDir.of(tmp_path / "run").read_metrics()
     assert [r["nonfinite_total"] for r in rows] == [3, 4]
     assert all(math.isfinite(r["train_loss"]) for r in rows)
@@ -316,22 +316,20 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(data_dir, tmp_path, monk
     assert all(bool(torch.isfinite(v).all()) for v in res.model.state_dict().values())
 
 
-def test_too_many_consecutive_nonfinite_steps_stop_with_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+def test_too_many_consecutive_nonfinite_steps_stop_with_the_last_good_checkpoint(data_dir, tmp_path):
     train(tiny_cfg(data_dir, 1), tmp_path / "run")
     latest = tmp_path / "run" / "checkpoints" / "latest.safetensors"
     good = latest.read_bytes()
-    _poison_elbo(monkeypatch, set(range(2, 100)))
     with pytest.raises(NonFiniteError) as e:
-        train(tiny_cfg(data_dir, 3, 0, "--set", "train.max_nonfinite=5"), tmp_path / "run")
+        train(tiny_cfg(data_dir, 3, 0, "--set", "train.max_nonfinite=5"), tmp_path / "run",
+              objective=Poisoned(set(range(2, 100))))
     assert "5 consecutive non-finite" in str(e.value) and str(latest) in str(e.value)
     assert latest.read_bytes() == good
 
 
-def test_nonfinite_weights_are_never_saved_over_a_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    real_make = loopmod.make_optimizer
-
+def test_nonfinite_weights_are_never_saved_over_a_good_checkpoint(data_dir, tmp_path):
     def make(model, cfg):  # an optimizer whose 5th step corrupts the weights
-        opt = real_make(model, cfg)
+        opt = make_optimizer(model, cfg)
         step, count = opt.step, {"n": 0}
 
         def corrupting_step(*a, **k):
@@ -345,9 +343,8 @@ def test_nonfinite_weights_are_never_saved_over_a_good_checkpoint(data_dir, tmp_
         opt.step = corrupting_step
         return opt
 
-    monkeypatch.setattr(loopmod, "make_optimizer", make)
     with pytest.raises(NonFiniteError) as e:
-        train(tiny_cfg(data_dir, 2, 3), tmp_path / "run")
+        train(tiny_cfg(data_dir, 2, 3), tmp_path / "run", optimizer=make)
     latest = tmp_path / "run" / "checkpoints" / "latest.safetensors"
     assert "refusing to write" in str(e.value) and str(latest) in str(e.value)
     assert load_checkpoint(latest).state["step"] == 3  # the last good one, untouched
@@ -355,17 +352,17 @@ def test_nonfinite_weights_are_never_saved_over_a_good_checkpoint(data_dir, tmp_
 
 
 def test_save_checkpoint_refuses_nonfinite_state(tmp_path):
-    good = ckmod.Checkpoint(RunConfig(), {"w": torch.ones(3)}, None, {"step": 1})
+    good = ckmod.Checkpoint(RunConfig(), DataSpec(), {"w": torch.ones(3)}, None, {"step": 1})
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, good)
     before = path.read_bytes()
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(NonFiniteError, match="refusing to write .*w"):
-            save_checkpoint(path, ckmod.Checkpoint(RunConfig(), {"w": torch.tensor([1.0, bad])}, None, {}))
+            save_checkpoint(path, ckmod.Checkpoint(RunConfig(), DataSpec(), {"w": torch.tensor([1.0, bad])}, None, {}))
     opt = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.tensor([float("nan")])}},
            "param_groups": [{"params": [0]}]}
     with pytest.raises(NonFiniteError, match="exp_avg"):
-        save_checkpoint(path, ckmod.Checkpoint(RunConfig(), {"w": torch.ones(3)}, opt, {}))
+        save_checkpoint(path, ckmod.Checkpoint(RunConfig(), DataSpec(), {"w": torch.ones(3)}, opt, {}))
     assert path.read_bytes() == before
 
 
@@ -379,12 +376,11 @@ def test_huge_learning_rate_stops_cleanly_with_finite_checkpoint(data_dir, tmp_p
         assert all(bool(torch.isfinite(v).all()) for v in ck.model.values())
 
 
-def test_grad_clip_bounds_the_global_gradient_norm(data_dir, tmp_path, monkeypatch):
+def test_grad_clip_bounds_the_global_gradient_norm(data_dir, tmp_path):
     norms: list[float] = []
-    real_make = loopmod.make_optimizer
 
     def make(model, cfg):  # record the gradient norm Adam is given
-        opt = real_make(model, cfg)
+        opt = make_optimizer(model, cfg)
         step = opt.step
 
         def spy(*a, **k):
@@ -395,12 +391,11 @@ def test_grad_clip_bounds_the_global_gradient_norm(data_dir, tmp_path, monkeypat
         opt.step = spy
         return opt
 
-    monkeypatch.setattr(loopmod, "make_optimizer", make)
-    train(tiny_cfg(data_dir, 1), tmp_path / "free")
+    train(tiny_cfg(data_dir, 1), tmp_path / "free", optimizer=make)
     free = list(norms)
     assert max(free) > 1.0  # so that clipping at 1 changes something
     norms.clear()
-    res = train(tiny_cfg(data_dir, 1, 0, "--grad-clip", "1.0"), tmp_path / "clipped")
+    res = train(tiny_cfg(data_dir, 1, 0, "--grad-clip", "1.0"), tmp_path / "clipped", optimizer=make)
     assert res.config.train.grad_clip == 1.0 and len(norms) == len(free)
     assert max(norms) <= 1.0 + 1e-5
 
@@ -446,12 +441,12 @@ def test_second_writer_is_refused_and_a_killed_holders_lock_is_taken_over(data_d
     assert f"pid {os.getpid()}" in (run / ".lock").read_text()
 
 
-def test_lock_is_released_after_training_and_on_errors(data_dir, tmp_path, monkeypatch):
+def test_lock_is_released_after_training_and_on_errors(data_dir, tmp_path):
     train(tiny_cfg(data_dir, 1), tmp_path / "run")
     RunLock(tmp_path / "run").acquire().release()
-    _poison_elbo(monkeypatch, set(range(100)))
     with pytest.raises(NonFiniteError):
-        train(tiny_cfg(data_dir, 2, 0, "--set", "train.max_nonfinite=2"), tmp_path / "run")
+        train(tiny_cfg(data_dir, 2, 0, "--set", "train.max_nonfinite=2"), tmp_path / "run",
+              objective=Poisoned(set(range(100))))
     with RunLock(tmp_path / "run"):
         pass
 

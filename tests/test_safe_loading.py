@@ -22,13 +22,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from vaelab import cli
-from vaelab.api import load_run
 from vaelab.config import DataConfig
 from vaelab.data import load_data, write_idx
 from vaelab.errors import CheckpointError, DataError, VaelabError
 from vaelab.models import build_model
-from vaelab.training import RunDir, load_checkpoint, train
-from vaelab.training.checkpoint import load_model_state, read_metadata
+from vaelab.runs import RunDir, load_checkpoint, load_run
+from vaelab.runs.checkpoint import load_model_state, read_metadata
+from vaelab.training import train
 
 MARKER_NAME = "PWNED"
 
@@ -172,7 +172,17 @@ def _resave(src: Path, dst: Path, edit_config=None, edit_meta=None) -> Path:
 
 
 def _set(section: str, key: str, value):
-    return lambda cfg: cfg[section].__setitem__(key, value)
+    return {"edit_config": lambda cfg: cfg[section].__setitem__(key, value)}
+
+
+def _set_data(key: str, value):
+    """Edit the data description (image shape, ...) saved beside the config."""
+    def edit(meta):
+        d = json.loads(meta["data"])
+        d[key] = value
+        meta["data"] = json.dumps(d)
+
+    return {"edit_meta": edit}
 
 
 @pytest.mark.parametrize(
@@ -180,7 +190,7 @@ def _set(section: str, key: str, value):
     [
         (_set("model", "latent_dim", 5), r"checkpoint has shape \(8, 16\), config implies \(10, 16\)"),
         (_set("model", "hidden", [24]), r"checkpoint has shape \(16, 64\), config implies \(24, 64\)"),
-        (_set("model", "input_shape", [1, 7, 7]), r"config implies \(16, 49\)"),
+        (_set_data("shape", [1, 7, 7]), r"config implies \(16, 49\)"),
         (_set("model", "likelihood", "gaussian-learned"), r"missing tensors: likelihood.log_sigma"),
         (_set("model", "encoder", "conv"), r"(?s)missing tensors: encoder\..*unexpected tensors: encoder\."),
     ],
@@ -188,20 +198,21 @@ def _set(section: str, key: str, value):
 )
 def test_a_checkpoint_whose_config_disagrees_with_its_tensors_is_refused(trained, tmp_path, edit, expect):
     run, _ = trained
-    bad = _resave(RunDir.of(run).latest, tmp_path / "run" / "checkpoints" / "latest.safetensors", edit)
+    bad = _resave(RunDir.of(run).latest, tmp_path / "run" / "checkpoints" / "latest.safetensors", **edit)
     with pytest.raises(CheckpointError, match="does not match its model config") as e:
         load_run(bad)
     assert str(bad) in str(e.value)
     assert re.search(expect, str(e.value), re.S), str(e.value)
     with pytest.raises(VaelabError) as e:  # resuming it too (input_shape: the data disagree first)
         train(load_checkpoint(bad).config, tmp_path / "run")
-    assert re.search(expect, str(e.value), re.S) or "model.input_shape: run has [1, 7, 7], now [1, 8, 8]" in str(e.value)
+    assert re.search(expect, str(e.value), re.S) or re.search(
+        r"trained on data with images of shape \(1, 7, 7\).*now give images of shape \(1, 8, 8\)", str(e.value))
 
 
 def test_weights_for_another_model_are_refused_naming_every_difference(trained):
     run, _ = trained
     ck = load_checkpoint(RunDir.of(run).latest)
-    other = build_model(ck.config.model.__class__(**{**ck.config.model.__dict__, "latent_dim": 3}))
+    other = build_model(ck.config.model.__class__(**{**ck.config.model.__dict__, "latent_dim": 3}), ck.spec)
     with pytest.raises(CheckpointError) as e:
         load_model_state(other, ck.model, "mine.safetensors")
     msg = str(e.value)
@@ -269,7 +280,7 @@ def test_mutated_checkpoints_load_or_raise_vaelab_errors(trained, tmp_path, flip
     except CheckpointError:
         return
     try:
-        load_model_state(build_model(ck.config.model), ck.model, str(path))
+        load_model_state(build_model(ck.config.model, ck.spec), ck.model, str(path))
     except VaelabError:
         pass
 

@@ -91,6 +91,10 @@ class DataSpec:
         if self.cond_dim < 0 or (self.num_classes is not None and self.num_classes < 1):
             raise ConfigError(f"invalid data description: {self}")
 
+    def describe(self) -> str:
+        classes = "no labels" if self.num_classes is None else f"{self.num_classes} classes"
+        return f"images of shape {tuple(self.shape)}, {classes}, a condition of size {self.cond_dim}"
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, TrainConfig
+from ..config import DataSpec, RunConfig, TrainConfig
 from ..data import DataSplits, to_float
 from ..data.validate import check_model_input
 from ..evaluation.loop import evaluate_batches
@@ -40,6 +40,7 @@ class TrainResult:
     run_dir: Path
     model: nn.Module
     config: RunConfig
+    spec: DataSpec  # what the data implied (image shape, classes, condition size)
     state: TrainState
     history: list[dict[str, Any]]
 
@@ -88,7 +89,7 @@ def train(
         fit(s, objective or ELBOObjective.from_config(s.cfg.train), callbacks, max_steps, history, distributed)
         if distributed:
             dist.barrier()
-        return TrainResult(run.root, s.model, s.cfg, s.state, history)
+        return TrainResult(run.root, s.model, s.cfg, s.spec, s.state, history)
     finally:
         if lock is not None:
             lock.release()

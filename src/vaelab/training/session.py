@@ -99,6 +99,10 @@ class Session:
                     f"training stopped at step {self.state.step}: {e}. Fix the cause and "
                     "re-run the same command to resume from the last good checkpoint."
                 ) from None
+        # config.json follows the settings in force (a resumed run may have changed its epoch count)
+        text = self.cfg.to_json()
+        if not self.run.config.exists() or self.run.config.read_text() != text:
+            atomic_write(self.run.config, text.encode())
 
     def save_epoch(self, improved: bool) -> None:
         """Best before latest: a crash between the two writes then resumes from the older latest and
@@ -157,7 +161,8 @@ def open_session(
     check_splits(data)
     spec = describe_data(data.shape, data.num_classes, cfg.model.condition)
     if ckpt is not None and ckpt.spec != spec:
-        raise CheckpointError(f"{run.root}: the data now gives {spec}, the run was trained on {ckpt.spec}")
+        raise CheckpointError(f"{run.root}: cannot resume: the run was trained on data with {ckpt.spec.describe()}; "
+                              f"the data now give {spec.describe()}")
     # Seed every global RNG, not only torch's: checkpoints save all of them, and a run must not depend
     # on what the process drew before (a resumed run restores them).
     torch.manual_seed(t.seed)
@@ -171,7 +176,6 @@ def open_session(
         _restore(s, ckpt)
         if rank == 0:
             run.truncate_metrics(s.state.step)
-            atomic_write(run.config, cfg.to_json().encode())  # with the resumable settings now in force
         s.say(f"resuming {run.root} from epoch {s.state.epoch}, step {s.state.step}")
     elif rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
