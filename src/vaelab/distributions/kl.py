@@ -24,18 +24,22 @@ def register_kl(q_type: type, p_type: type) -> Callable[[KLFn], KLFn]:
 
     def deco(fn: KLFn) -> KLFn:
         _CLOSED[(q_type, p_type)] = fn
+        _FOUND.clear()
         return fn
 
     return deco
 
 
+_FOUND: dict[tuple[type, type], KLFn | None] = {}  # lookups, cached per pair of types
+
+
 def closed_form_kl(q: Distribution, p: Distribution) -> KLFn | None:
-    for qt in type(q).__mro__:
-        for pt in type(p).__mro__:
-            fn = _CLOSED.get((qt, pt))
-            if fn is not None:
-                return fn
-    return None
+    """The registered closed form for (type(q), type(p)), following both MROs; None if there is none."""
+    key = (type(q), type(p))
+    if key not in _FOUND:
+        _FOUND[key] = next((_CLOSED[(qt, pt)] for qt in key[0].__mro__ for pt in key[1].__mro__
+                            if (qt, pt) in _CLOSED), None)
+    return _FOUND[key]
 
 
 @dataclass

@@ -93,15 +93,22 @@ class ELBOTerms:
         if self.log_w is not None and self.log_w.shape[0] > 1:
             k = self.log_w.shape[0]
             return -(torch.logsumexp(self.log_w, dim=0) - math.log(k)).mean()
-        kl = self.log_px_z.new_zeros(())
-        for layer in self.layers:
-            if free_bits <= 0:
-                kl = kl + layer.kl.mean()
-            elif layer.kl_per_dim is not None:
-                kl = kl + layer.kl_per_dim.mean(0).clamp(min=free_bits).sum()
-            else:
-                kl = kl + layer.kl.mean().clamp(min=free_bits * layer.dim)
+        if not self.layers:
+            return -self.log_px_z.mean()
+        kl = self._penalised_kl(self.layers[0], free_bits)
+        for layer in self.layers[1:]:
+            kl = kl + self._penalised_kl(layer, free_bits)
         return -(self.log_px_z.mean() - beta * kl)
+
+    @staticmethod
+    def _penalised_kl(layer: LayerKL, free_bits: float) -> torch.Tensor:
+        """A layer's batch-mean KL as the loss sees it: with free bits, each dimension's (or, for a
+        Monte Carlo KL, the layer's) KL below the allowance is not penalised."""
+        if free_bits <= 0:
+            return layer.kl.mean()
+        if layer.kl_per_dim is not None:
+            return layer.kl_per_dim.mean(0).clamp(min=free_bits).sum()
+        return layer.kl.mean().clamp(min=free_bits * layer.dim)
 
 
 def elbo_terms(

@@ -125,7 +125,7 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
             r = train_step(model, s.optimizer, objective, batch, beta_at(t, epoch + i / steps_per_epoch),
                            generator=s.noise, grad_clip=t.grad_clip, world=s.world)
             meters.add(r)
-            guard_nonfinite(state, r, t.max_nonfinite, s.last_good(), s.say)
+            guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
             state.step, state.step_in_epoch = state.step + 1, i + 1
             if i % 20 == 0 and meters.sums["n"]:
                 bar.set_postfix(loss=f"{meters.loss:.2f}", refresh=False)

@@ -101,7 +101,11 @@ class Session:
                 ) from None
         # config.json follows the settings in force (a resumed run may have changed its epoch count)
         text = self.cfg.to_json()
-        if not self.run.config.exists() or self.run.config.read_text() != text:
+        try:
+            current = self.run.config.read_text()
+        except (OSError, UnicodeDecodeError):
+            current = None
+        if current != text:
             atomic_write(self.run.config, text.encode())
 
     def save_epoch(self, improved: bool) -> None:

@@ -106,7 +106,8 @@ class TrainState:
     elapsed: float = 0.0  # training seconds so far
 
 
-def guard_nonfinite(state: TrainState, r: StepResult, limit: int, last_good: str, say: Callable[[str], None]) -> None:
+def guard_nonfinite(state: TrainState, r: StepResult, limit: int, last_good: Callable[[], str],
+                    say: Callable[[str], None]) -> None:
     """Count a skipped step; ``limit`` in a row stop the run, naming the last good checkpoint."""
     if r.applied:
         state.nonfinite_run = 0
@@ -117,5 +118,5 @@ def guard_nonfinite(state: TrainState, r: StepResult, limit: int, last_good: str
     if state.nonfinite_run >= limit:
         raise NonFiniteError(
             f"{state.nonfinite_run} consecutive non-finite losses/gradients at step {state.step}; stopping. "
-            f"Last good checkpoint: {last_good}. Try a lower train.lr or train.grad_clip, and check the data."
+            f"Last good checkpoint: {last_good()}. Try a lower train.lr or train.grad_clip, and check the data."
         )
