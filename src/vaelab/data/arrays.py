@@ -15,13 +15,16 @@ that leaves a square image, and NHWC when that too is a tie.
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError, DatasetNotFoundError
+from ..safeio import CHUNK, check_declared, open_regular
 from .base import ImageSet
 from .folder import TEST_FRACTION, holdout
 from .registry import SOURCES
@@ -107,23 +110,87 @@ def _find(keys: list[str], names: tuple[str, ...], split: str | None) -> str | N
     return None
 
 
-def _open(path: str) -> Path:
+def _open(path: str) -> tuple[Path, BinaryIO, int]:
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise DatasetNotFoundError(f"{p}: no such file")
-    return p
+    fh, size = open_regular(p, DataError, "data file")
+    return p, fh, size
+
+
+def read_npy_stream(fh: BinaryIO, name: str, available: int | None, compressed: int | None) -> np.ndarray:
+    """One ``.npy`` array from ``fh``, never allocating more than its header declares, and refusing a
+    declaration beyond the bytes that are there (``available``: the bytes after the magic string, for
+    a file or a zip member whose size is known), beyond the byte limit, or (``compressed``: the size of
+    the compressed member) beyond the compression ratio limit. Object arrays (which need pickle) are
+    refused: nothing here unpickles."""
+    fmt = np.lib.format
+    try:
+        start = fh.tell() if fh.seekable() else 0
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+        used = (fh.tell() - start) if fh.seekable() else None
+    except DataError:
+        raise
+    except Exception as e:  # numpy's header parser of untrusted bytes: ValueError, EOFError, SyntaxError...
+        raise DataError(f"{name}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    if dtype.hasobject:
+        raise DataError(f"{name}: not a readable .npy array: it holds Python objects (dtype {dtype}), which only "
+                        "pickle can load, and vaelab never unpickles; store numeric arrays")
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    what = f"declares an array of shape {tuple(shape)} {dtype}, i.e."
+    if available is not None and used is not None and nbytes > available - used:
+        raise DataError(f"{name}: truncated: {what} {nbytes} bytes, but {max(available - used, 0)} are there")
+    check_declared(name, nbytes, compressed, DataError, what)
+    try:
+        arr = np.empty(count, dtype=dtype)
+    except (MemoryError, ValueError) as e:
+        raise DataError(f"{name}: cannot hold an array of shape {tuple(shape)} {dtype} ({type(e).__name__})") from None
+    view = memoryview(arr.view(np.uint8)) if nbytes else memoryview(b"")
+    done = 0
+    while done < nbytes:
+        block = fh.read(min(CHUNK, nbytes - done))
+        if not block:
+            raise DataError(f"{name}: truncated: {what} {nbytes} bytes, but only {done} follow the header")
+        view[done : done + len(block)] = block
+        done += len(block)
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 def read_npz(path: str, cfg: DataConfig) -> dict[str, ImageSet]:
-    p = _open(path)
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            keys = list(z.files)
+    p, fh, size = _open(path)
+    with fh:
+        if fh.read(6) == b"\x93NUMPY":
+            raise DataError(f"{p}: is a single .npy array, not an .npz archive; use npy:{path}")
+        fh.seek(0)
+        try:
+            zf = zipfile.ZipFile(fh)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise DataError(f"{p}: not an .npz file (a zip archive of .npy arrays, as numpy.savez writes): {e}; "
+                            "for a single array use npy:PATH, for a folder of images folder:PATH") from None
+        with zf:
+            try:
+                infos = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i for i in zf.infolist()}
+            except Exception as e:  # pragma: no cover - infolist only lists what ZipFile parsed
+                raise DataError(f"{p}: not a readable .npz file ({type(e).__name__}: {e})") from None
+            keys = list(infos)
 
             def get(k: str) -> np.ndarray:
+                info = infos[k]
+                compressed = None if info.compress_type == zipfile.ZIP_STORED else info.compress_size
+                check_declared(f"{p}:{k}", info.file_size, compressed, DataError, "declares a member of")
                 try:
-                    return z[k]
-                except Exception as e:  # object arrays (would need pickle), corrupted member/header
+                    with zf.open(info) as m:
+                        return read_npy_stream(m, f"{p}:{k}", info.file_size, compressed)
+                except DataError:
+                    raise
+                except Exception as e:  # the zip reader on untrusted bytes: bad CRC, zlib.error, encryption...
                     raise DataError(f"{p}:{k}: cannot read array ({type(e).__name__}: {e})") from None
 
             def one(split: str | None) -> ImageSet | None:
@@ -142,12 +209,6 @@ def read_npz(path: str, cfg: DataConfig) -> dict[str, ImageSet]:
                     f"{p}: no image array; expected a key among {', '.join(IMAGE_KEYS)} (or train_/test_ "
                     f"versions); the file has {', '.join(keys) or 'no arrays'}"
                 )
-    except DataError:
-        raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise DataError(f"{p}: not a readable .npz file ({e})") from None
-    except Exception as e:  # numpy's parser of untrusted bytes (e.g. SyntaxError from a corrupted header)
-        raise DataError(f"{p}: not a readable .npz file ({type(e).__name__}: {e})") from None
     if test is None:
         return holdout(train, TEST_FRACTION, cfg.seed)
     if train.num_classes is not None and test.num_classes is not None:
@@ -158,13 +219,17 @@ def read_npz(path: str, cfg: DataConfig) -> dict[str, ImageSet]:
 
 
 def read_npy(path: str, cfg: DataConfig) -> dict[str, ImageSet]:
-    p = _open(path)
-    try:
-        a = np.load(p, allow_pickle=False)
-    except Exception as e:  # numpy's parser of untrusted bytes: ValueError, EOFError, SyntaxError, ...
-        raise DataError(f"{p}: not a readable .npy array ({type(e).__name__}: {e})") from None
-    if not isinstance(a, np.ndarray):
-        raise DataError(f"{p}: holds several arrays; use npz:{path}")
+    p, fh, size = _open(path)
+    with fh:
+        if fh.read(4) == b"PK\x03\x04":
+            raise DataError(f"{p}: is an .npz (zip) archive, not a single .npy array; use npz:{path}")
+        fh.seek(0)
+        try:
+            a = read_npy_stream(fh, str(p), size, None)
+        except OSError as e:
+            raise DataError(f"{p}: cannot read: {e.strerror or e}") from None
+        if fh.read(1):
+            raise DataError(f"{p}: not a readable .npy array: unexpected bytes after the array")
     return holdout(make_images(a, None, str(p), cfg), TEST_FRACTION, cfg.seed)
 
 

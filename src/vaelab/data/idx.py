@@ -10,12 +10,12 @@ import gzip
 import math
 import os
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
+from ..safeio import CHUNK, BoundedInflater, check_declared, limits, open_regular, read_exactly
 
 # type code -> big-endian numpy dtype
 _IDX_TYPES: dict[int, str] = {
@@ -29,24 +29,29 @@ _IDX_TYPES: dict[int, str] = {
 
 
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """Read a file, transparently gunzipping ``*.gz``; errors name the file."""
+    """Read a file (a regular file within the size limit), transparently gunzipping ``*.gz`` with the
+    output capped by the byte limit; errors name the file."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    if raw[:2] == b"\x1f\x8b":
+    fh, size = open_regular(path, DataError, "data file")
+    with fh:
         try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupted or truncated gzip data ({e})") from None
-    if path.suffix == ".gz":
-        raise DataError(f"{path}: named .gz but is not gzip data")
-    return raw
+            if fh.read(2) == b"\x1f\x8b":
+                fh.seek(0)
+                src = BoundedInflater(fh, str(path), DataError, limits().max_bytes)
+                parts = []
+                while block := src.read(CHUNK):
+                    parts.append(block)
+                return b"".join(parts)
+            if path.suffix == ".gz":
+                raise DataError(f"{path}: named .gz but is not gzip data")
+            fh.seek(0)
+            return read_exactly(fh, size, allow_short=True)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Parse IDX bytes into a numpy array (native byte order)."""
+def _header(data: bytes, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, header length) from the first bytes of an IDX file (at least 4)."""
     if len(data) < 4:
         raise DataError(f"{name}: too short for an IDX header ({len(data)} bytes)")
     zero1, zero2, code, ndim = data[0], data[1], data[2], data[3]
@@ -61,7 +66,12 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{name}: truncated IDX header (needs {header} bytes, file has {len(data)})")
     shape = struct.unpack(">" + "I" * ndim, data[4:header])
-    dtype = np.dtype(_IDX_TYPES[code])
+    return np.dtype(_IDX_TYPES[data[2]]), shape, header
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes into a numpy array (native byte order)."""
+    dtype, shape, header = _header(data, name)
     count = math.prod(shape)  # exact: np.prod would wrap around in int64 for huge declared shapes
     expected = header + count * dtype.itemsize
     if len(data) < expected:
@@ -81,8 +91,50 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (``.gz`` or raw) into a numpy array."""
-    return parse_idx(read_bytes(path), str(path))
+    """Read an IDX file (``.gz`` or raw) into a numpy array.
+
+    Memory stays within what the header declares: the header is read first (from the start of the
+    decompressed stream for ``.gz``), the declared size is checked against the file's size (raw) or
+    against the byte limit and the compression ratio (gzip, see :mod:`vaelab.safeio`), and only then
+    is the data read, with decompression capped at the declared size."""
+    path = Path(path)
+    name = str(path)
+    fh, size = open_regular(path, DataError, "data file")
+    with fh:
+        try:
+            gz = fh.read(2) == b"\x1f\x8b"
+            fh.seek(0)
+            if not gz and path.suffix == ".gz":
+                raise DataError(f"{path}: named .gz but is not gzip data")
+            src = BoundedInflater(fh, name, DataError, limits().max_bytes) if gz else fh
+            head = src.read(4)
+            if len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_TYPES:
+                head += src.read(4 * head[3])
+            dtype, shape, header = _header(head, name)
+            expected = header + math.prod(shape) * dtype.itemsize
+            if gz:
+                check_declared(name, expected, size, DataError, f"declares shape {tuple(shape)}, i.e.")
+                src.cap = expected  # type: ignore[union-attr]
+            elif size < expected:  # raw: the file's size is known without reading it
+                raise DataError(f"{name}: truncated: header declares shape {tuple(shape)} ({expected} bytes) "
+                                f"but the file has {size} bytes")
+            elif size > expected:
+                raise DataError(f"{name}: {size - expected} unexpected trailing bytes after shape {tuple(shape)}")
+            body = read_exactly(src, expected - header, allow_short=True)
+            if len(body) < expected - header:
+                raise DataError(f"{name}: truncated: header declares shape {tuple(shape)} ({expected} bytes) "
+                                f"but the {'decompressed ' if gz else ''}file has {header + len(body)} bytes")
+            if gz and not src.at_end():  # type: ignore[union-attr]
+                raise DataError(f"{name}: unexpected trailing bytes after shape {tuple(shape)}")
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        except MemoryError:
+            raise DataError(f"{path}: not enough memory for shape {tuple(shape)}") from None
+    try:
+        arr = np.frombuffer(body, dtype=dtype).reshape(shape)
+    except ValueError as e:  # e.g. a zero-size shape whose other dimensions overflow numpy's limits
+        raise DataError(f"{name}: declared shape {tuple(shape)} is not a valid array shape ({e})") from None
+    return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
 def write_idx(path: str | os.PathLike[str], array: np.ndarray, compress: bool | None = None) -> None:
