@@ -208,29 +208,23 @@ class BoundedInflater:
                 if not data:
                     raise self.error(f"{self.name}: corrupted or truncated {self.kind} data")
             try:
-                self.buf += self.d.decompress(data, min(want - len(self.buf), CHUNK) + 1)
+                self.buf += self.d.decompress(data, min(want - len(self.buf), CHUNK))
             except zlib.error as e:
                 raise self.error(f"{self.name}: corrupted or truncated {self.kind} data ({e})") from None
-            if self.out + len(self.buf) > self.cap:
-                raise self.error(f"{self.name}: decompresses to more than the {human(self.cap)} its header declares")
 
     def read(self, n: int) -> bytes:
-        if self.out + n > self.cap:
+        """Up to ``n`` bytes (fewer only at the end of the data); data running past ``cap`` is an error."""
+        self._fill(min(n, self.cap - self.out + 1))
+        if self.out + len(self.buf) > self.cap:
             raise self.error(f"{self.name}: decompresses to more than the {human(self.cap)} its header declares")
-        self._fill(n)
         out = bytes(self.buf[:n])
         del self.buf[:n]
         self.out += len(out)
         return out
 
     def at_end(self) -> bool:
-        """Whether the data ends here (reads one byte past the cap check to find out)."""
-        if self.buf:
-            return False
-        try:
-            self._fill(1)
-        except VaelabError:
-            return False
+        """Whether the data ends here (decompresses at most one more byte to find out)."""
+        self._fill(1)
         return not self.buf
 
 

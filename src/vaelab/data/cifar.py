@@ -16,6 +16,7 @@ CIFAR-100 uses the 100 fine labels. The binary archive is the one downloaded (it
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import tarfile
 import zlib
@@ -27,9 +28,16 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError
+from ..safeio import check_declared, human, limits, open_regular, read_exactly, read_regular
 from .base import ImageSet
 from .registry import DatasetSpec, register_dataset
 from .sources import RemoteFile
+
+try:
+    from lzma import LZMAError as lzma_error
+except ImportError:  # pragma: no cover - Python built without lzma
+    lzma_error = OSError
+bz2_error = OSError  # bz2 reports corrupted data as OSError
 
 PIXELS = 3 * 32 * 32
 _URL = "https://www.cs.toronto.edu/~kriz/"
@@ -53,33 +61,105 @@ _ALLOWED_GLOBALS = frozenset(
 )
 
 
+# A batch's arrays are stored verbatim in its pickle, and a list of N small ints takes about 2 bytes
+# per int there and 8 as int64: what a real batch builds is at most a few times its pickle's size. A
+# pickle that would build more (one row referenced a million times through the memo) is refused.
+OUTPUT_FACTOR = 8
+OUTPUT_SLACK = 1 << 20
+MAX_DEPTH = 8  # a CIFAR batch is a dict of arrays and lists: two levels
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that refuses every global outside numpy's array machinery: a CIFAR batch is a
     dict of arrays, lists and bytes, so a pickle asking for anything else is not one (and may be
-    an attack: unpickling arbitrary objects runs arbitrary code)."""
+    an attack: unpickling arbitrary objects runs arbitrary code). ``budget``: the most bytes one
+    array may declare (``_reconstruct`` allocates the shape it is given before any data is read)."""
 
-    def __init__(self, file: io.BufferedIOBase, name: str) -> None:
+    def __init__(self, file: io.BufferedIOBase, name: str, budget: int | None = None) -> None:
         # latin1: the original files were written by Python 2; this is numpy's advice for its arrays.
         super().__init__(file, encoding="latin1")
         self.name = name
+        self.budget = budget
 
     def find_class(self, module: str, name: str):  # type: ignore[override]
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise DataError(f"{self.name}: refusing to unpickle {module}.{name} (only numpy arrays and plain "
-                        "containers are allowed in a CIFAR batch)")
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise DataError(f"{self.name}: refusing to unpickle {module}.{name} (only numpy arrays and plain "
+                            "containers are allowed in a CIFAR batch)")
+        found = super().find_class(module, name)
+        if name != "_reconstruct" or self.budget is None:
+            return found
+
+        def reconstruct(subtype, shape, dtype):  # the array is allocated here, from the declared shape
+            try:
+                n = math.prod(int(v) for v in shape) * np.dtype(dtype).itemsize
+            except Exception as e:
+                raise DataError(f"{self.name}: malformed array in the pickle ({type(e).__name__}: {e})") from None
+            if n > self.budget:
+                raise DataError(f"{self.name}: the pickle declares an array of {human(n)}, more than a batch of its "
+                                f"size holds ({human(self.budget)})")
+            return found(subtype, shape, dtype)
+
+        return reconstruct
 
     def persistent_load(self, pid: object) -> object:
         raise DataError(f"{self.name}: refusing a pickle with persistent ids")
 
 
+def materialized_bytes(obj: object, limit: int, name: str) -> int:
+    """Bytes that arrays built from ``obj`` would hold, counting a shared object once per reference
+    (that is what ``np.asarray`` copies). Stops with a :class:`DataError` as soon as ``limit`` is
+    passed, or when containers nest deeper than :data:`MAX_DEPTH` (a self-referencing list)."""
+    total = 0
+    stack: list[tuple[object, int]] = []  # iterators over containers, with their depth
+
+    def visit(o: object, depth: int) -> None:
+        nonlocal total
+        if isinstance(o, np.ndarray):
+            total += o.nbytes
+            if o.dtype.hasobject:
+                stack.append((iter(o.ravel()), depth + 1))
+        elif isinstance(o, (bytes, bytearray, str)):
+            total += len(o)
+        elif isinstance(o, (list, tuple)):
+            total += 8 * len(o)
+            stack.append((iter(o), depth + 1))
+        elif isinstance(o, dict):
+            total += 16 * len(o)
+            stack.append((iter([v for kv in o.items() for v in kv]), depth + 1))
+        else:
+            total += 8
+
+    visit(obj, 0)
+    while stack:
+        it, depth = stack[-1]
+        if depth > MAX_DEPTH:
+            raise DataError(f"{name}: containers nested more than {MAX_DEPTH} deep (or referencing themselves); "
+                            "not a CIFAR batch")
+        for o in it:
+            visit(o, depth)
+            if total > limit:
+                raise DataError(f"{name}: the pickle would build more than {human(limit)} of arrays from "
+                                f"{human(max(1, (limit - OUTPUT_SLACK) // OUTPUT_FACTOR))} (an object referenced "
+                                "many times over): refusing it")
+            if stack[-1][0] is not it:
+                break
+        else:
+            stack.pop()
+    return total
+
+
 def restricted_loads(data: bytes, name: str) -> object:
+    """Unpickle a CIFAR batch: numpy arrays and plain containers only, and at most
+    ``OUTPUT_FACTOR`` times the pickle's size of arrays (checked before anything is converted)."""
+    budget = min(OUTPUT_FACTOR * len(data) + OUTPUT_SLACK, limits().max_bytes)
     try:
-        return RestrictedUnpickler(io.BytesIO(data), name).load()
+        obj = RestrictedUnpickler(io.BytesIO(data), name, budget).load()
     except DataError:
         raise
-    except Exception as e:  # any malformed pickle: truncated, wrong opcodes, bad array state
+    except Exception as e:  # any malformed pickle: truncated, wrong opcodes, bad array state, too deep
         raise DataError(f"{name}: not a readable CIFAR python batch ({type(e).__name__}: {e})") from None
+    materialized_bytes(obj, budget, name)
+    return obj
 
 
 # ---------------------------------------------------------------- the two formats
@@ -140,8 +220,11 @@ def parse_python(data: bytes, name: str, v: _Variant) -> tuple[np.ndarray, np.nd
     d = {k.decode("latin1") if isinstance(k, bytes) else k: val for k, val in obj.items()}
     if "data" not in d or v.label_key not in d:
         raise DataError(f"{name}: missing key(s) {sorted({'data', v.label_key} - set(d))}; has {sorted(map(str, d))}")
-    images = np.asarray(d["data"])
-    labels = np.asarray(d[v.label_key], dtype=np.int64).reshape(-1)
+    try:
+        images = np.asarray(d["data"])
+        labels = np.asarray(d[v.label_key], dtype=np.int64).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise DataError(f"{name}: malformed 'data' or labels ({type(e).__name__}: {e})") from None
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != PIXELS:
         raise DataError(f"{name}: 'data' must be uint8 of shape (N, {PIXELS}), got {images.dtype} {images.shape}")
     if labels.shape[0] != images.shape[0]:
@@ -168,11 +251,21 @@ def _read_members(
     }
 
 
+MAX_MEMBERS = 10_000  # a CIFAR archive holds about 10 files; a million tiny headers are not one
+
+
 def read_cifar_tar(path: Path, v: _Variant) -> dict[str, ImageSet]:
-    """Read either version straight from its .tar.gz (members found by base name, any folder)."""
+    """Read either version straight from its .tar.gz (members found by base name, any folder). Each
+    member's declared size is checked against the limits before it is read (see :mod:`vaelab.safeio`)."""
+    fh, size = open_regular(path, DataError, "data file")
     try:
-        with tarfile.open(path, "r:*") as tar:
-            files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        with fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
+            files: dict[str, tarfile.TarInfo] = {}
+            for i, m in enumerate(tar):
+                if i >= MAX_MEMBERS:
+                    raise DataError(f"{path}: more than {MAX_MEMBERS} members; not a {v.name} archive")
+                if m.isfile():
+                    files[Path(m.name).name] = m
             # The version whose members are (most nearly) all there; report what that one lacks.
             miss_bin, miss_py = (
                 [n for names in members.values() for n in names if n not in files]
@@ -184,14 +277,19 @@ def read_cifar_tar(path: Path, v: _Variant) -> dict[str, ImageSet]:
                 raise DataError(f"{path}: not a complete {v.name} archive: missing {', '.join(missing)}")
 
             def read(name: str) -> bytes:
-                fh = tar.extractfile(files[name])
-                if fh is None:  # pragma: no cover - isfile() members always extract
+                m = files[name]
+                check_declared(f"{path}:{name}", m.size, size, DataError, "declares a member of")
+                member = tar.extractfile(m)
+                if member is None:  # pragma: no cover - isfile() members always extract
                     raise DataError(f"{path}: cannot read member {name}")
-                return fh.read()
+                data = read_exactly(member, m.size, allow_short=True)
+                if len(data) != m.size:
+                    raise DataError(f"{path}:{name}: truncated member ({len(data)} of {m.size} bytes)")
+                return data
 
             return _read_members(read, str(path), lambda n: f"{path}:{n}", v, binary)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise DataError(f"{path}: corrupted or truncated archive ({e})") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma_error, bz2_error) as e:
+        raise DataError(f"{path}: corrupted or truncated archive ({type(e).__name__}: {e})") from None
 
 
 def read_cifar_dir(folder: Path, v: _Variant) -> dict[str, ImageSet]:
@@ -203,10 +301,7 @@ def read_cifar_dir(folder: Path, v: _Variant) -> dict[str, ImageSet]:
         raise DataError(f"{folder}: incomplete {v.name} folder: missing {', '.join(missing)}")
 
     def read(name: str) -> bytes:
-        try:
-            return (folder / name).read_bytes()
-        except OSError as e:
-            raise DataError(f"{folder / name}: cannot read: {e.strerror or e}") from None
+        return read_regular(folder / name, DataError, "data file")
 
     return _read_members(read, str(folder), lambda n: str(folder / n), v, binary)
 
