@@ -125,7 +125,7 @@ def open_regular(path: str | os.PathLike[str], error: type[VaelabError], what: s
             raise error(too_big(str(p), st2.st_size))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb"), st2.st_size
+        return open(fd, "rb", closefd=True), st2.st_size
     except BaseException:
         os.close(fd)
         raise

@@ -24,6 +24,8 @@ from torch import nn
 
 from ..config import DataSpec, RunConfig
 from ..errors import CheckpointError, ConfigError, NonFiniteError, VaelabError
+from ..safeio import json_loads, open_regular, read_exactly, read_regular
+from .validate import check_model_tensors, compare_tensors
 
 FORMAT = "vaelab-checkpoint-2"
 OLD_FORMATS = ("vaelab-checkpoint-1",)  # read and converted on load (see :func:`upgrade_v1`)
@@ -59,7 +61,11 @@ def capture_global_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def restore_global_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str = "checkpoint") -> None:
-    """Inverse of :func:`capture_global_rng`; a malformed state is a :class:`CheckpointError`."""
+    """Inverse of :func:`capture_global_rng`; a malformed state is a :class:`CheckpointError`, raised
+    before any generator is changed."""
+    from .validate import check_rng
+
+    check_rng(tensors, meta, source)
     try:
         if "torch" in tensors:
             torch.set_rng_state(tensors["torch"])
@@ -70,7 +76,7 @@ def restore_global_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], s
         if "python" in meta:
             v, st, g = meta["python"]
             random.setstate((v, tuple(st), g))
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
         raise CheckpointError(f"{source}: corrupted random number generator state ({e})") from None
 
 
@@ -223,10 +229,7 @@ def _json_field(p: Path, meta: dict[str, str], key: str, kind: type, default: An
         if default is not None:
             return default
         raise CheckpointError(f"{p}: corrupted checkpoint metadata (no {key!r} entry)")
-    try:
-        value = json.loads(meta[key])
-    except ValueError as e:
-        raise CheckpointError(f"{p}: corrupted {key!r} metadata (not JSON: {e})") from None
+    value = json_loads(meta[key], f"{p}: corrupted {key!r} metadata", CheckpointError)
     if not isinstance(value, kind):
         raise CheckpointError(f"{p}: corrupted {key!r} metadata (expected a JSON {kind.__name__})")
     return value
@@ -238,10 +241,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     Nothing in the file is ever unpickled or executed; every problem (pickle, truncation, corrupted
     bytes, a foreign file) is a :class:`CheckpointError` that names the file."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{p}: cannot read checkpoint: {e.strerror or e}") from None
+    raw = read_regular(p, CheckpointError, "checkpoint")
     refuse_unsafe(p, raw[:16])
     meta = read_metadata(p, raw)
     try:
@@ -262,7 +262,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{p}: optimizer state is incomplete or corrupted ({e!r})") from None
     ckpt = Checkpoint(config, spec, model, optimizer, state, rng)
-    return upgrade_v1(ckpt, str(p)) if fmt == "vaelab-checkpoint-1" else ckpt
+    if fmt == "vaelab-checkpoint-1":
+        ckpt = upgrade_v1(ckpt, str(p))
+    # The config's model is compared with the tensors in the file before anyone builds it: a config
+    # edited to ask for a huge model is refused here, at no cost (see runs/validate.py).
+    check_model_tensors(ckpt.config.model, ckpt.spec, ckpt.model, str(p))
+    return ckpt
 
 
 # ---------------------------------------------------------------- format 1 (vaelab 0.1)
@@ -289,7 +294,8 @@ def upgrade_v1(ckpt: Checkpoint, source: str) -> Checkpoint:
     if ckpt.config.model.model != "regressor":
         return ckpt
     try:
-        model = build_model(ckpt.config.model, ckpt.spec)
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = build_model(ckpt.config.model, ckpt.spec)
     except VaelabError as e:
         raise CheckpointError(f"{source}: cannot convert this format-1 regressor checkpoint: {e}") from None
     names = [n for n, _ in model.named_parameters()]
@@ -309,21 +315,21 @@ def upgrade_v1(ckpt: Checkpoint, source: str) -> Checkpoint:
     return ckpt
 
 
-MAX_HEADER = 100 << 20  # a safetensors header larger than this is not one of ours
+MAX_HEADER = 16 << 20  # a safetensors header larger than this is not one of ours (they are a few KiB)
 
 
 def read_config(path: str | os.PathLike[str]) -> RunConfig:
     """The run config stored in a checkpoint, reading only the file's header (not its tensors)."""
     p = Path(path)
+    fh, size = open_regular(p, CheckpointError, "checkpoint")
     try:
-        with open(p, "rb") as fh:
+        with fh:
             head = fh.read(16)
             refuse_unsafe(p, head)
             n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
-            if not 0 < n <= MAX_HEADER:
-                raise CheckpointError(f"{p}: truncated or corrupted safetensors header")
+            _check_header_size(p, n, size)
             fh.seek(0)
-            raw = fh.read(8 + n)
+            raw = read_exactly(fh, 8 + n, allow_short=True)
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read checkpoint: {e.strerror or e}") from None
     return _config_and_spec(p, read_metadata(p, raw))[1]
@@ -342,23 +348,26 @@ def _config_and_spec(p: Path, meta: dict[str, str]) -> tuple[str, RunConfig, Dat
         raise CheckpointError(f"{p}: corrupted config metadata ({e})") from None
 
 
+def _check_header_size(p: Path, n: int, size: int) -> None:
+    if n <= 0 or 8 + n > size:
+        raise CheckpointError(f"{p}: truncated or corrupted safetensors header")
+    if n > MAX_HEADER:
+        raise CheckpointError(f"{p}: its safetensors header declares {n} bytes, more than a vaelab checkpoint's "
+                              f"({MAX_HEADER >> 20} MiB at most); not reading it")
+
+
 def read_metadata(path: Path, raw: bytes | None = None) -> dict[str, str]:
     """The safetensors header's ``__metadata__`` (JSON strings), checked for sanity."""
     if raw is None:
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read checkpoint: {e.strerror or e}") from None
+        raw = read_regular(path, CheckpointError, "checkpoint")
     if len(raw) < 8:
         raise CheckpointError(f"{path}: truncated checkpoint ({len(raw)} bytes)")
     n = int.from_bytes(raw[:8], "little")
     if n <= 0 or 8 + n > len(raw):
         hint = " (it looks like a pickle, which vaelab never loads)" if raw.rstrip()[-1:] == b"." else ""
         raise CheckpointError(f"{path}: truncated or corrupted safetensors header{hint}")
-    try:
-        header = json.loads(raw[8 : 8 + n])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    _check_header_size(path, n, len(raw))
+    header = json_loads(raw[8 : 8 + n], f"{path}: corrupted safetensors header", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
     meta = header.get("__metadata__") or {}
@@ -369,19 +378,5 @@ def read_metadata(path: Path, raw: bytes | None = None) -> dict[str, str]:
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights after checking names and shapes, with an error that lists every difference."""
-    expected = model.state_dict()
-    problems = []
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if extra:
-        problems.append(f"unexpected tensors: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
-    for k in sorted(set(expected) & set(state)):
-        if tuple(expected[k].shape) != tuple(state[k].shape):
-            problems.append(f"{k}: checkpoint has shape {tuple(state[k].shape)}, config implies {tuple(expected[k].shape)}")
-        elif expected[k].dtype != state[k].dtype:
-            problems.append(f"{k}: checkpoint has dtype {state[k].dtype}, model has {expected[k].dtype}")
-    if problems:
-        raise CheckpointError(f"{source}: checkpoint does not match its model config:\n  " + "\n  ".join(problems))
+    compare_tensors({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}, state, source)
     model.load_state_dict(state, strict=True)

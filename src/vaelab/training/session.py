@@ -36,6 +36,7 @@ from ..runs.checkpoint import (
     save_checkpoint,
 )
 from ..runs.rundir import RunDir
+from ..runs.validate import check_optimizer_state, check_rng, check_rng_tensor, check_train_state
 from .distributed import all_gather, unwrap
 from .step import TrainState
 
@@ -126,25 +127,37 @@ def _previous(run: RunDir, resume: bool | None) -> Checkpoint | None:
 
 
 def _restore(s: Session, ckpt: Checkpoint) -> None:
-    """Weights, optimizer, counters and every RNG from ``ckpt``; errors name the file."""
-    load_model_state(s.model, ckpt.model, str(s.run.latest))
+    """Weights, optimizer, counters and every RNG from ``ckpt``, each checked before it reaches torch
+    (runs/validate.py); errors name the file and the entry."""
+    source = str(s.run.latest)
+    load_model_state(s.model, ckpt.model, source)
+    st = check_train_state(ckpt.state, source)
+    rng_meta = st.pop("rng_meta", {})
+    saved_world = st.pop("world_size", 1)
+    if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
+        raise CheckpointError(f"{source}: corrupted training state: world_size must be a whole number >= 1")
+    if ckpt.optimizer is not None:
+        check_optimizer_state(s.optimizer, ckpt.optimizer, source)
+    key = f"noise/{s.rank}"
+    if key in ckpt.rng:
+        check_rng_tensor(ckpt.rng[key], key, source)
+    check_rng(ckpt.rng, rng_meta, source)
     try:
         if ckpt.optimizer is not None:
             s.optimizer.load_state_dict(ckpt.optimizer)
-        st = dict(ckpt.state)
-        rng_meta = st.pop("rng_meta", {})
-        saved_world = st.pop("world_size", 1)
         s.state = TrainState(**st)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{s.run.latest}: corrupted optimizer or training state ({e!r})") from None
+        raise CheckpointError(f"{source}: corrupted optimizer or training state ({e!r})") from None
     if s.state.step_in_epoch and saved_world != s.world:
         raise CheckpointError(
-            f"{s.run.latest}: taken mid-epoch with {saved_world} processes; resume with the same number"
+            f"{source}: taken mid-epoch with {saved_world} processes; resume with the same number"
         )
-    restore_global_rng(ckpt.rng, rng_meta, str(s.run.latest))
-    key = f"noise/{s.rank}"
+    restore_global_rng(ckpt.rng, rng_meta, source)
     if key in ckpt.rng:
-        s.noise.set_state(ckpt.rng[key])
+        try:
+            s.noise.set_state(ckpt.rng[key])
+        except RuntimeError as e:
+            raise CheckpointError(f"{source}: corrupted random number generator state rng/{key} ({e})") from None
 
 
 def open_session(
