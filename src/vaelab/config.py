@@ -5,7 +5,10 @@ beside every checkpoint so that ``evaluate``, ``sample`` and ``resume`` rebuild 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import os
 import sys
 import types
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .safeio import read_regular
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,10 +28,69 @@ else:  # pragma: no cover
 C = TypeVar("C")
 
 
+SEED_MAX = 2**32 - 1  # seeds are combined with epochs and ranks, and numpy takes 32 bits
+MAX_THREADS = 1024
+MAX_IMAGE_SIZE = 4096
+
+
 def resumable(default: Any) -> Any:
     """A setting that may change when a run is resumed (where the data lives, how long to train, how
     much to print): it does not change the maths of the run. Every other setting is fixed for a run."""
     return field(default=default, metadata={"resumable": True})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _normalise(obj: Any, section: str) -> None:
+    """Check every field of a frozen config against its annotation (so a config built in Python is
+    checked like one read from a file), converting lists to tuples and ints to floats in place."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        nv = _coerce(_hints(type(obj))[f.name], v, f"{section}.{f.name}", strict=True)
+        if nv is not v:
+            object.__setattr__(obj, f.name, nv)
+
+
+def _check(obj: Any, section: str, name: str, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{name} must be {rule}, got {_show(getattr(obj, name))}")
+
+
+def _show(v: Any, width: int = 60) -> str:
+    """``repr(v)``, shortened (a 5000-digit integer has no repr at all in Python >= 3.11)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"an integer of {v.bit_length()} bits"
+    try:
+        text = repr(v)
+    except Exception:  # pragma: no cover
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _check_seed(obj: Any, section: str) -> None:
+    _check(obj, section, "seed", 0 <= obj.seed <= SEED_MAX, f"an integer in 0..{SEED_MAX}")
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """A seed given to a function (evaluation, sampling): an integer in 0..SEED_MAX."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"{name} must be an integer in 0..{SEED_MAX}, got {seed!r}")
+    return seed
+
+
+def check_count(value: int, name: str, low: int = 1, high: int | None = None) -> int:
+    """A count given to a function (images, draws, batch size): an integer in low..high."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        rule = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ConfigError(f"{name} must be an integer {rule}, got {_show(value)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -47,10 +110,16 @@ class DataConfig:
     seed: int = 0  # validation split and fixed binarization
 
     def __post_init__(self) -> None:
+        _normalise(self, "data")
         if self.binarize not in ("none", "dynamic", "fixed"):
             raise ConfigError(f"data.binarize must be none, dynamic or fixed, not {self.binarize!r}")
-        if self.val_size < 0:
-            raise ConfigError("data.val_size must be >= 0")
+        _check(self, "data", "name", bool(self.name.strip()), "a data set name or PREFIX:PATH")
+        _check(self, "data", "val_size", self.val_size >= 0, ">= 0")
+        for name in ("limit_train", "limit_test"):
+            _check(self, "data", name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 (or null: all)")
+        _check(self, "data", "image_size", self.image_size is None or 1 <= self.image_size <= MAX_IMAGE_SIZE,
+               f"in 1..{MAX_IMAGE_SIZE} (or null: the default)")
+        _check_seed(self, "data")
 
 
 @dataclass(frozen=True)
@@ -70,10 +139,11 @@ class ModelConfig:
     condition: str = "none"  # registry name of the condition (conditional VAE); "none": unconditional
 
     def __post_init__(self) -> None:
-        if self.latent_dim < 1:
-            raise ConfigError("model.latent_dim must be >= 1")
-        if self.sigma <= 0:
-            raise ConfigError("model.sigma must be > 0")
+        _normalise(self, "model")
+        _check(self, "model", "latent_dim", self.latent_dim >= 1, ">= 1")
+        _check(self, "model", "hidden", all(h >= 1 for h in self.hidden), "sizes >= 1")
+        _check(self, "model", "sigma", _finite(self.sigma) and self.sigma > 0, "> 0 (a finite number)")
+        _check(self, "model", "n_mixtures", self.n_mixtures >= 1, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -86,6 +156,7 @@ class DataSpec:
     cond_dim: int = 0  # size of the condition vector c fed to the networks (0: unconditional)
 
     def __post_init__(self) -> None:
+        _normalise(self, "data spec")
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise ConfigError(f"data shape must be (C, H, W) with positive sizes, got {self.shape}")
         if self.cond_dim < 0 or (self.num_classes is not None and self.num_classes < 1):
@@ -126,23 +197,25 @@ class TrainConfig:
     progress: bool = resumable(True)  # progress bars (shown when the output is a terminal)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < (0 if name == "epochs" else 1):
-                raise ConfigError(f"train.{name} has an invalid value {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError("train.lr must be > 0")
-        if self.beta < 0:
-            raise ConfigError("train.beta must be >= 0")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError("train.grad_clip must be > 0 (or null for no clipping)")
-        if self.checkpoint_every < 0:
-            raise ConfigError("train.checkpoint_every must be >= 0 (0: only at each epoch's end)")
-        if self.max_nonfinite < 1:
-            raise ConfigError("train.max_nonfinite must be >= 1")
-        if self.free_bits < 0 or self.warmup_epochs < 0:
-            raise ConfigError("train.free_bits and train.warmup_epochs must be >= 0")
-        if self.iwae_k < 1:
-            raise ConfigError("train.iwae_k must be >= 1")
+        _normalise(self, "train")
+        c = functools.partial(_check, self, "train")
+        c("epochs", self.epochs >= 0, ">= 0")
+        c("batch_size", self.batch_size >= 1, ">= 1")
+        c("eval_batch_size", self.eval_batch_size >= 1, ">= 1")
+        c("lr", _finite(self.lr) and self.lr > 0, "> 0 (a finite number)")
+        c("weight_decay", _finite(self.weight_decay) and self.weight_decay >= 0, ">= 0 (a finite number)")
+        c("adam_betas", all(_finite(b) and 0 <= b < 1 for b in self.adam_betas), "two numbers in [0, 1)")
+        c("adam_eps", _finite(self.adam_eps) and self.adam_eps >= 0, ">= 0 (a finite number)")
+        c("beta", _finite(self.beta) and self.beta >= 0, ">= 0 (a finite number)")
+        c("warmup_epochs", _finite(self.warmup_epochs) and self.warmup_epochs >= 0, ">= 0 (a finite number)")
+        c("free_bits", _finite(self.free_bits) and self.free_bits >= 0, ">= 0 (a finite number)")
+        c("grad_clip", self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+          "> 0 (a finite number), or null for no clipping")
+        c("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: only at each epoch's end)")
+        c("max_nonfinite", self.max_nonfinite >= 1, ">= 1")
+        c("iwae_k", self.iwae_k >= 1, ">= 1")
+        c("threads", self.threads is None or 1 <= self.threads <= MAX_THREADS, f"in 1..{MAX_THREADS} (or null)")
+        _check_seed(self, "train")
         if self.iwae_k > 1 and (self.beta != 1.0 or self.free_bits > 0 or self.warmup_epochs > 0):
             raise ConfigError("train.iwae_k > 1 trains the IWAE bound, which has no KL weight: "
                               "leave beta = 1, free_bits = 0 and warmup_epochs = 0")
@@ -195,12 +268,17 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a JSON/TOML value to the annotated type ``tp`` (tuples, optionals, nested configs)."""
+def _coerce(tp: Any, value: Any, where: str, strict: bool = False) -> Any:
+    """Convert a JSON/TOML value to the annotated type ``tp`` (tuples, optionals, nested configs).
+    ``strict``: a value given in Python (no strings for numbers or booleans; configs as they are)."""
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and strict:
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected a {tp.__name__}, got {_show(value)}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table/object, got {value!r}")
+            raise ConfigError(f"{where}: expected a table/object, got {_show(value)}")
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -213,53 +291,64 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(a, value, where)
+                return _coerce(a, value, where, strict)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, where) for v in value)
-        if len(args) != len(value):
+            out = tuple(_coerce(args[0], v, where, strict) for v in value)
+        elif len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
+        else:
+            out = tuple(_coerce(a, v, where, strict) for a, v in zip(args, value, strict=True))
+        return value if isinstance(value, tuple) and all(a is b for a, b in zip(out, value, strict=True)) else out
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        if not strict and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_show(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, numbers.Integral):  # numpy integers
             return int(value)
-        if isinstance(value, str):
+        if not strict and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not strict and isinstance(value, str):
             try:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
+        if isinstance(value, float):
+            return value
+        if isinstance(value, numbers.Real) and not isinstance(value, int):  # numpy floats
             return float(value)
-        if isinstance(value, str):
+        if isinstance(value, numbers.Integral):
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{where}: {_show(value)} is too large a number") from None
+        if not strict and isinstance(value, str):
             try:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {_show(value)}")
     return value
 
 
@@ -280,17 +369,14 @@ def from_dict(cls: type[C], d: dict[str, Any], where: str = "config") -> C:
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a TOML or JSON config file into a plain dict (sections data/model/train)."""
     p = Path(path)
+    text = read_regular(p, ConfigError, "config")
+    kind = "JSON" if p.suffix.lower() == ".json" else "TOML"
     try:
-        text = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
-    try:
-        if p.suffix.lower() == ".json":
-            out = json.loads(text)
-        else:
-            out = tomllib.loads(text.decode("utf-8"))
+        out = json.loads(text) if kind == "JSON" else tomllib.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid {kind}: nested too deeply to be read") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {e}") from None
+        raise ConfigError(f"{p}: not valid {kind}: {e}") from None
     if not isinstance(out, dict):
         raise ConfigError(f"{p}: top level must be a table/object")
     not_tables = sorted(k for k, v in out.items() if not isinstance(v, dict))
@@ -311,6 +397,8 @@ def apply_overrides(base: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r}: key must be section.key (e.g. train.lr=3e-4)")
         try:
             value = json.loads(raw)
+        except RecursionError:
+            raise ConfigError(f"override {_show(item)}: value nested too deeply") from None
         except ValueError:
             value = raw
         out.setdefault(parts[0], {})[parts[1]] = value

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..config import DataSpec, RunConfig, TrainConfig
 from ..data import DataSplits, to_float
 from ..data.validate import check_model_input
+from ..errors import CheckpointError
 from ..evaluation.loop import evaluate_batches
 from ..objectives import ELBOObjective, Objective
 from ..runs.lock import RunLock
@@ -82,7 +83,12 @@ def train(
     distributed = setup_distributed()
     rank, world = dist_info()
     created = not run.root.exists()
-    lock = RunLock(run.root).acquire() if rank == 0 else None
+    try:
+        lock = RunLock(run.root).acquire() if rank == 0 else None
+    except CheckpointError:  # a file in the way, a full disk: leave nothing behind that this call made
+        if created:
+            _remove_unstarted(run)
+        raise
     try:
         s = open_session(cfg, run, data, resume, rank, world, optimizer)
         history = run.read_metrics() if rank == 0 else []
