@@ -22,6 +22,7 @@ from .errors import (
     NonFiniteError,
     RunLockedError,
     VaelabError,
+    VaelabWarning,
 )
 from .evaluation import EvalResult, evaluate_model, evaluate_run
 from .models import CVAE, MODELS, VAE, LatentModel, ModelOutput, Regressor, StochasticLayer, build_model
@@ -70,6 +71,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "VaelabError",
+    "VaelabWarning",
     "build_condition",
     "build_model",
     "complete_images",

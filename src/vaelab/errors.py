@@ -30,3 +30,8 @@ class RunLockedError(VaelabError):
 
 class NonFiniteError(VaelabError):
     """Training produced too many consecutive non-finite losses or gradients."""
+
+
+class VaelabWarning(UserWarning):
+    """Something a user should know that does not stop the work (skipped files, fewer images than
+    asked for). The command line prints it as one line, ``vaelab: warning: ...``."""

@@ -15,6 +15,7 @@ Both limits can be raised through the environment, for genuine data sets larger 
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import zlib
@@ -236,3 +237,20 @@ def json_loads(data: str | bytes, name: str, error: type[VaelabError], what: str
         raise error(f"{name}: {what} nested too deeply to be read") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise error(f"{name}: not valid {what} ({e})") from None
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity replaced by None, so that it is strict JSON (``json.dumps``
+    would write ``NaN``/``-Infinity``, which most JSON parsers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kw: Any) -> str:
+    """Strict JSON (non-finite numbers as null; see :func:`finite_json`)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kw)

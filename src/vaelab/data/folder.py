@@ -25,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
-from ..errors import DataError, DatasetNotFoundError
+from ..errors import DataError, DatasetNotFoundError, VaelabWarning
 from .base import ImageSet
 from .registry import SOURCES
 
@@ -113,7 +113,7 @@ def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool
     if skipped:
         examples = ", ".join(str(p.relative_to(root)) for p in skipped[:3])
         warnings.warn(f"{root}: skipped {len(skipped)} of {len(files)} files that are not readable images "
-                      f"(e.g. {examples})", stacklevel=2)
+                      f"(e.g. {examples})", VaelabWarning, stacklevel=2)
     images = [p for p, k in zip(images, keep, strict=True) if k]
     if not images:
         raise DataError(f"{root}: none of its {len(files)} files is an image Pillow can read")

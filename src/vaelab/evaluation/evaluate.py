@@ -4,7 +4,6 @@ per latent dimension. Numbers are nats per datapoint (sum over its dimensions, m
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -14,13 +13,14 @@ from typing import Any
 from torch import nn
 
 from ..conditioning import Condition
-from ..config import RunConfig
+from ..config import RunConfig, check_count, check_seed
 from ..data import ImageSet
 from ..distributions import LIKELIHOODS
 from ..errors import ConfigError
 from ..pipeline import BatchPipeline, condition_of
 from ..runs import Run
 from ..runs.checkpoint import atomic_write
+from ..safeio import dumps_json
 from .loop import evaluate_batches
 
 LN2 = math.log(2.0)
@@ -103,6 +103,9 @@ def evaluate_model(
 ) -> EvalResult:
     """Evaluate ``model`` on uint8 ``data``: ELBO terms per layer, -L_k with standard error, active units.
     ``condition`` (or a whole ``pipeline``): what a conditional model is given (default: the model's own)."""
+    check_count(k, "k (importance samples per datapoint)", 1)
+    check_count(batch_size, "batch_size", 1)
+    check_seed(seed)
     if pipeline is None:
         pipeline = BatchPipeline(condition or condition_of(model))
     if pipeline.condition.dim != model.spec.cond_dim:
@@ -168,8 +171,16 @@ def evaluate_run(
     write: bool = True,
 ) -> EvalResult:
     """Evaluate a trained run on its test (or val) split; writes ``RUN/eval/<split>-k<k>.json``."""
+    check_count(k, "k (importance samples per datapoint)", 1)
+    check_count(batch_size, "batch_size", 1)
+    check_seed(seed)
+    if limit is not None:
+        check_count(limit, "limit (examples to evaluate)", 1)
     run = Run.of(run_dir, which, data_dir=data_dir)
-    data = run.data(split, limit=None if limit is None else min(limit, len(run.data(split))))
+    available = len(run.data(split))
+    if available == 0:
+        raise ConfigError(f"{run.root}: the {split} split is empty; nothing to evaluate")
+    data = run.data(split, limit=None if limit is None else min(limit, available))
     exact, meaning = describe_likelihood(run.config)
     res = evaluate_model(
         run.model, data, pipeline=run.pipeline, k=k, batch_size=batch_size, seed=seed, exact=exact,
@@ -179,6 +190,6 @@ def evaluate_run(
                  "step": run.state.get("step"), "data": run.config.data.name}
     if write:
         out = Path(run.dir.eval) / f"{split}-k{k}.json"
-        atomic_write(out, json.dumps(res.to_dict(), indent=2).encode())
+        atomic_write(out, dumps_json(res.to_dict(), indent=2).encode())
         res.extra["written"] = str(out)
     return res

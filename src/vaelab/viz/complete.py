@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from ..conditioning import Condition, MaskCondition, override_condition
+from ..config import check_count, check_seed
 from ..data import to_float
 from ..errors import ConfigError
 from ..evaluation import eval_mode
 from ..pipeline import condition_of
 from ..runs import Run
-from .grid import save_grid
+from .generate import MAX_IMAGES
+from .grid import output_path, save_grid
 
 #: grey level that marks unobserved pixels in the "observed" column
 UNOBSERVED = 0.5
@@ -165,6 +167,12 @@ def complete_run(
 
     ``condition`` / ``mask`` (a mask image path): complete from another partial observation than the
     run's own. Returns the path and the diversity/accuracy :meth:`Completion.metrics`."""
+    check_count(n, "n (images to complete)", 1, MAX_IMAGES)
+    check_count(samples, "samples (completions per image)", 1, MAX_IMAGES)
+    check_count(n * samples, "n x samples (images in the picture)", 1, MAX_IMAGES)
+    check_count(start, "start (index of the first image)", 0)
+    check_seed(seed)
+    out_path = output_path(out, "completions.png") if out is not None else None
     if condition is not None and mask is not None:
         raise ConfigError("give either a condition or a mask file, not both")
     if mask is not None:
@@ -182,7 +190,7 @@ def complete_run(
     x = to_float(r.data(split, limit=n, start=start).images)
     cond = _mask_condition(r.condition, condition, r.spec.cond_dim)
     comp = complete_images(r.model, x, samples=samples, seed=seed, condition=cond, regressor=reg_model)
-    path = save_grid(comp.grid_images(), out or r.root / "completions.png", nrow=comp.columns())
+    path = save_grid(comp.grid_images(), out_path or r.root / "completions.png", nrow=comp.columns())
     return CompletionResult(path, comp, comp.metrics(), cond.describe())
 
 

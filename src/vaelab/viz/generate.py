@@ -4,21 +4,34 @@ as arrays. Each works for any model of the latent contract (:mod:`vaelab.models.
 
 from __future__ import annotations
 
+import io
+import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..config import check_count, check_seed
 from ..data import ImageSet
-from ..errors import ConfigError
+from ..errors import ConfigError, VaelabWarning
 from ..evaluation import eval_mode
 from ..pipeline import BatchPipeline
 from ..runs import Run
-from .grid import save_grid
+from .grid import output_path, save_grid
 
 RunLike = Run | str | os.PathLike[str]
+MAX_IMAGES = 10_000  # images in one picture
+MAX_STEPS = 1_000  # interpolation steps
+MAX_MANIFOLD = 100  # an n x n manifold
+
+
+def _check_temperature(t: float) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise ConfigError(f"temperature must be a finite number >= 0, got {t!r}")
+    return float(t)
 
 
 def _cond(model: nn.Module, n: int, c: torch.Tensor | None) -> torch.Tensor | None:
@@ -44,7 +57,9 @@ def sample_images(
     mean: bool = True,
 ) -> torch.Tensor:
     """n images from the model's prior (std scaled by T): (n, C, H, W) in [0, 1] (the likelihood's mean, or a draw)."""
-    g = torch.Generator().manual_seed(seed)
+    check_count(n, "n (images to sample)", 1, MAX_IMAGES)
+    _check_temperature(temperature)
+    g = torch.Generator().manual_seed(check_seed(seed))
     with eval_mode(model):
         return model.sample(n, _cond(model, n, c), generator=g, temperature=temperature, mean=mean).clamp(0, 1)
 
@@ -63,6 +78,7 @@ def interpolate_images(
 ) -> torch.Tensor:
     """Decode points on the straight line between the (top-layer) posterior means of two images: (steps, C, H, W)."""
     _top_dim(model, "interpolation")
+    check_count(steps, "steps", 1, MAX_STEPS)
     with eval_mode(model):
         za, zb = _top_code(model, torch.stack([x_a, x_b]), None if c is None else c.expand(2, -1))
         w = torch.linspace(0, 1, steps, device=za.device)[:, None]
@@ -78,8 +94,9 @@ def manifold_images(
     """Kingma & Welling (2014) Fig. 4: an n x n grid of quantiles in (eps, 1 - eps) mapped through the
     inverse Gaussian CDF onto top-layer latent dimensions ``dims`` (the others at 0), decoded: (n*n, C, H, W)."""
     L = _top_dim(model, "a manifold")
-    if max(dims) >= L or min(dims) < 0 or dims[0] == dims[1]:
-        raise ConfigError(f"manifold dims {dims} invalid for a {L}-dimensional latent")
+    check_count(n, "n (grid size)", 1, MAX_MANIFOLD)
+    if len(dims) != 2 or max(dims) >= L or min(dims) < 0 or dims[0] == dims[1]:
+        raise ConfigError(f"manifold dims {tuple(dims)}: give two different latent dimensions in 0..{L - 1}")
     q = torch.linspace(eps, 1 - eps, n)
     vals = torch.distributions.Normal(0.0, 1.0).icdf(q)
     z = torch.zeros(n * n, L)
@@ -106,62 +123,88 @@ def encode_means(model: nn.Module, data: ImageSet, pipeline: BatchPipeline, batc
 # ---------------------------------------------------------------- run-level helpers (the CLI's API)
 def _first_images(run: Run, n: int):
     """The first n test images through the run's pipeline (condition drawn with seed 0)."""
-    data = run.data("test", limit=min(n, len(run.data("test"))))
+    available = len(run.data("test"))
+    if available == 0:
+        raise ConfigError(f"{run.root}: the test split is empty")
+    data = run.data("test", limit=min(n, available))
     return run.pipeline(data.images, data.labels, torch.Generator().manual_seed(0)), len(data)
 
 
 def sample_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 64,
                seed: int = 0, temperature: float = 1.0, which: str = "best", c: torch.Tensor | None = None) -> Path:
     """Write a PNG grid of n samples from the prior; returns its path (default RUN/samples.png)."""
+    check_count(n, "n (images to sample)", 1, MAX_IMAGES)
+    out_path = output_path(out, "samples.png") if out is not None else None
     r = Run.of(run, which)
     imgs = sample_images(r.model, n, seed=seed, temperature=temperature, c=c)
-    return save_grid(imgs, out or r.root / "samples.png")
+    return save_grid(imgs, out_path or r.root / "samples.png")
 
 
 def reconstruct_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 32,
                     which: str = "best", data_dir: str | None = None) -> Path:
-    """Write a PNG: rows of test images alternating with their reconstructions."""
+    """Write a PNG: rows of test images alternating with their reconstructions (all the test split's
+    images, with a warning, when it has fewer than n)."""
+    check_count(n, "n (images to reconstruct)", 1, MAX_IMAGES)
+    out_path = output_path(out, "reconstructions.png") if out is not None else None
     r = Run.of(run, which, data_dir=data_dir)
     b, m = _first_images(r, n)
+    if m < n:
+        warnings.warn(f"{r.root}: the test split has {m} images; reconstructing all {m}, not {n}",
+                      VaelabWarning, stacklevel=2)
     rec = reconstruct_images(r.model, b.x, b.c)
     cols = min(8, m)
     pairs = []
     for i in range(0, m, cols):
         pairs += [b.x[i : i + cols], rec[i : i + cols]]
-    return save_grid(torch.cat(pairs), out or r.root / "reconstructions.png", nrow=cols)
+    return save_grid(torch.cat(pairs), out_path or r.root / "reconstructions.png", nrow=cols)
 
 
 def interpolate_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, a: int = 0,
                     b: int = 1, steps: int = 10, which: str = "best", data_dir: str | None = None) -> Path:
     """Write a PNG row: decoded points on the line between the posterior means of test images a and b."""
+    check_count(a, "a (index of the first image)", 0)
+    check_count(b, "b (index of the second image)", 0)
+    check_count(steps, "steps", 1, MAX_STEPS)
+    out_path = output_path(out, "interpolation.png") if out is not None else None
     r = Run.of(run, which, data_dir=data_dir)
     if r.spec.cond_dim:
         raise ConfigError("interpolate works on unconditional models")
+    available = len(r.data("test"))
+    if max(a, b) >= available:
+        raise ConfigError(f"image {max(a, b)} requested, the test split has {available} (indices 0..{available - 1})")
     bt, m = _first_images(r, max(a, b) + 1)
-    if max(a, b) >= m:
-        raise ConfigError(f"image {max(a, b)} requested, the test split has {m}")
     imgs = interpolate_images(r.model, bt.x[a], bt.x[b], steps)
     row = torch.cat([bt.x[a : a + 1], imgs, bt.x[b : b + 1]])
-    return save_grid(row, out or r.root / "interpolation.png", nrow=steps + 2)
+    return save_grid(row, out_path or r.root / "interpolation.png", nrow=steps + 2)
 
 
 def manifold_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 20,
                  dims: tuple[int, int] = (0, 1), which: str = "best", c: torch.Tensor | None = None) -> Path:
     """Write the 2-D manifold PNG (Kingma & Welling Fig. 4) over latent dimensions ``dims``."""
+    check_count(n, "n (grid size)", 1, MAX_MANIFOLD)
+    out_path = output_path(out, "manifold.png") if out is not None else None
     r = Run.of(run, which)
     imgs = manifold_images(r.model, n, dims, c=c)
-    return save_grid(imgs, out or r.root / "manifold.png", nrow=n, pad=0, scale=1)
+    return save_grid(imgs, out_path or r.root / "manifold.png", nrow=n, pad=0, scale=1)
 
 
 def encode_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, split: str = "test",
                which: str = "best", data_dir: str | None = None) -> Path:
     """Write the top-layer posterior means of a split to .npy (N, L); labels, if any, to *_labels.npy."""
+    from ..runs.checkpoint import atomic_write
+
+    out_path = output_path(out, f"encoded-{split}.npy") if out is not None else None
     r = Run.of(run, which, data_dir=data_dir)
     data = r.data(split)
     z = encode_means(r.model, data, r.pipeline)
-    p = Path(out or r.root / f"encoded-{split}.npy")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    np.save(p, z)
+    p = out_path or r.root / f"encoded-{split}.npy"
+
+    def save(path: Path, a: np.ndarray) -> None:  # exactly at ``path`` (np.save would add .npy), atomically
+        buf = io.BytesIO()
+        np.save(buf, a)
+        atomic_write(path, buf.getvalue())
+
+    save(p, z)
     if data.labels is not None:
-        np.save(p.with_name(p.stem + "_labels.npy"), data.labels.numpy())
+        save(p.with_name(p.stem + "_labels.npy"), data.labels.numpy())
     return p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from ..errors import ConfigError
 
 
 def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
@@ -29,15 +32,40 @@ def grid_array(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_
     return arr
 
 
+def output_path(out: str | os.PathLike[str], example: str = "out.png") -> Path:
+    """Where an output file goes: refused, with one line, when it names a folder or lies under a file."""
+    p = Path(out)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; give a file name to write, e.g. {p / example}")
+    for parent in p.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ConfigError(f"{p}: cannot be written: {parent} is a file, not a folder")
+            break
+    return p
+
+
 def save_grid(
     images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None, scale: int = 2, pad: int = 2
 ) -> Path:
-    """Write a grid of images (N, C, H, W) in [0, 1] to a PNG, upscaled ``scale`` times (nearest)."""
+    """Write a grid of images (N, C, H, W) in [0, 1] to a PNG (or another format Pillow knows by the
+    file's suffix), upscaled ``scale`` times (nearest). The file is replaced atomically."""
+    from ..runs.checkpoint import atomic_write
+
+    p = output_path(path, "grid.png")
+    fmt = Image.registered_extensions().get(p.suffix.lower()) if p.suffix else "PNG"
+    if fmt is None:
+        raise ConfigError(f"{p}: unknown image format {p.suffix!r}; name a .png file")
+    if images.shape[0] == 0:
+        raise ConfigError(f"{p}: no images to write")
     arr = grid_array(images, nrow, pad)
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, mode="L" if arr.shape[-1] == 1 else "RGB")
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    img.save(p)
+    buf = io.BytesIO()
+    try:
+        img.save(buf, format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{p}: cannot write a {fmt} image ({e}); name a .png file") from None
+    atomic_write(p, buf.getvalue())
     return p
