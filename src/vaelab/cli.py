@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .config import RunConfig, apply_overrides, load_config_file, merge
-from .errors import VaelabError
+from .errors import ConfigError, VaelabError, VaelabWarning
+from .safeio import dumps_json
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``vaelab: error: ...``, exit code 2) and no abbreviated options
+    (``--ep`` is not taken for ``--epochs``)."""
+
+    def __init__(self, *a: Any, **k: Any) -> None:
+        k.setdefault("allow_abbrev", False)
+        super().__init__(*a, **k)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vaelab: error: {message} (see '{self.prog} --help')\n")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
 
 # flag -> (section, key, parser) for the training options most people change
 _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
@@ -25,7 +43,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "image_size": ("data", "image_size", int),
     "model": ("model", "model", str),
     "latent_dim": ("model", "latent_dim", int),
-    "hidden": ("model", "hidden", lambda s: [int(v) for v in s.split(",") if v]),
+    "hidden": ("model", "hidden", _ints),
     "activation": ("model", "activation", str),
     "likelihood": ("model", "likelihood", str),
     "sigma": ("model", "sigma", float),
@@ -59,7 +77,23 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _flag_hint(e: ConfigError, args: argparse.Namespace) -> ConfigError:
+    """Name the command-line option a config error comes from, when one was given."""
+    msg = str(e)
+    for flag, (sec, key, _) in _TRAIN_FLAGS.items():
+        if getattr(args, flag, None) is not None and f"{sec}.{key}" in msg.split(":")[0].split(" ")[0]:
+            return ConfigError(f"--{flag.replace('_', '-')}: {msg}")
+    return e
+
+
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
+    try:
+        return _config_from_args(args, base)
+    except ConfigError as e:
+        raise _flag_hint(e, args) from None
+
+
+def _config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
     d: dict[str, Any] = base or {}
     if getattr(args, "config", None):
         d = merge(d, load_config_file(args.config))
@@ -69,7 +103,7 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
             try:
                 d.setdefault(sec, {})[key] = conv(v)
             except ValueError:
-                raise VaelabError(f"--{flag.replace('_', '-')}: invalid value {v!r}") from None
+                raise ConfigError(f"--{flag.replace('_', '-')}: invalid value {v[:60]!r}") from None
     if getattr(args, "no_download", False):
         d.setdefault("data", {})["download"] = False
     if getattr(args, "grayscale", False):
@@ -93,6 +127,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     run = args.resume or args.run
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
     # An existing run keeps its own settings; only what is given on this command line overrides them.
     latest = RunDir.of(run).latest if run else None
     base = read_config(latest).to_dict() if latest is not None and latest.exists() else None
@@ -102,7 +138,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run directory: {res.run_dir}")
     if res.history:
         last = res.history[-1]
-        print(f"epoch {last['epoch']}: validation -ELBO {-last['val_elbo']:.3f} nats per datapoint")
+        val = last.get("val_elbo")
+        if isinstance(val, (int, float)) and val == val:
+            print(f"epoch {last['epoch']}: validation -ELBO {-val:.3f} nats per datapoint")
+        else:
+            print(f"epoch {last['epoch']}: no validation data (data.val_size = 0)")
     return 0
 
 
@@ -116,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     res = evaluate_run(args.run, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
                        seed=args.seed, which=_which(args), progress=not args.no_progress, data_dir=args.data_dir)
     if args.json:
-        print(json.dumps(res.to_dict(), indent=2))
+        print(dumps_json(res.to_dict(), indent=2))
     else:
         print(res.table())
         print(f"written: {res.extra.get('written')}")
@@ -133,6 +173,8 @@ def _label_condition(run, label: int | None):
 
     if not isinstance(run.condition, LabelCondition):
         raise VaelabError(f"{run.root}: --label needs a label-conditioned model (model.condition={run.condition.name!r})")
+    if not 0 <= label < run.condition.dim:
+        raise ConfigError(f"--label {label} is out of range: this model knows classes 0..{run.condition.dim - 1}")
     return run.condition.encode_labels(torch.tensor([label]))
 
 
@@ -165,9 +207,12 @@ def cmd_manifold(args: argparse.Namespace) -> int:
     from .runs import Run
     from .viz import manifold_run
 
-    dims = tuple(int(v) for v in args.dims.split(","))
+    try:
+        dims = tuple(_ints(args.dims))
+    except ValueError:
+        dims = ()
     if len(dims) != 2:
-        raise VaelabError("--dims takes two latent indices, e.g. 0,1")
+        raise ConfigError(f"--dims takes two latent dimensions separated by a comma, e.g. 0,1; got {args.dims[:40]!r}")
     run = Run(args.run, _which(args))
     c = _label_condition(run, args.label)
     print(manifold_run(run, args.out, n=args.n, dims=(dims[0], dims[1]), c=c))
@@ -214,16 +259,19 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import check_count
     from .demo import run_demo
 
+    check_count(args.epochs, "--epochs", 1)
+    check_count(args.k, "-k", 1)
     run_demo(Path(args.run), epochs=args.epochs, k=args.k, data_dir=args.data_dir, progress=not args.no_progress)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vaelab", description="Variational autoencoders (Doersch 2016) on images.")
+    p = _Parser(prog="vaelab", description="Variational autoencoders (Doersch 2016) on images.")
     p.add_argument("--version", action="version", version=f"vaelab {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model by the ELBO")
     t.add_argument("--run", "--run-dir", dest="run",
@@ -310,8 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """vaelab's own warnings as one line on stderr (no source line); others as Python shows them."""
+    if issubclass(category, VaelabWarning):
+        print(f"vaelab: warning: {message}", file=file or sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warnings
     try:
         return int(args.func(args) or 0)
     except VaelabError as e:
@@ -321,6 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("vaelab: interrupted (the last checkpoint is intact; re-run the same command to resume)",
               file=sys.stderr)
         return 130
+    except MemoryError:
+        print("vaelab: error: out of memory (try a smaller --batch-size, model or data set)", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = _show_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,7 +94,8 @@ def split_validation(train: ImageSet, val_size: int, seed: int) -> tuple[ImageSe
     """Hold ``val_size`` examples out of ``train``, chosen by a seeded permutation."""
     n = len(train)
     if val_size >= n:
-        raise DataError(f"{train.source}: val_size {val_size} leaves no training data ({n} examples)")
+        raise DataError(f"{train.source}: val_size {val_size} leaves no training data ({n} examples); "
+                        f"hold out fewer with --val-size (data.val_size), e.g. --val-size {max(0, n // 10)}")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .base import DataSplits, ImageSet, split_validation
 from .idx import read_idx
@@ -137,6 +137,13 @@ def load_splits(cfg: DataConfig) -> dict[str, ImageSet]:
     if ":" in cfg.name:
         prefix, arg = cfg.name.split(":", 1)
         return SOURCES.get(prefix)(arg, cfg)
+    if cfg.name not in DATASETS and ("/" in cfg.name or "\\" in cfg.name or Path(cfg.name).exists()):
+        p = Path(cfg.name).expanduser()
+        how = (f"folder:{cfg.name}" if p.is_dir() else
+               f"npz:{cfg.name}" if p.suffix.lower() == ".npz" else f"npy:{cfg.name}" if p.suffix.lower() == ".npy"
+               else f"npz:{cfg.name} (arrays), npy:{cfg.name} or folder:FOLDER (images)")
+        raise ConfigError(f"unknown data set {cfg.name!r}: to read a file or folder, say what it holds, e.g. --data {how}; "
+                          f"registered data sets: {', '.join(DATASETS.names())}")
     spec = DATASETS.get(cfg.name)
     files = locate(spec.name, spec.files, cfg.data_dir, cfg.download)
     return spec.loader(files, cfg)
