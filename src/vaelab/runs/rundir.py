@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..safeio import dumps_json
 from .checkpoint import atomic_write
 
 
@@ -71,7 +72,7 @@ class RunDir:
             if line.strip():
                 try:
                     row = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     break  # a torn last line from a crash: ignore it and what follows
                 if not isinstance(row, dict):
                     break
@@ -83,7 +84,7 @@ class RunDir:
         torn line it may leave is dropped by :meth:`read_metrics` and :meth:`truncate_metrics`."""
         try:
             with open(self.metrics, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(dumps_json(row) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as e:
@@ -93,7 +94,7 @@ class RunDir:
         """Keep only rows up to ``max_step`` (after resuming from a checkpoint taken at that step),
         dropping a torn last line; the file is rewritten (atomically) only if that changes it."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= max_step]
-        text = "".join(json.dumps(r) + "\n" for r in rows)
+        text = "".join(dumps_json(r) + "\n" for r in rows)
         try:
             current = self.metrics.read_text() if self.metrics.exists() else ""
         except (OSError, UnicodeDecodeError):

@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from ..config import DataSpec, RunConfig, TrainConfig
 from ..data import DataSplits, to_float
 from ..data.validate import check_model_input
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NonFiniteError
 from ..evaluation.loop import evaluate_batches
 from ..objectives import ELBOObjective, Objective
 from ..runs.lock import RunLock
 from ..runs.rundir import RunDir
-from .distributed import dist_info, setup_distributed
+from .distributed import all_sum, dist_info, setup_distributed
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .step import Meters, TrainState, guard_nonfinite, train_step
 
@@ -140,7 +140,9 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
             if stop or (t.checkpoint_every and state.step % t.checkpoint_every == 0 and i + 1 < steps_per_epoch):
                 state.sums, state.elapsed, t0 = dict(meters.sums), state.elapsed + time.perf_counter() - t0, \
                     time.perf_counter()
-                if i + 1 < steps_per_epoch:
+                # No checkpoint while steps are being skipped: the weights may already be diverging, and
+                # "the last good checkpoint" must be good. Resuming replays these steps exactly.
+                if i + 1 < steps_per_epoch and state.nonfinite_run == 0:
                     s.save([s.run.latest])
                 if stop:
                     break
@@ -157,6 +159,13 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
 def _end_epoch(s: Session, meters: Meters, callbacks: Sequence[EpochCallback], history: list[dict[str, Any]]) -> None:
     """Validation, the metrics row, the checkpoints (best before latest), the callbacks."""
     t, state = s.cfg.train, s.state
+    applied = all_sum([meters.sums["n"]], s.world)[0]
+    if applied == 0:
+        raise NonFiniteError(
+            f"epoch {state.epoch + 1}: every step was skipped (non-finite loss or gradient), so the epoch "
+            f"trained nothing; stopping. Last good checkpoint: {s.last_good()}. Try a lower train.lr or "
+            "train.grad_clip, and check the data."
+        )
     train_means = meters.means(s.world)
     val = evaluate_batches(s.model, s.data.val.images, s.data.val.labels, s.pipeline, k=1,
                            batch_size=t.eval_batch_size, seed=t.seed).means()
@@ -175,7 +184,11 @@ def _end_epoch(s: Session, meters: Meters, callbacks: Sequence[EpochCallback], h
         history.append(row)
         s.say(f"epoch {state.epoch}: train loss {row['train_loss']:.2f}  "
               f"val -ELBO {-val['elbo']:.2f} (rec {-val['rec']:.2f}, KL {val['kl']:.2f}) nats")
-    s.save_epoch(improved)
+    if state.nonfinite_run == 0:
+        s.save_epoch(improved)
+    else:
+        s.say(f"epoch {state.epoch}: not checkpointed (its last step was skipped as non-finite); "
+              f"the last good checkpoint stays {s.last_good()}")
     for cb in callbacks:
         cb(row)
 

@@ -166,8 +166,9 @@ def open_session(
 ) -> Session:
     """A fresh run in ``run`` with ``cfg``, or the run already there resumed with ``cfg``'s resumable
     settings (any other difference is an error that lists it)."""
-    if rank == 0:
-        remove_stale_temps(run.checkpoints)  # left by a process killed mid-write; we hold the lock
+    if rank == 0:  # left by a process killed mid-write (checkpoints, config.json, metrics.jsonl); we hold the lock
+        remove_stale_temps(run.checkpoints)
+        remove_stale_temps(run.root)
     ckpt = _previous(run, resume)
     if ckpt is not None:
         cfg = ckpt.config.resume_with(cfg)
