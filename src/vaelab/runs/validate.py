@@ -137,7 +137,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: Any, source: str
             raise CheckpointError(f"{where}: entry for parameter {pid} is malformed")
         p = params[pid]
         for key, v in entry.items():
-            ew = f"{where}, parameter {pid} ({tuple(p.shape)}) '{key}'"
+            ew = f"{where}, parameter {pid} '{key}'"
             if key == "step":
                 _check_step(v, ew)
             elif isinstance(v, torch.Tensor):
