@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test venv lint bench clean
+.PHONY: demo test fuzz venv lint bench clean
 
 $(BIN)/vaelab: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# The property tests with fresh random examples (and more of them); `make test` is deterministic.
+fuzz: venv
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz_loaders.py tests/test_safe_loading.py tests/test_data_idx.py
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
