@@ -16,7 +16,14 @@ from PIL import Image
 
 from vaelab import load_run, train
 from vaelab.cli import main
-from vaelab.conditioning import CONDITIONS, Condition, MaskCondition, build_condition, describe_data, override_condition
+from vaelab.conditioning import (
+    CONDITIONS,
+    Condition,
+    MaskCondition,
+    build_condition,
+    describe_data,
+    override_condition,
+)
 from vaelab.config import DataConfig, DataSpec, ModelConfig, RunConfig, TrainConfig
 from vaelab.data.idx import write_idx
 from vaelab.errors import ConfigError, DataError
