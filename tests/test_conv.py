@@ -11,7 +11,17 @@ import torch
 from PIL import Image
 from test_data_formats import photos, write_cifar, write_svhn
 
-from vaelab import ConfigError, DataConfig, DataSpec, ModelConfig, RunConfig, TrainConfig, evaluate_run, load_run, train
+from vaelab import (
+    ConfigError,
+    DataConfig,
+    DataSpec,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    evaluate_run,
+    load_run,
+    train,
+)
 from vaelab.cli import main
 from vaelab.distributions import LIKELIHOODS
 from vaelab.models import build_model

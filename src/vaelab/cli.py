@@ -162,9 +162,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_manifold(args: argparse.Namespace) -> int:
-    from .viz import manifold_run
-
     from .runs import Run
+    from .viz import manifold_run
 
     dims = tuple(int(v) for v in args.dims.split(","))
     if len(dims) != 2:

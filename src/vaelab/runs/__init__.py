@@ -3,7 +3,7 @@ for use (config, data description, model and condition loaded once, data lazily)
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .lock import RunLock
-from .rundir import RunDir
 from .run import Run, load_run
+from .rundir import RunDir
 
 __all__ = ["Checkpoint", "Run", "RunDir", "RunLock", "load_checkpoint", "load_run", "save_checkpoint"]
