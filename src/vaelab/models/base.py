@@ -19,6 +19,7 @@ manifold). A model with no latent variables (the regressor) has no layers: its K
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -102,7 +103,7 @@ class LatentModelBase(nn.Module):
         self, n: int, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
         temperature: float = 1.0, mean: bool = True,
     ) -> torch.Tensor:
-        z = self.prior().sample_n(n, generator, temperature)  # type: ignore[attr-defined]
+        z = self.prior().sample_n(n, generator, temperature)  # type: ignore[attr-defined]  (n, L_top)
         px = self.decode(z, c)  # type: ignore[attr-defined]
         return px.mean if mean else px.sample(generator)
 
@@ -119,9 +120,10 @@ def flat_draws(z: torch.Tensor, k: int) -> torch.Tensor:
     return z if k == 1 else z.flatten(0, 1)
 
 
-MODELS: Registry[type[nn.Module]] = Registry("model")
+#: name -> model class (or factory) taking (ModelConfig, DataSpec); what it builds follows :class:`LatentModel`
+MODELS: Registry[Callable[[ModelConfig, DataSpec], nn.Module]] = Registry("model")
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    """The registered model ``cfg.model`` for data described by ``spec``."""
+    """The registered model ``cfg.model`` for data described by ``spec`` (a :class:`LatentModel`)."""
     return MODELS.get(cfg.model)(cfg, spec)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import DataSpec, RunConfig
 from ..errors import CheckpointError, ConfigError, NonFiniteError, VaelabError
+from ..models import build_model
 
 FORMAT = "vaelab-checkpoint-2"
 OLD_FORMATS = ("vaelab-checkpoint-1",)  # read and converted on load (see :func:`upgrade_v1`)
@@ -284,8 +285,6 @@ def upgrade_v1(ckpt: Checkpoint, source: str) -> Checkpoint:
     """Format 1's regressor fed its decoder a z of ``latent_dim`` zeros; today's has no z. The columns
     that multiplied those zeros are dropped (the same function), from the weights and from Adam's
     moments. Every other format-1 checkpoint holds the same tensors as today's."""
-    from ..models import build_model
-
     if ckpt.config.model.model != "regressor":
         return ckpt
     try:
