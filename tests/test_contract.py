@@ -297,3 +297,24 @@ def test_evaluation_restores_the_model_mode(trained):
     model.eval()
     vaelab.evaluate_model(model, data, k=3, progress=False)
     assert not model.training
+
+
+# ---------------------------------------------------------------- the pure training step
+def test_train_step_takes_one_update_or_none():
+    model = TwoLayerVAE(ModelConfig(latent_dim=4, hidden=(8,)), DataSpec((1, 2, 3)))
+    opt = vaelab.training.make_optimizer(model, vaelab.RunConfig())
+    batch = vaelab.BatchPipeline(vaelab.build_condition("none", model.spec))(torch.rand(5, 1, 2, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    r = vaelab.train_step(model, opt, vaelab.ELBOObjective(), batch, 1.0, generator=torch.Generator().manual_seed(0))
+    assert r.applied and r.n == 5 and math.isfinite(r.loss) and r.grad_norm > 0
+    assert math.isclose(r.loss, -(r.rec - r.kl) / 5, rel_tol=1e-5)  # -ELBO per datapoint at beta = 1
+    after = [p.detach().clone() for p in model.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+    def nan_objective(model, batch, *, generator, beta):
+        loss, terms = vaelab.ELBOObjective()(model, batch, generator=generator, beta=beta)
+        return loss * float("nan"), terms
+
+    r = vaelab.train_step(model, opt, nan_objective, batch, 1.0, generator=torch.Generator().manual_seed(0))
+    assert not r.applied and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(after, model.parameters(), strict=True))
