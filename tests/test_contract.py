@@ -70,7 +70,7 @@ class MixtureOfGaussians(Distribution):
 
     def sample_n(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         j = torch.multinomial(torch.softmax(self.logits, -1), n, replacement=True, generator=generator)
-        eps = torch.randn((n, self.mu.shape[-1]), generator=generator)
+        eps = torch.randn((n, self.mu.shape[-1]), generator=generator, device=self.mu.device)
         return self.mu[j] + temperature * torch.exp(0.5 * self.logvar[j]) * eps
 
 
@@ -318,3 +318,40 @@ def test_train_step_takes_one_update_or_none():
     r = vaelab.train_step(model, opt, nan_objective, batch, 1.0, generator=torch.Generator().manual_seed(0))
     assert not r.applied and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, p) for a, p in zip(after, model.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------- every model, wherever it lives
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["vae", *sorted(TEST_MODELS)])
+def test_every_model_evaluates_trains_and_draws_on_every_device(name, device):
+    """Every tensor and generator follows the model: evaluation, a training step, the pictures and
+    completion run on the model's device (CUDA where present; CPU-only machines run the CPU case)."""
+    from vaelab.conditioning import describe_data
+    from vaelab.evaluation import evaluate_batches
+    from vaelab.models import generator_for
+    from vaelab.viz import interpolate_images, manifold_images, reconstruct_images, sample_images
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    for condition in ("none", "random-patches"):
+        spec = describe_data((1, 8, 8), None, condition)
+        cfg = ModelConfig(model=name, latent_dim=4, hidden=(16,), condition=condition)
+        model = vaelab.build_model(cfg, spec).to(device)
+        pipe = vaelab.BatchPipeline(vaelab.build_condition(condition, spec))
+        ev = evaluate_batches(model, images, None, pipe, k=20, batch_size=4)
+        assert ev.n == 10 and torch.isfinite(ev.lk).all() and torch.isfinite(ev.elbo).all()
+        g = generator_for(model, 0)
+        batch = pipe(images[:4].to(device), None, g, train=True)
+        opt = vaelab.training.make_optimizer(model, vaelab.RunConfig())
+        assert vaelab.train_step(model, opt, vaelab.ELBOObjective(k=3), batch, 1.0, generator=g).applied
+        if condition == "none":
+            x = batch.x
+            for imgs, n in ((sample_images(model, 3), 3), (reconstruct_images(model, x), 4),
+                            (interpolate_images(model, x[0], x[1], 5), 5), (manifold_images(model, 3), 9)):
+                assert imgs.shape == (n, 1, 8, 8) and imgs.device.type == device
+        else:
+            comp = vaelab.complete_images(model, images[:2].float() / 255, samples=2)
+            assert comp.samples.shape == (2, 2, 1, 8, 8) and math.isfinite(comp.metrics()["pixel_std"])

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import device_of, generator_for
 from ..objectives import elbo_terms
 from ..pipeline import BatchPipeline
 
@@ -105,7 +106,7 @@ def evaluate_batches(
     """Evaluate ``model`` on uint8 ``images`` (N, C, H, W) with k draws per datapoint: the ELBO's terms
     per layer (its reconstruction term averaged over the k draws), posterior means and L_k. The
     pipeline builds each batch (condition drawn once per batch from the seeded generator)."""
-    g = torch.Generator().manual_seed(seed)
+    g, device = generator_for(model, seed), device_of(model)
     n = images.shape[0]
     per_row = _floats_per_datapoint(model, images, labels, pipeline) if k > 1 and n else 0
     draws = k if per_row == 0 else max(1, min(k, budget // per_row))  # draws per call
@@ -115,7 +116,8 @@ def evaluate_batches(
     with eval_mode(model):
         for i in tqdm(range(0, n, batch_size), desc=f"evaluate (k={k})", disable=None if progress else True,
                       leave=False):
-            b = pipeline(images[i : i + batch_size], None if labels is None else labels[i : i + batch_size], g)
+            b = pipeline(images[i : i + batch_size].to(device),
+                         None if labels is None else labels[i : i + batch_size].to(device), g)
             for j in range(0, b.x.shape[0], rows):
                 x, c = b.x[j : j + rows], None if b.c is None else b.c[j : j + rows]
                 mask = None if b.mask is None or b.mask.shape[0] == 1 else b.mask[j : j + rows]  # or broadcast
@@ -168,7 +170,7 @@ def _floats_per_datapoint(model: nn.Module, images: torch.Tensor, labels: torch.
                           pipeline: BatchPipeline) -> int:
     """Numbers the likelihood holds per datapoint and draw, measured on one datapoint (a throwaway
     generator, so the evaluation's own draws do not depend on it)."""
-    g = torch.Generator().manual_seed(0)
+    g, device = generator_for(model, 0), device_of(model)
     with eval_mode(model):
-        b = pipeline(images[:1], None if labels is None else labels[:1], g)
+        b = pipeline(images[:1].to(device), None if labels is None else labels[:1].to(device), g)
         return max(1, model(b.x, b.c, generator=g, k=1).likelihood.numel())

@@ -95,8 +95,7 @@ class LatentModelBase(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        p = next(self.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return device_of(self)
 
     @torch.no_grad()
     def sample(
@@ -106,6 +105,17 @@ class LatentModelBase(nn.Module):
         z = self.prior().sample_n(n, generator, temperature)  # type: ignore[attr-defined]  (n, L_top)
         px = self.decode(z, c)  # type: ignore[attr-defined]
         return px.mean if mean else px.sample(generator)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's parameters live (the CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def generator_for(model: nn.Module, seed: int) -> torch.Generator:
+    """A seeded random generator on the model's device (draws follow the model wherever it runs)."""
+    return torch.Generator(device=device_of(model)).manual_seed(seed)
 
 
 def repeat_rows(t: torch.Tensor | None, k: int) -> torch.Tensor | None:

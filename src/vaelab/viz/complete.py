@@ -21,6 +21,7 @@ from ..conditioning import Condition, MaskCondition, override_condition
 from ..data import to_float
 from ..errors import ConfigError
 from ..evaluation import eval_mode
+from ..models import device_of, generator_for
 from ..pipeline import condition_of
 from ..runs import Run
 from .grid import save_grid
@@ -118,7 +119,8 @@ def complete_images(
     image (seeded), and the CVAE and the regressor both see that same observation."""
     own = None if isinstance(condition, MaskCondition) else condition_of(model)
     cond = _mask_condition(own, condition, model.spec.cond_dim)
-    g = torch.Generator().manual_seed(seed)
+    g = generator_for(model, seed)
+    x = x.to(device_of(model))
     obs = cond.observe(x, g)
     c = cond.encode_observation(obs)  # (N, cond_dim)
     m = obs.mask

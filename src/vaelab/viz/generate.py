@@ -14,6 +14,7 @@ from torch import nn
 from ..data import ImageSet
 from ..errors import ConfigError
 from ..evaluation import eval_mode
+from ..models import device_of, generator_for
 from ..pipeline import BatchPipeline
 from ..runs import Run
 from .grid import save_grid
@@ -44,7 +45,7 @@ def sample_images(
     mean: bool = True,
 ) -> torch.Tensor:
     """n images from the model's prior (std scaled by T): (n, C, H, W) in [0, 1] (the likelihood's mean, or a draw)."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator_for(model, seed)
     with eval_mode(model):
         return model.sample(n, _cond(model, n, c), generator=g, temperature=temperature, mean=mean).clamp(0, 1)
 
@@ -80,9 +81,9 @@ def manifold_images(
     L = _top_dim(model, "a manifold")
     if max(dims) >= L or min(dims) < 0 or dims[0] == dims[1]:
         raise ConfigError(f"manifold dims {dims} invalid for a {L}-dimensional latent")
-    q = torch.linspace(eps, 1 - eps, n)
+    q = torch.linspace(eps, 1 - eps, n, device=device_of(model))
     vals = torch.distributions.Normal(0.0, 1.0).icdf(q)
-    z = torch.zeros(n * n, L)
+    z = torch.zeros(n * n, L, device=device_of(model))
     # rows go down dims[1] (top = high values), columns go across dims[0]
     z[:, dims[0]] = vals.repeat(n)
     z[:, dims[1]] = vals.flip(0).repeat_interleave(n)
@@ -94,11 +95,12 @@ def manifold_images(
 def encode_means(model: nn.Module, data: ImageSet, pipeline: BatchPipeline, batch_size: int = 1000) -> np.ndarray:
     """Top-layer posterior means E_Q[z|X] of every image: (N, L_top) float32."""
     L = _top_dim(model, "encoding")
-    g = torch.Generator().manual_seed(0)
+    g, device = generator_for(model, 0), device_of(model)
     out = []
     with eval_mode(model):
         for i in range(0, len(data), batch_size):
-            b = pipeline(data.images[i : i + batch_size], None if data.labels is None else data.labels[i : i + batch_size], g)
+            labels = None if data.labels is None else data.labels[i : i + batch_size].to(device)
+            b = pipeline(data.images[i : i + batch_size].to(device), labels, g)
             out.append(_top_code(model, b.x, b.c))
     return torch.cat(out).cpu().numpy().astype(np.float32) if out else np.zeros((0, L), np.float32)
 
@@ -107,7 +109,9 @@ def encode_means(model: nn.Module, data: ImageSet, pipeline: BatchPipeline, batc
 def _first_images(run: Run, n: int):
     """The first n test images through the run's pipeline (condition drawn with seed 0)."""
     data = run.data("test", limit=min(n, len(run.data("test"))))
-    return run.pipeline(data.images, data.labels, torch.Generator().manual_seed(0)), len(data)
+    device = device_of(run.model)
+    labels = None if data.labels is None else data.labels.to(device)
+    return run.pipeline(data.images.to(device), labels, generator_for(run.model, 0)), len(data)
 
 
 def sample_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 64,
