@@ -38,9 +38,9 @@ from vaelab import (
     load_data,
     train,
 )
-from vaelab.pipeline import condition_of
 from vaelab.data import to_float
 from vaelab.evaluation import describe_likelihood
+from vaelab.pipeline import condition_of
 from vaelab.viz import save_grid
 from vaelab.viz.complete import complete_images, completion_metrics
 

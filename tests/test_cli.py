@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +63,30 @@ def test_rerunning_resumes_and_more_epochs_continue(mnist_dir, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     # a changed model is refused instead of silently mixing runs
     assert main(_train_args(mnist_dir, run, "--latent-dim", "3", "--epochs", "4")) == 2
+
+
+def test_rerunning_an_existing_run_keeps_its_config_and_takes_only_the_flags_given(mnist_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_train_args(mnist_dir, run, "--latent-dim", "3", "--lr", "0.002", net=False)) == 0
+    capsys.readouterr()
+    # only --epochs given: the run's own latent size and learning rate stay (not the defaults)
+    assert main(["train", "--run", str(run), "--epochs", "3", "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert f"resuming {run} from epoch 2, step 14" in out.out + out.err
+    cfg = vaelab.load_run(run, "latest").config
+    assert (cfg.model.latent_dim, cfg.train.lr, cfg.train.epochs) == (3, 0.002, 3)
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
+    # where the data lives may change ...
+    moved = tmp_path / "moved"
+    shutil.copytree(mnist_dir, moved)
+    assert main(["train", "--run", str(run), "--epochs", "4", "--data-dir", str(moved), "--no-progress"]) == 0
+    assert vaelab.load_run(run, "latest").config.data.data_dir == str(moved)
+    # ... anything else is refused, naming the setting, and the run is left as it was
+    before = (run / "checkpoints" / "latest.safetensors").read_bytes()
+    assert main(["train", "--run", str(run), "--epochs", "5", "--latent-dim", "4", "--beta", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "model.latent_dim: run has 3, now 4" in err and "train.beta: run has 1.0, now 0.5" in err
+    assert (run / "checkpoints" / "latest.safetensors").read_bytes() == before
 
 
 def test_config_file_and_overrides(mnist_dir, tmp_path):

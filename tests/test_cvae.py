@@ -7,7 +7,10 @@ The trained-model tests use a tiny separable data set made here: 8x8 images of t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +32,7 @@ from vaelab.data.idx import write_idx
 from vaelab.errors import ConfigError, DataError
 from vaelab.models import CVAE, VAE, Regressor, build_model
 from vaelab.objectives import elbo, iwae_bound
+from vaelab.runs import RunDir
 from vaelab.viz.complete import complete_images, complete_run
 
 H = W = 8
@@ -352,3 +356,50 @@ def test_resume_mid_epoch_is_exact_with_random_conditions(toy_dir, tmp_path, con
 def test_registry_lists_every_condition():
     assert {"none", "label", "centre-column", "left-half", "right-half", "top-half", "bottom-half",
             "random-patches", "mask"} <= set(CONDITIONS.names())
+
+
+def _as_format_1(src: Path, dst: Path) -> Path:
+    """Rewrite a checkpoint as vaelab 0.1 wrote it: the data description inside the model config and,
+    for the regressor, a decoder fed ``latent_dim`` zeros in z's place (weights and Adam moments get
+    those input columns back, with arbitrary values: they multiplied zeros)."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from vaelab.runs.checkpoint import read_metadata
+
+    raw = src.read_bytes()
+    tensors, meta = dict(st_load(raw)), dict(read_metadata(src, raw))
+    cfg, spec = json.loads(meta["config"]), json.loads(meta.pop("data"))
+    cfg["model"].update(input_shape=spec["shape"], num_classes=spec["num_classes"], cond_dim=spec["cond_dim"])
+    meta.update(format="vaelab-checkpoint-1", config=json.dumps(cfg))
+    if cfg["model"]["model"] == "regressor":
+        pad = lambda t: torch.cat([torch.randn(t.shape[0], cfg["model"]["latent_dim"]), t], 1)  # noqa: E731
+        names = [n for n, _ in load_run(src).model.named_parameters()]
+        pid = names.index("decoder.net.0.weight")
+        for key in ("model/decoder.net.0.weight", f"optim/{pid}/exp_avg", f"optim/{pid}/exp_avg_sq"):
+            tensors[key] = pad(tensors[key])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(st_save(tensors, metadata=meta))
+    return dst
+
+
+def test_format_1_checkpoints_load_evaluate_and_resume(column_runs, toy_dir, tmp_path):
+    for res in column_runs:  # the CVAE (tensors unchanged) and the regressor (z's columns dropped)
+        run = tmp_path / res.run_dir.name
+        for which in ("latest", "best"):
+            _as_format_1(RunDir.of(res.run_dir).checkpoint(which), run / "checkpoints" / f"{which}.safetensors")
+        old, new = load_run(run), load_run(res.run_dir)
+        assert old.config == new.config and old.spec == new.spec
+        x = torch.rand(5, 1, H, W)
+        b = old.condition(x, None, _gen())
+        a = elbo(old.model, b.x, b.c, mask=b.mask, generator=_gen(3)).elbo
+        c = elbo(new.model, b.x, b.c, mask=b.mask, generator=_gen(3)).elbo
+        assert torch.equal(a, c)
+        # resuming a format-1 run continues exactly as the run it came from
+        more = res.config.replace(train=dataclasses.replace(res.config.train, epochs=res.config.train.epochs + 1))
+        copy = tmp_path / "copy" / res.run_dir.name
+        shutil.copytree(res.run_dir, copy)
+        t_old, t_new = train(more, run, resume=True), train(more, copy, resume=True)
+        assert t_old.state.epoch == t_new.state.epoch == res.config.train.epochs + 1
+        sd_old, sd_new = t_old.model.state_dict(), t_new.model.state_dict()
+        assert all(torch.equal(sd_old[k], sd_new[k]) for k in sd_new)

@@ -282,9 +282,10 @@ class RandomPatches(MaskCondition):
     def observed_mask(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         _, h, w = self.spec.shape
         s = self.size
-        top = torch.randint(0, h - s + 1, (n, self.patches, 1), generator=generator)  # (n, P, 1)
-        left = torch.randint(0, w - s + 1, (n, self.patches, 1), generator=generator)
-        r, c = torch.arange(h), torch.arange(w)
+        dev = generator.device if generator is not None else None  # draw where the generator lives
+        top = torch.randint(0, h - s + 1, (n, self.patches, 1), generator=generator, device=dev)  # (n, P, 1)
+        left = torch.randint(0, w - s + 1, (n, self.patches, 1), generator=generator, device=dev)
+        r, c = torch.arange(h, device=dev), torch.arange(w, device=dev)
         in_r = (r >= top) & (r < top + s)  # (n, P, H)
         in_c = (c >= left) & (c < left + s)  # (n, P, W)
         m = (in_r[..., :, None] & in_c[..., None, :]).any(1)  # (n, H, W)

@@ -38,6 +38,10 @@ class Distribution(ABC):
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def sample_n(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """n draws, (n, *batch, *event), with the spread scaled by ``temperature`` (what a prior must offer)."""
+        raise NotImplementedError(f"{type(self).__name__} does not draw n samples with a temperature")
+
     def numel(self) -> int:
         """How many numbers parameterise this distribution (memory a caller must budget for)."""
         return sum(v.numel() for v in vars(self).values() if isinstance(v, torch.Tensor))

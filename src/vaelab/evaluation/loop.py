@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import device_of, generator_for
 from ..objectives import elbo_terms
 from ..pipeline import BatchPipeline
 
@@ -39,13 +40,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @dataclass
 class LayerStats:
     name: str
-    kl: torch.Tensor  # (N,) float64
+    kl: torch.Tensor  # (N,)
     kl_per_dim: torch.Tensor | None  # (N, L) in closed form
     mean: torch.Tensor  # (N, L) posterior means E_q[z] (averaged over the draws of the layers below)
 
     @property
     def dim(self) -> int:
         return int(self.mean.shape[-1])
+
+    def __add__(self, other: LayerStats) -> LayerStats:
+        """Sum of two (weighted) partial results for the same datapoints."""
+        per_dim = None if self.kl_per_dim is None or other.kl_per_dim is None else self.kl_per_dim + other.kl_per_dim
+        return LayerStats(self.name, self.kl + other.kl, per_dim, self.mean + other.mean)
 
     def active_units(self, threshold: float = 1e-2) -> int:
         """Units whose posterior mean varies over the data: Cov_x(E_q[z_u]) > threshold (Burda et al. 2016)."""
@@ -61,7 +67,6 @@ class Evaluation:
     layers: list[LayerStats]
     k: int
     scored: float = 0.0  # dimensions the likelihood scored, summed over the data
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -85,41 +90,6 @@ class Evaluation:
         return {"elbo": float(self.elbo.mean()), "rec": float(self.rec.mean()), "kl": float(self.kl.mean())}
 
 
-class _Sums:
-    """Sums over the draws of one group of datapoints."""
-
-    def __init__(self) -> None:
-        self.lse: torch.Tensor | None = None  # logsumexp of log w over the draws so far
-        self.rec: torch.Tensor | None = None
-        self.kl: list[torch.Tensor] = []
-        self.kl_dim: list[torch.Tensor | None] = []
-        self.mean: list[torch.Tensor] = []
-        self.names: list[str] = []
-
-    @staticmethod
-    def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-        return b if a is None else None if b is None else a + b
-
-    def add(self, out, terms, m: int) -> None:
-        lse = torch.logsumexp(terms.log_w, dim=0)
-        self.lse = lse if self.lse is None else torch.logaddexp(self.lse, lse)
-        self.rec = self._add(self.rec, terms.log_px_z * m)
-        first = not self.names
-        for i, (layer, lt) in enumerate(zip(out.layers, terms.layers, strict=True)):
-            mean = layer.q.mean.expand_as(layer.z)
-            mean = (mean.mean(0) if mean.dim() > 2 else mean) * m  # (B, L)
-            kd = None if lt.kl_per_dim is None else lt.kl_per_dim * m
-            if first:
-                self.names.append(lt.name)
-                self.kl.append(lt.kl * m)
-                self.kl_dim.append(kd)
-                self.mean.append(mean)
-            else:
-                self.kl[i] = self.kl[i] + lt.kl * m
-                self.kl_dim[i] = self._add(self.kl_dim[i], kd)
-                self.mean[i] = self.mean[i] + mean
-
-
 @torch.no_grad()
 def evaluate_batches(
     model: nn.Module,
@@ -136,60 +106,71 @@ def evaluate_batches(
     """Evaluate ``model`` on uint8 ``images`` (N, C, H, W) with k draws per datapoint: the ELBO's terms
     per layer (its reconstruction term averaged over the k draws), posterior means and L_k. The
     pipeline builds each batch (condition drawn once per batch from the seeded generator)."""
-    g = torch.Generator().manual_seed(seed)
+    g, device = generator_for(model, seed), device_of(model)
     n = images.shape[0]
     per_row = _floats_per_datapoint(model, images, labels, pipeline) if k > 1 and n else 0
     draws = k if per_row == 0 else max(1, min(k, budget // per_row))  # draws per call
-    rows = max(1, budget // max(1, draws * per_row)) if per_row else batch_size  # datapoints per call
-    recs, lks, scored = [], [], 0.0
-    layers: list[list] = []
+    rows = max(1, budget // (draws * per_row)) if per_row else batch_size  # datapoints per call
+    groups: list[Evaluation] = []
+    scored = 0.0
     with eval_mode(model):
         for i in tqdm(range(0, n, batch_size), desc=f"evaluate (k={k})", disable=None if progress else True,
                       leave=False):
-            b = pipeline(images[i : i + batch_size], None if labels is None else labels[i : i + batch_size], g)
+            b = pipeline(images[i : i + batch_size].to(device),
+                         None if labels is None else labels[i : i + batch_size].to(device), g)
             for j in range(0, b.x.shape[0], rows):
                 x, c = b.x[j : j + rows], None if b.c is None else b.c[j : j + rows]
-                mask = None if b.mask is None else b.mask[j : j + rows] if b.mask.shape[0] > 1 else b.mask
-                sums = _Sums()
-                for done in range(0, k, draws):
-                    m = min(draws, k - done)
-                    out = model(x, c, generator=g, k=m)
-                    sums.add(out, elbo_terms(out, x, mask, weights=True), m)
-                assert sums.lse is not None and sums.rec is not None
-                lks.append((sums.lse - math.log(k)).double().cpu())
-                recs.append((sums.rec / k).double().cpu())
-                layers.append([(nm, kl / k, None if kd is None else kd / k, mu / k)
-                               for nm, kl, kd, mu in zip(sums.names, sums.kl, sums.kl_dim, sums.mean, strict=True)])
+                mask = None if b.mask is None or b.mask.shape[0] == 1 else b.mask[j : j + rows]  # or broadcast
+                groups.append(_draws(model, x, c, mask, k, draws, g))
             scored += float(b.x[0].numel() * b.x.shape[0] if b.mask is None
                             else torch.broadcast_to(b.mask, b.x.shape).sum())
-    return Evaluation(_cat(recs), _cat(lks), _layer_stats(layers), k, scored)
+    return _concat(groups, k, scored)
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+def _draws(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, k: int,
+           draws: int, g: torch.Generator) -> Evaluation:
+    """k draws for a group of datapoints, ``draws`` per forward pass; only small per-datapoint
+    summaries of each pass are kept (never its likelihood's parameters)."""
+    log_w, rec, layers = [], 0.0, None
+    for done in range(0, k, draws):
+        m = min(draws, k - done)
+        out = model(x, c, generator=g, k=m)
+        t = elbo_terms(out, x, mask, weights=True)
+        log_w.append(t.log_w)
+        rec = rec + t.log_px_z * (m / k)
+        now = [LayerStats(lt.name, lt.kl * (m / k), None if lt.kl_per_dim is None else lt.kl_per_dim * (m / k),
+                          _posterior_mean(layer.q, layer.z) * (m / k))
+               for layer, lt in zip(out.layers, t.layers, strict=True)]
+        layers = now if layers is None else [a + b for a, b in zip(layers, now, strict=True)]
+    lk = torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
+    return Evaluation(torch.as_tensor(rec), lk, layers or [], k)
 
 
-def _layer_stats(groups: list[list]) -> list[LayerStats]:
+def _posterior_mean(q, z: torch.Tensor) -> torch.Tensor:
+    """E_q[z] per datapoint (B, L), averaged over the draws of the layers below when q depends on them."""
+    mean = q.mean.expand_as(z)
+    return mean.mean(0) if mean.dim() > 2 else mean
+
+
+def _concat(groups: list[Evaluation], k: int, scored: float) -> Evaluation:
+    cpu = lambda t: t.double().cpu()  # noqa: E731
     if not groups:
-        return []
-    out = []
-    for li in range(len(groups[0])):
-        name = groups[0][li][0]
-        kd = [g[li][2] for g in groups]
-        out.append(LayerStats(
-            name,
-            torch.cat([g[li][1] for g in groups]).double().cpu(),
-            None if any(v is None for v in kd) else torch.cat(kd).double().cpu(),  # type: ignore[arg-type]
-            torch.cat([g[li][3] for g in groups]).double().cpu(),
-        ))
-    return out
+        return Evaluation(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), [], k, scored)
+    layers = []
+    for li, first in enumerate(groups[0].layers):
+        parts = [g.layers[li] for g in groups]
+        per_dim = None if first.kl_per_dim is None else cpu(torch.cat([p.kl_per_dim for p in parts]))
+        layers.append(LayerStats(first.name, cpu(torch.cat([p.kl for p in parts])), per_dim,
+                                 cpu(torch.cat([p.mean for p in parts]))))
+    return Evaluation(cpu(torch.cat([g.rec for g in groups])), cpu(torch.cat([g.lk for g in groups])), layers, k,
+                      scored)
 
 
 def _floats_per_datapoint(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
                           pipeline: BatchPipeline) -> int:
     """Numbers the likelihood holds per datapoint and draw, measured on one datapoint (a throwaway
     generator, so the evaluation's own draws do not depend on it)."""
-    g = torch.Generator().manual_seed(0)
+    g, device = generator_for(model, 0), device_of(model)
     with eval_mode(model):
-        b = pipeline(images[:1], None if labels is None else labels[:1], g)
+        b = pipeline(images[:1].to(device), None if labels is None else labels[:1].to(device), g)
         return max(1, model(b.x, b.c, generator=g, k=1).likelihood.numel())

@@ -7,7 +7,9 @@ from .base import (
     ModelOutput,
     StochasticLayer,
     build_model,
+    device_of,
     flat_draws,
+    generator_for,
     repeat_rows,
 )
 from .regressor import Regressor
@@ -23,6 +25,8 @@ __all__ = [
     "Regressor",
     "StochasticLayer",
     "build_model",
+    "device_of",
     "flat_draws",
+    "generator_for",
     "repeat_rows",
 ]

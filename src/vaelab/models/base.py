@@ -19,6 +19,7 @@ manifold). A model with no latent variables (the regressor) has no layers: its K
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -94,17 +95,27 @@ class LatentModelBase(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        p = next(self.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return device_of(self)
 
     @torch.no_grad()
     def sample(
         self, n: int, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
         temperature: float = 1.0, mean: bool = True,
     ) -> torch.Tensor:
-        z = self.prior().sample_n(n, generator, temperature)  # type: ignore[attr-defined]
+        z = self.prior().sample_n(n, generator, temperature)  # type: ignore[attr-defined]  (n, L_top)
         px = self.decode(z, c)  # type: ignore[attr-defined]
         return px.mean if mean else px.sample(generator)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's parameters live (the CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def generator_for(model: nn.Module, seed: int) -> torch.Generator:
+    """A seeded random generator on the model's device (draws follow the model wherever it runs)."""
+    return torch.Generator(device=device_of(model)).manual_seed(seed)
 
 
 def repeat_rows(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
@@ -119,9 +130,10 @@ def flat_draws(z: torch.Tensor, k: int) -> torch.Tensor:
     return z if k == 1 else z.flatten(0, 1)
 
 
-MODELS: Registry[type[nn.Module]] = Registry("model")
+#: name -> model class (or factory) taking (ModelConfig, DataSpec); what it builds follows :class:`LatentModel`
+MODELS: Registry[Callable[[ModelConfig, DataSpec], nn.Module]] = Registry("model")
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    """The registered model ``cfg.model`` for data described by ``spec``."""
+    """The registered model ``cfg.model`` for data described by ``spec`` (a :class:`LatentModel`)."""
     return MODELS.get(cfg.model)(cfg, spec)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import DataSpec, RunConfig
 from ..errors import CheckpointError, ConfigError, NonFiniteError, VaelabError
+from ..models import build_model
 from ..safeio import json_loads, open_regular, read_exactly, read_regular
 from .validate import check_model_tensors, compare_tensors
 
@@ -289,8 +290,6 @@ def upgrade_v1(ckpt: Checkpoint, source: str) -> Checkpoint:
     """Format 1's regressor fed its decoder a z of ``latent_dim`` zeros; today's has no z. The columns
     that multiplied those zeros are dropped (the same function), from the weights and from Adam's
     moments. Every other format-1 checkpoint holds the same tensors as today's."""
-    from ..models import build_model
-
     if ckpt.config.model.model != "regressor":
         return ckpt
     try:

@@ -4,6 +4,7 @@ interpolate, manifold, encode, complete) goes through :class:`Run`."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from functools import cached_property
@@ -52,10 +53,12 @@ class Run:
     def of(cls, run: Run | str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None) -> Run:
         """``run`` itself if already opened (with ``data_dir`` applied), else the run at that path."""
         if isinstance(run, Run):
-            if data_dir is not None and data_dir != run.data_dir:
-                run.data_dir = data_dir
-                run.__dict__.pop("splits", None)
-            return run
+            if data_dir is None or data_dir == run.data_dir:
+                return run
+            other = copy.copy(run)  # the same model and condition, data from elsewhere
+            other.data_dir = data_dir
+            other.__dict__.pop("splits", None)
+            return other
         return cls(run, which, data_dir=data_dir)
 
     @property

@@ -137,15 +137,16 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
                 bar.set_postfix(loss=f"{meters.loss:.2f}", refresh=False)
             bar.update(1)
             stop = max_steps is not None and state.step >= max_steps
-            if stop or (t.checkpoint_every and state.step % t.checkpoint_every == 0 and i + 1 < steps_per_epoch):
-                state.sums, state.elapsed, t0 = dict(meters.sums), state.elapsed + time.perf_counter() - t0, \
-                    time.perf_counter()
-                # No checkpoint while steps are being skipped: the weights may already be diverging, and
-                # "the last good checkpoint" must be good. Resuming replays these steps exactly.
-                if i + 1 < steps_per_epoch and state.nonfinite_run == 0:
+            if i + 1 < steps_per_epoch and (stop or (t.checkpoint_every and state.step % t.checkpoint_every == 0)):
+                state.sums, state.elapsed = dict(meters.sums), state.elapsed + time.perf_counter() - t0
+                t0 = time.perf_counter()
+                # Mid-epoch (an epoch's end is saved after validation). No checkpoint while steps are being
+                # skipped: the weights may already be diverging, and "the last good checkpoint" must be
+                # good. Resuming replays these steps exactly.
+                if state.nonfinite_run == 0:
                     s.save([s.run.latest])
-                if stop:
-                    break
+            if stop:
+                break
         bar.close()
         state.elapsed += time.perf_counter() - t0
         state.sums = dict(meters.sums)

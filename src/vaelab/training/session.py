@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..conditioning import build_condition, describe_data
 from ..config import DataSpec, RunConfig
@@ -70,8 +71,6 @@ class Session:
     def say(self, msg: str) -> None:
         """Print on rank 0 only (through tqdm, so progress bars stay intact)."""
         if self.rank == 0:
-            from tqdm.auto import tqdm
-
             tqdm.write(msg)
 
     def last_good(self) -> str:

@@ -22,6 +22,7 @@ from ..config import check_count, check_seed
 from ..data import to_float
 from ..errors import ConfigError
 from ..evaluation import eval_mode
+from ..models import device_of, generator_for
 from ..pipeline import condition_of
 from ..runs import Run
 from .generate import MAX_IMAGES
@@ -82,9 +83,11 @@ class Completion:
         return out
 
 
-def _mask_condition(own: Condition, condition: MaskCondition | str | None, cond_dim: int) -> MaskCondition:
+def _mask_condition(own: Condition | None, condition: MaskCondition | str | None, cond_dim: int) -> MaskCondition:
     """The partial observation to complete from: the model's ``own`` condition, or another one given
     as an object or a name (presented the way the model was trained)."""
+    if own is None and not isinstance(condition, MaskCondition):
+        raise ConfigError("give the model's own condition or a mask condition")
     if isinstance(condition, str):
         condition = override_condition(own, condition)
     elif condition is None:
@@ -116,8 +119,10 @@ def complete_images(
     ``condition``: the model's own (default), another mask condition or its name (``left-half``,
     ``mask:PATH``; presented the way the model was trained). The observation is drawn once per
     image (seeded), and the CVAE and the regressor both see that same observation."""
-    cond = _mask_condition(condition_of(model), condition, model.spec.cond_dim)
-    g = torch.Generator().manual_seed(seed)
+    own = None if isinstance(condition, MaskCondition) else condition_of(model)
+    cond = _mask_condition(own, condition, model.spec.cond_dim)
+    g = generator_for(model, seed)
+    x = x.to(device_of(model))
     obs = cond.observe(x, g)
     c = cond.encode_observation(obs)  # (N, cond_dim)
     m = obs.mask

@@ -18,6 +18,7 @@ from ..config import check_count, check_seed
 from ..data import ImageSet
 from ..errors import ConfigError, VaelabWarning
 from ..evaluation import eval_mode
+from ..models import device_of, generator_for
 from ..pipeline import BatchPipeline
 from ..runs import Run
 from .grid import output_path, save_grid
@@ -59,7 +60,7 @@ def sample_images(
     """n images from the model's prior (std scaled by T): (n, C, H, W) in [0, 1] (the likelihood's mean, or a draw)."""
     check_count(n, "n (images to sample)", 1, MAX_IMAGES)
     _check_temperature(temperature)
-    g = torch.Generator().manual_seed(check_seed(seed))
+    g = generator_for(model, check_seed(seed))
     with eval_mode(model):
         return model.sample(n, _cond(model, n, c), generator=g, temperature=temperature, mean=mean).clamp(0, 1)
 
@@ -97,9 +98,9 @@ def manifold_images(
     check_count(n, "n (grid size)", 1, MAX_MANIFOLD)
     if len(dims) != 2 or max(dims) >= L or min(dims) < 0 or dims[0] == dims[1]:
         raise ConfigError(f"manifold dims {tuple(dims)}: give two different latent dimensions in 0..{L - 1}")
-    q = torch.linspace(eps, 1 - eps, n)
+    q = torch.linspace(eps, 1 - eps, n, device=device_of(model))
     vals = torch.distributions.Normal(0.0, 1.0).icdf(q)
-    z = torch.zeros(n * n, L)
+    z = torch.zeros(n * n, L, device=device_of(model))
     # rows go down dims[1] (top = high values), columns go across dims[0]
     z[:, dims[0]] = vals.repeat(n)
     z[:, dims[1]] = vals.flip(0).repeat_interleave(n)
@@ -111,11 +112,12 @@ def manifold_images(
 def encode_means(model: nn.Module, data: ImageSet, pipeline: BatchPipeline, batch_size: int = 1000) -> np.ndarray:
     """Top-layer posterior means E_Q[z|X] of every image: (N, L_top) float32."""
     L = _top_dim(model, "encoding")
-    g = torch.Generator().manual_seed(0)
+    g, device = generator_for(model, 0), device_of(model)
     out = []
     with eval_mode(model):
         for i in range(0, len(data), batch_size):
-            b = pipeline(data.images[i : i + batch_size], None if data.labels is None else data.labels[i : i + batch_size], g)
+            labels = None if data.labels is None else data.labels[i : i + batch_size].to(device)
+            b = pipeline(data.images[i : i + batch_size].to(device), labels, g)
             out.append(_top_code(model, b.x, b.c))
     return torch.cat(out).cpu().numpy().astype(np.float32) if out else np.zeros((0, L), np.float32)
 
@@ -127,7 +129,9 @@ def _first_images(run: Run, n: int):
     if available == 0:
         raise ConfigError(f"{run.root}: the test split is empty")
     data = run.data("test", limit=min(n, available))
-    return run.pipeline(data.images, data.labels, torch.Generator().manual_seed(0)), len(data)
+    device = device_of(run.model)
+    labels = None if data.labels is None else data.labels.to(device)
+    return run.pipeline(data.images.to(device), labels, generator_for(run.model, 0)), len(data)
 
 
 def sample_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 64,
