@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -156,3 +158,57 @@ def test_a_run_that_fails_before_starting_leaves_no_folder(tmp_path):
     run = tmp_path / "never"
     assert main(["train", "--data", "kmnist", "--no-download", "--run", str(run), "--no-progress"]) == 2
     assert not run.exists()
+
+
+# ---------------------------------------------------------------- what the user sees
+def test_outside_a_terminal_progress_is_a_line_every_few_seconds(mnist_dir, tmp_path):
+    env = {**os.environ, "VAELAB_PROGRESS_EVERY": "0.001"}
+    args = _train_args(mnist_dir, tmp_path / "run", "--epochs", "1")
+    args.remove("--no-progress")
+    res = subprocess.run([sys.executable, "-m", "vaelab", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("epoch 1/1: ")]
+    assert lines and re.match(r"epoch 1/1: \d+/7 \(\d+%\), \d+ s elapsed, about .* left", lines[0]), res.stderr
+    assert "\r" not in res.stderr  # no bar redrawn into a log
+    assert "data mnist: 200 train / 40 validation / 60 test images, 1x28x28 grey, 10 classes" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "vaelab", "evaluate", str(tmp_path / "run"), "-k", "3",
+                          "--batch-size", "10"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "on 60 test images; data mnist" in res.stderr
+    assert re.search(r"evaluate \(k=3, 60 images\): \d/6 ", res.stderr), res.stderr
+
+
+def test_a_long_evaluation_says_how_long_it_will_take(tiny_cfg, tmp_path, capsys, monkeypatch):
+    import vaelab.evaluation.loop as loop
+
+    vaelab.train(tiny_cfg, tmp_path / "run")
+    monkeypatch.setattr(loop, "ESTIMATE_AFTER", 0.0)
+    vaelab.evaluate_run(tmp_path / "run", k=5, batch_size=20, write=False)
+    err = capsys.readouterr().err
+    assert re.search(r"evaluate: k=5 draws for each of 60 images will take about \d+ s \(measured on the first batch\)",
+                     err), err
+    vaelab.evaluate_run(tmp_path / "run", k=5, batch_size=20, write=False, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_rerunning_a_finished_run_or_the_demo_says_nothing_is_trained(tiny_cfg, tmp_path, capsys):
+    from vaelab.demo import _train
+
+    _train(tiny_cfg, tmp_path / "run", "a tiny VAE")
+    out = capsys.readouterr().out
+    assert "== training: a tiny VAE, 2 epochs" in out and "epoch 2:" in out
+    _train(tiny_cfg, tmp_path / "run", "a tiny VAE")
+    out = capsys.readouterr().out
+    assert f"== {tmp_path / 'run'} already holds a tiny VAE, trained for 2 epochs: reusing it" in out
+    assert "epoch" not in out.split("reusing it", 1)[1]
+    vaelab.train(tiny_cfg, tmp_path / "run")
+    assert "is already trained for 2 epochs (train.epochs = 2): nothing to train" in capsys.readouterr().out
+
+
+def test_the_command_line_starts_without_importing_torch():
+    code = "import sys, vaelab, vaelab.cli; assert 'torch' not in sys.modules; print(vaelab.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == vaelab.__version__, out.stderr
+    assert vaelab.train is vaelab.training.train and "train" in dir(vaelab)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vaelab.nope  # noqa: B018

@@ -6,87 +6,55 @@ Typical use::
     cfg = vaelab.RunConfig(data=vaelab.DataConfig("fashion-mnist"), train=vaelab.TrainConfig(epochs=5))
     result = vaelab.train(cfg, "runs/fmnist")
     print(vaelab.evaluate_run("runs/fmnist", k=1000).table())
+
+The public names below are imported on first use (PEP 562), so ``vaelab --version`` and the
+configuration layer start without importing PyTorch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .conditioning import CONDITIONS, Condition, build_condition
-from .config import DataConfig, DataSpec, ModelConfig, RunConfig, TrainConfig
-from .data import DATASETS, DataSplits, ImageSet, load_data
-from .distributions import LIKELIHOODS, Bernoulli, DiagonalGaussian, Gaussian, StandardNormal
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    DatasetNotFoundError,
-    NonFiniteError,
-    RunLockedError,
-    VaelabError,
-    VaelabWarning,
-)
-from .evaluation import EvalResult, evaluate_model, evaluate_run
-from .models import CVAE, MODELS, VAE, LatentModel, ModelOutput, Regressor, StochasticLayer, build_model
-from .objectives import ELBOObjective, ELBOTerms, elbo, iwae_bound
-from .pipeline import BatchPipeline
-from .runs import Run, RunDir, load_run
-from .training import TrainResult, train, train_step
-from .viz import encode_run, interpolate_run, manifold_run, reconstruct_run, sample_run
-from .viz.complete import Completion, complete_images, complete_run
+#: the public API: submodule -> the names it provides
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "conditioning": ("CONDITIONS", "Condition", "build_condition"),
+    "config": ("DataConfig", "DataSpec", "ModelConfig", "RunConfig", "TrainConfig"),
+    "data": ("DATASETS", "DataSplits", "ImageSet", "load_data"),
+    "distributions": ("LIKELIHOODS", "Bernoulli", "DiagonalGaussian", "Gaussian", "StandardNormal"),
+    "errors": ("CheckpointError", "ConfigError", "DataError", "DatasetNotFoundError", "NonFiniteError",
+               "RunLockedError", "VaelabError", "VaelabWarning"),
+    "evaluation": ("EvalResult", "evaluate_model", "evaluate_run"),
+    "models": ("CVAE", "MODELS", "VAE", "LatentModel", "ModelOutput", "Regressor", "StochasticLayer", "build_model"),
+    "objectives": ("ELBOObjective", "ELBOTerms", "elbo", "iwae_bound"),
+    "pipeline": ("BatchPipeline",),
+    "runs": ("Run", "RunDir", "load_run"),
+    "training": ("TrainResult", "train", "train_step"),
+    "viz": ("encode_run", "interpolate_run", "manifold_run", "reconstruct_run", "sample_run"),
+    "viz.complete": ("Completion", "complete_images", "complete_run"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
 
-__all__ = [
-    "CONDITIONS",
-    "CVAE",
-    "DATASETS",
-    "LIKELIHOODS",
-    "MODELS",
-    "VAE",
-    "BatchPipeline",
-    "Bernoulli",
-    "CheckpointError",
-    "Completion",
-    "Condition",
-    "ConfigError",
-    "DataConfig",
-    "DataError",
-    "DataSpec",
-    "DataSplits",
-    "DatasetNotFoundError",
-    "DiagonalGaussian",
-    "ELBOObjective",
-    "ELBOTerms",
-    "EvalResult",
-    "Gaussian",
-    "ImageSet",
-    "LatentModel",
-    "ModelConfig",
-    "ModelOutput",
-    "NonFiniteError",
-    "Regressor",
-    "Run",
-    "RunConfig",
-    "RunDir",
-    "RunLockedError",
-    "StandardNormal",
-    "StochasticLayer",
-    "TrainConfig",
-    "TrainResult",
-    "VaelabError",
-    "VaelabWarning",
-    "build_condition",
-    "build_model",
-    "complete_images",
-    "complete_run",
-    "elbo",
-    "encode_run",
-    "evaluate_model",
-    "evaluate_run",
-    "interpolate_run",
-    "iwae_bound",
-    "load_data",
-    "load_run",
-    "manifold_run",
-    "reconstruct_run",
-    "sample_run",
-    "train",
-    "train_step",
-]
+
+def __getattr__(name: str) -> Any:
+    """A public name (or a submodule such as ``vaelab.training``), imported when first asked for."""
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    elif not name.startswith("_"):
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .evaluation import evaluate_run
+from .runs import RunDir, load_checkpoint
 from .training import train
 from .viz import interpolate_run, manifold_run, reconstruct_run, sample_run
 
@@ -19,11 +20,23 @@ def demo_config(epochs: int = 10, data_dir: str | None = None, progress: bool = 
     )
 
 
+def _train(cfg: RunConfig, run_dir: Path, what: str) -> None:
+    """Train ``cfg`` into ``run_dir``, or say that the run there is already trained (a re-run of the demo)."""
+    latest = RunDir.of(run_dir).latest
+    done = int(load_checkpoint(latest).state.get("epoch", 0)) if latest.exists() else 0
+    epochs = cfg.train.epochs
+    if done >= epochs:
+        print(f"== {run_dir} already holds {what}, trained for {done} epochs: reusing it")
+        return
+    verb = f"continuing from epoch {done}" if done else "training"
+    print(f"== {verb}: {what}, {epochs} epochs, into {run_dir}")
+    train(cfg, run_dir)
+
+
 def run_demo(run_dir: Path, epochs: int = 10, k: int = 256, data_dir: str | None = None,
              progress: bool = True) -> dict[str, Path]:
     cfg = demo_config(epochs, data_dir, progress)
-    print(f"== training a VAE (784-400-20, Bernoulli) on Fashion-MNIST for {epochs} epochs into {run_dir}")
-    train(cfg, run_dir)
+    _train(cfg, run_dir, "a VAE (784-400-20, Bernoulli) on Fashion-MNIST")
     print(f"== evaluating on the test set with k={k} importance samples")
     res = evaluate_run(run_dir, k=k, progress=progress)
     print(res.table())
@@ -31,8 +44,7 @@ def run_demo(run_dir: Path, epochs: int = 10, k: int = 256, data_dir: str | None
     run2 = run_dir / "latent2"
     cfg2 = cfg.replace(model=ModelConfig(latent_dim=2, hidden=(400,)),
                        train=TrainConfig(epochs=max(1, epochs // 2), progress=progress))
-    print(f"== training a 2-D latent model for the manifold picture into {run2}")
-    train(cfg2, run2)
+    _train(cfg2, run2, "a 2-D latent model for the manifold picture")
     out = {
         "evaluation": Path(res.extra["written"]),
         "samples": sample_run(run_dir, run_dir / "samples.png", n=64),

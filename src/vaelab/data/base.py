@@ -79,6 +79,16 @@ class DataSplits:
     def num_classes(self) -> int | None:
         return self.train.num_classes
 
+    def describe(self) -> str:
+        """What was loaded, in one line: the splits' sizes, the image shape, the labels, where from."""
+        c, h, w = self.shape
+        kind = {1: "grey", 3: "colour"}.get(c, f"{c} channels")
+        labels = (f"{self.num_classes} classes" if self.num_classes else
+                  "labelled" if self.train.labels is not None else "no labels")
+        src = f" ({self.info['source']})" if self.info.get("source") else ""
+        return (f"{self.name}: {len(self.train)} train / {len(self.val)} validation / {len(self.test)} test images, "
+                f"{c}x{h}x{w} {kind}, {labels}{src}")
+
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 intensities k/255 in [0, 1]."""

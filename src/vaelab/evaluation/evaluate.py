@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,9 @@ def evaluate_run(
         raise ConfigError(f"{run.root}: the {split} split is empty; nothing to evaluate")
     data = run.data(split, limit=None if limit is None else min(limit, available))
     exact, meaning = describe_likelihood(run.config)
+    if progress:  # what was loaded, before a possibly long computation
+        print(f"evaluating {run.checkpoint} (epoch {run.state.get('epoch')}) on {len(data)} {split} images; "
+              f"data {run.splits.describe()}", file=sys.stderr, flush=True)
     res = evaluate_model(
         run.model, data, pipeline=run.pipeline, k=k, batch_size=batch_size, seed=seed, exact=exact,
         meaning=meaning, progress=progress, split=split,

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..models import device_of, generator_for
 from ..objectives import elbo_terms
 from ..pipeline import BatchPipeline
+from ..progress import Progress, duration
 
 BUDGET = 16 << 20  # floats of likelihood parameters per forward call (64 MiB)
+ESTIMATE_AFTER = 60.0  # seconds: a longer evaluation first says how long it will take
 
 
 @contextlib.contextmanager
@@ -113,9 +114,9 @@ def evaluate_batches(
     rows = max(1, budget // (draws * per_row)) if per_row else batch_size  # datapoints per call
     groups: list[Evaluation] = []
     scored = 0.0
-    with eval_mode(model):
-        for i in tqdm(range(0, n, batch_size), desc=f"evaluate (k={k})", disable=None if progress else True,
-                      leave=False):
+    bar = Progress(math.ceil(n / batch_size), f"evaluate (k={k}, {n} images)", enabled=progress)
+    with eval_mode(model), bar:
+        for i in range(0, n, batch_size):
             b = pipeline(images[i : i + batch_size].to(device),
                          None if labels is None else labels[i : i + batch_size].to(device), g)
             for j in range(0, b.x.shape[0], rows):
@@ -124,6 +125,10 @@ def evaluate_batches(
                 groups.append(_draws(model, x, c, mask, k, draws, g))
             scored += float(b.x[0].numel() * b.x.shape[0] if b.mask is None
                             else torch.broadcast_to(b.mask, b.x.shape).sum())
+            bar.update()
+            if i == 0 and bar.estimate() > ESTIMATE_AFTER:
+                bar.note(f"evaluate: k={k} draws for each of {n} images will take about {duration(bar.estimate())} "
+                         "(measured on the first batch); a smaller -k or --limit is quicker")
     return _concat(groups, k, scored)
 
 

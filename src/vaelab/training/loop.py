@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import DataSpec, RunConfig, TrainConfig
 from ..data import DataSplits, to_float
@@ -27,6 +26,7 @@ from ..data.validate import check_model_input
 from ..errors import CheckpointError, NonFiniteError
 from ..evaluation.loop import evaluate_batches
 from ..objectives import ELBOObjective, Objective
+from ..progress import Progress
 from ..runs.lock import RunLock
 from ..runs.rundir import RunDir
 from .distributed import all_sum, dist_info, setup_distributed
@@ -120,8 +120,8 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
     while state.epoch < t.epochs:
         epoch = state.epoch
         order = epoch_order(n, t.seed, epoch)[:usable][s.rank :: s.world]
-        bar = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   disable=None if t.progress and s.rank == 0 else True, leave=False, dynamic_ncols=True)
+        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", initial=state.step_in_epoch,
+                       enabled=t.progress and s.rank == 0)
         meters = Meters(state.sums)
         t0 = time.perf_counter()
         for i in range(state.step_in_epoch, steps_per_epoch):
@@ -134,7 +134,7 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
             guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
             state.step, state.step_in_epoch = state.step + 1, i + 1
             if i % 20 == 0 and meters.sums["n"]:
-                bar.set_postfix(loss=f"{meters.loss:.2f}", refresh=False)
+                bar.set_postfix(f"loss {meters.loss:.2f}")
             bar.update(1)
             stop = max_steps is not None and state.step >= max_steps
             if i + 1 < steps_per_epoch and (stop or (t.checkpoint_every and state.step % t.checkpoint_every == 0)):

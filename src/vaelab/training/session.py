@@ -189,11 +189,16 @@ def open_session(
     pipeline = BatchPipeline(build_condition(cfg.model.condition, spec), cfg.data.binarize)
     noise = torch.Generator().manual_seed(t.seed + 7919 * rank)
     s = Session(run, cfg, spec, data, model, make_optimizer(model, cfg), noise, TrainState(), pipeline, rank, world)
+    s.say(f"data {data.describe()}")
     if ckpt is not None:
         _restore(s, ckpt)
         if rank == 0:
             run.truncate_metrics(s.state.step)
-        s.say(f"resuming {run.root} from epoch {s.state.epoch}, step {s.state.step}")
+        if s.state.epoch >= t.epochs and not s.state.step_in_epoch:
+            s.say(f"{run.root} is already trained for {s.state.epoch} epochs (train.epochs = {t.epochs}): "
+                  "nothing to train; give more epochs to continue it")
+        else:
+            s.say(f"resuming {run.root} from epoch {s.state.epoch}, step {s.state.step}")
     elif rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         atomic_write(run.config, cfg.to_json().encode())
