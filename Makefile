@@ -23,7 +23,7 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest
 
-# The property tests with fresh random examples (and more of them); `make test` is deterministic.
+# The property tests with fresh random examples each run; `make test` is deterministic.
 fuzz: venv
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz_loaders.py tests/test_safe_loading.py tests/test_data_idx.py
 

@@ -40,7 +40,8 @@ class Distribution(ABC):
 
     def sample_n(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """n draws, (n, *batch, *event), with the spread scaled by ``temperature`` (what a prior must offer)."""
-        raise NotImplementedError(f"{type(self).__name__} does not draw n samples with a temperature")
+        raise TypeError(f"{type(self).__name__} cannot serve as a prior: it does not define sample_n "
+                        "(n draws with the spread scaled by a temperature)")
 
     def numel(self) -> int:
         """How many numbers parameterise this distribution (memory a caller must budget for)."""
