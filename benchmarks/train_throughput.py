@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
 from vaelab.data import to_float
+from vaelab.devices import resolve_device
 from vaelab.evaluation import evaluate_batches
 
 
@@ -48,8 +49,17 @@ def reference_loss(recon, x, mu, logvar):
     return bce + kld
 
 
-def reference_epoch(model, opt, loader) -> float:
+CPU = torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_epoch(model, opt, loader, device: torch.device = CPU) -> float:
     model.train()
+    _sync(device)
     t0 = time.perf_counter()
     for (x,) in loader:
         opt.zero_grad()
@@ -57,6 +67,7 @@ def reference_epoch(model, opt, loader) -> float:
         loss = reference_loss(recon, x, mu, logvar)
         loss.backward()
         opt.step()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -72,15 +83,17 @@ def reference_test_neg_elbo(model, x_test: torch.Tensor) -> float:
     return tot / len(x_test)
 
 
-def matmul_floor(n_train: int, d: int = 784, h: int = 400, z: int = 20, batch: int = 128, reps: int = 3) -> float:
+def matmul_floor(n_train: int, d: int = 784, h: int = 400, z: int = 20, batch: int = 128, reps: int = 3,
+                 device: torch.device = CPU) -> float:
     """Seconds per epoch spent in the step's matrix products alone (4 forward addmm, 7 backward mm,
     the same shapes any implementation of this model must compute): a floor no loop can beat."""
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, d, generator=g)
-    w1, w2, w3, w4 = (torch.randn(o, i, generator=g) * 0.05 for o, i in ((h, d), (2 * z, h), (h, z), (d, h)))
-    b1, b2, b3, b4 = (torch.zeros(o) for o in (h, 2 * z, h, d))
-    h1, e, zz, h3, out = torch.empty(batch, h), torch.empty(batch, 2 * z), torch.rand(batch, z), torch.empty(batch, h), \
-        torch.empty(batch, d)
+    x = torch.rand(batch, d, generator=g).to(device)
+    w1, w2, w3, w4 = (torch.randn(o, i, generator=g).to(device) * 0.05 for o, i in ((h, d), (2 * z, h), (h, z), (d, h)))
+    b1, b2, b3, b4 = (torch.zeros(o, device=device) for o in (h, 2 * z, h, d))
+    h1, e, zz, h3, out = (torch.empty(batch, h, device=device), torch.empty(batch, 2 * z, device=device),
+                          torch.rand(batch, z, device=device), torch.empty(batch, h, device=device),
+                          torch.empty(batch, d, device=device))
 
     def step() -> None:
         torch.addmm(b1, x, w1.t(), out=h1)
@@ -94,9 +107,11 @@ def matmul_floor(n_train: int, d: int = 784, h: int = 400, z: int = 20, batch: i
         step()
     times = []
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -110,7 +125,9 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="run directory for vaelab (default: a temporary one)")
     ap.add_argument("--limit-train", type=int, default=None, help="use only N training images (smoke tests)")
     ap.add_argument("--val-size", type=int, default=5000)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | ...: both loops run there")
     args = ap.parse_args()
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -118,25 +135,29 @@ def main() -> None:
         data=vaelab.DataConfig(name=args.data, data_dir=args.data_dir, limit_train=args.limit_train,
                                val_size=args.val_size),
         model=vaelab.ModelConfig(latent_dim=20, hidden=(400,), likelihood="bernoulli"),
-        train=vaelab.TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, progress=False, threads=args.threads),
+        train=vaelab.TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, progress=False, threads=args.threads,
+                                 device=args.device),
     )
     data = vaelab.load_data(cfg.data)
-    x_train = to_float(data.train.images)
-    x_test = to_float(data.test.images)
+    x_train = to_float(data.train.images).to(device)
+    x_test = to_float(data.test.images).to(device)
 
     torch.manual_seed(1)
-    ref = ReferenceVAE()
+    ref = ReferenceVAE().to(device)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
-    loader = DataLoader(TensorDataset(x_train), batch_size=128, shuffle=True)
-    res, ours_times, ref_times = train_interleaved(cfg, data, lambda: reference_epoch(ref, ref_opt, loader), args.run)
+    loader = DataLoader(TensorDataset(x_train), batch_size=128, shuffle=True,
+                        generator=torch.Generator(device=device) if device.type == "cuda" else None)
+    res, ours_times, ref_times = train_interleaved(cfg, data, lambda: reference_epoch(ref, ref_opt, loader, device),
+                                                   args.run)
     ours_nelbo = -evaluate_batches(res.model, data.test.images, None, vaelab.BatchPipeline(vaelab.build_condition(
         "none", res.spec)), batch_size=1000).means()["elbo"]
     ref_nelbo = reference_test_neg_elbo(ref, x_test)
-    floor = matmul_floor(len(x_train))
+    floor = matmul_floor(len(x_train), device=device)
 
     med_ref, med_ours = statistics.median(ref_times), statistics.median(ours_times)
     print(f"train_throughput: {args.data}, {len(x_train)} training images, MLP 784-400-20, Bernoulli, batch 128, "
-          f"Adam 1e-3, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"Adam 1e-3, fp32, torch {torch.__version__}, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}")
     print(f"{'':12s} {'median s/epoch':>15s} {'epochs (s)':>40s} {'test -ELBO':>11s}")
     print(f"{'reference':12s} {med_ref:15.3f} {' '.join(f'{t:.2f}' for t in ref_times):>40s} {ref_nelbo:11.2f}")
     print(f"{'vaelab':12s} {med_ours:15.3f} {' '.join(f'{t:.2f}' for t in ours_times):>40s} {ours_nelbo:11.2f}")

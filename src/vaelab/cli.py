@@ -60,6 +60,8 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "grad_clip": ("train", "grad_clip", float),
     "iwae_k": ("train", "iwae_k", int),
     "seed": ("train", "seed", int),
+    "device": ("train", "device", str),
+    "precision": ("train", "precision", str),
     "threads": ("train", "threads", int),
     "checkpoint_every": ("train", "checkpoint_every", int),
 }
@@ -154,7 +156,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_run
 
     res = evaluate_run(args.run, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                       seed=args.seed, which=_which(args), progress=not args.no_progress, data_dir=args.data_dir)
+                       seed=args.seed, which=_which(args), progress=not args.no_progress, data_dir=args.data_dir,
+                       device=args.device)
     if args.json:
         print(dumps_json(res.to_dict(), indent=2))
     else:
@@ -182,7 +185,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .runs import Run
     from .viz import sample_run
 
-    run = Run(args.run, _which(args))
+    run = Run(args.run, _which(args), device=args.device)
     c = _label_condition(run, args.label)
     print(sample_run(run, args.out, n=args.n, seed=args.seed, temperature=args.temperature, c=c))
     return 0
@@ -191,7 +194,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .viz import reconstruct_run
 
-    print(reconstruct_run(args.run, args.out, n=args.n, which=_which(args), data_dir=args.data_dir))
+    print(reconstruct_run(args.run, args.out, n=args.n, which=_which(args), data_dir=args.data_dir,
+                          device=args.device))
     return 0
 
 
@@ -199,7 +203,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     from .viz import interpolate_run
 
     print(interpolate_run(args.run, args.out, a=args.a, b=args.b, steps=args.steps, which=_which(args),
-                          data_dir=args.data_dir))
+                          data_dir=args.data_dir, device=args.device))
     return 0
 
 
@@ -213,7 +217,7 @@ def cmd_manifold(args: argparse.Namespace) -> int:
         dims = ()
     if len(dims) != 2:
         raise ConfigError(f"--dims takes two latent dimensions separated by a comma, e.g. 0,1; got {args.dims[:40]!r}")
-    run = Run(args.run, _which(args))
+    run = Run(args.run, _which(args), device=args.device)
     c = _label_condition(run, args.label)
     print(manifold_run(run, args.out, n=args.n, dims=(dims[0], dims[1]), c=c))
     return 0
@@ -222,7 +226,8 @@ def cmd_manifold(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from .viz import encode_run
 
-    print(encode_run(args.run, args.out, split=args.split, which=_which(args), data_dir=args.data_dir))
+    print(encode_run(args.run, args.out, split=args.split, which=_which(args), data_dir=args.data_dir,
+                     device=args.device))
     return 0
 
 
@@ -231,7 +236,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
     res = complete_run(args.run, args.out, n=args.n, samples=args.samples, seed=args.seed, which=_which(args),
                        condition=args.condition, mask=args.mask, regressor=args.regressor, split=args.split,
-                       start=args.start, data_dir=args.data_dir)
+                       start=args.start, data_dir=args.data_dir, device=args.device)
     print(res.path)
     print(f"  {res.condition}")
     m = res.metrics
@@ -264,7 +269,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     check_count(args.epochs, "--epochs", 1)
     check_count(args.k, "-k", 1)
-    run_demo(Path(args.run), epochs=args.epochs, k=args.k, data_dir=args.data_dir, progress=not args.no_progress)
+    run_demo(Path(args.run), epochs=args.epochs, k=args.k, data_dir=args.data_dir, progress=not args.no_progress,
+             device=args.device)
     return 0
 
 
@@ -286,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("run", help="run directory (or a checkpoint .safetensors file)")
         s.add_argument("--checkpoint", default="best", help="best | latest | path to a checkpoint file")
+        s.add_argument("--device", default="auto", help="auto (a GPU when one is visible) | cpu | cuda | cuda:N | mps")
         s.set_defaults(func=func)
         return s
 
@@ -354,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("-k", type=int, default=256, help="importance samples per test image")
     dm.add_argument("--data-dir", default=None)
     dm.add_argument("--no-progress", action="store_true")
+    dm.add_argument("--device", default="auto", help="auto (a GPU when one is visible) | cpu | cuda | cuda:N | mps")
     dm.set_defaults(func=cmd_demo)
     return p
 

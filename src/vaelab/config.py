@@ -10,6 +10,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import types
 import typing
@@ -91,6 +92,10 @@ def check_count(value: int, name: str, low: int = 1, high: int | None = None) ->
         rule = f">= {low}" if high is None else f"in {low}..{high}"
         raise ConfigError(f"{name} must be an integer {rule}, got {_show(value)}")
     return value
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what --device accepts
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,8 @@ class TrainConfig:
     grad_clip: float | None = None  # clip the gradient's global norm
     max_nonfinite: int = resumable(20)  # consecutive skipped (non-finite) steps before the run stops
     seed: int = 0
+    device: str = resumable("auto")  # auto | cpu | cuda | cuda:N | mps (auto: a GPU when one is visible)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, float32 master weights and reductions)
     checkpoint_every: int = resumable(0)  # also checkpoint every N steps (0: at each epoch's end only)
     eval_batch_size: int = 1000
     threads: int | None = resumable(None)  # torch intra-op threads (None: torch's default)
@@ -216,6 +223,9 @@ class TrainConfig:
         c("iwae_k", self.iwae_k >= 1, ">= 1")
         c("threads", self.threads is None or 1 <= self.threads <= MAX_THREADS, f"in 1..{MAX_THREADS} (or null)")
         _check_seed(self, "train")
+        c("device", isinstance(self.device, str) and DEVICE_PATTERN.fullmatch(self.device) is not None,
+          "auto, cpu, cuda, cuda:N or mps")
+        c("precision", self.precision in PRECISIONS, "fp32, bf16 or fp16")
         if self.iwae_k > 1 and (self.beta != 1.0 or self.free_bits > 0 or self.warmup_epochs > 0):
             raise ConfigError("train.iwae_k > 1 trains the IWAE bound, which has no KL weight: "
                               "leave beta = 1, free_bits = 0 and warmup_epochs = 0")

@@ -12,11 +12,12 @@ from .training import train
 from .viz import interpolate_run, manifold_run, reconstruct_run, sample_run
 
 
-def demo_config(epochs: int = 10, data_dir: str | None = None, progress: bool = True) -> RunConfig:
+def demo_config(epochs: int = 10, data_dir: str | None = None, progress: bool = True,
+                device: str = "auto") -> RunConfig:
     return RunConfig(
         data=DataConfig(name="fashion-mnist", data_dir=data_dir),
         model=ModelConfig(latent_dim=20, hidden=(400,), likelihood="bernoulli"),
-        train=TrainConfig(epochs=epochs, batch_size=128, lr=1e-3, progress=progress),
+        train=TrainConfig(epochs=epochs, batch_size=128, lr=1e-3, progress=progress, device=device),
     )
 
 
@@ -34,23 +35,23 @@ def _train(cfg: RunConfig, run_dir: Path, what: str) -> None:
 
 
 def run_demo(run_dir: Path, epochs: int = 10, k: int = 256, data_dir: str | None = None,
-             progress: bool = True) -> dict[str, Path]:
-    cfg = demo_config(epochs, data_dir, progress)
+             progress: bool = True, device: str = "auto") -> dict[str, Path]:
+    cfg = demo_config(epochs, data_dir, progress, device)
     _train(cfg, run_dir, "a VAE (784-400-20, Bernoulli) on Fashion-MNIST")
     print(f"== evaluating on the test set with k={k} importance samples")
-    res = evaluate_run(run_dir, k=k, progress=progress)
+    res = evaluate_run(run_dir, k=k, progress=progress, device=device)
     print(res.table())
     # a 2-D manifold needs a 2-D latent: train a small one alongside (Kingma & Welling Fig. 4)
     run2 = run_dir / "latent2"
     cfg2 = cfg.replace(model=ModelConfig(latent_dim=2, hidden=(400,)),
-                       train=TrainConfig(epochs=max(1, epochs // 2), progress=progress))
+                       train=TrainConfig(epochs=max(1, epochs // 2), progress=progress, device=device))
     _train(cfg2, run2, "a 2-D latent model for the manifold picture")
     out = {
         "evaluation": Path(res.extra["written"]),
-        "samples": sample_run(run_dir, run_dir / "samples.png", n=64),
-        "reconstructions": reconstruct_run(run_dir, run_dir / "reconstructions.png", n=32),
-        "interpolation": interpolate_run(run_dir, run_dir / "interpolation.png", a=0, b=1, steps=10),
-        "manifold": manifold_run(run2, run_dir / "manifold.png", n=20),
+        "samples": sample_run(run_dir, run_dir / "samples.png", n=64, device=device),
+        "reconstructions": reconstruct_run(run_dir, run_dir / "reconstructions.png", n=32, device=device),
+        "interpolation": interpolate_run(run_dir, run_dir / "interpolation.png", a=0, b=1, steps=10, device=device),
+        "manifold": manifold_run(run2, run_dir / "manifold.png", n=20, device=device),
     }
     print("== outputs")
     for k_, v in out.items():

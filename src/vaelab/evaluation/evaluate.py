@@ -170,6 +170,7 @@ def evaluate_run(
     progress: bool = True,
     data_dir: str | None = None,
     write: bool = True,
+    device: str = "auto",
 ) -> EvalResult:
     """Evaluate a trained run on its test (or val) split; writes ``RUN/eval/<split>-k<k>.json``."""
     check_count(k, "k (importance samples per datapoint)", 1)
@@ -177,7 +178,7 @@ def evaluate_run(
     check_seed(seed)
     if limit is not None:
         check_count(limit, "limit (examples to evaluate)", 1)
-    run = Run.of(run_dir, which, data_dir=data_dir)
+    run = Run.of(run_dir, which, data_dir=data_dir, device=device)
     available = len(run.data(split))
     if available == 0:
         raise ConfigError(f"{run.root}: the {split} split is empty; nothing to evaluate")

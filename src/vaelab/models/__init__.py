@@ -9,6 +9,7 @@ from .base import (
     build_model,
     device_of,
     flat_draws,
+    full_precision,
     generator_for,
     repeat_rows,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "build_model",
     "device_of",
     "flat_draws",
+    "full_precision",
     "generator_for",
     "repeat_rows",
 ]

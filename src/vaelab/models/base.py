@@ -12,6 +12,9 @@ Shapes: with ``k`` draws per datapoint, each layer's z is (B, L_l) for k = 1 and
 otherwise; q and p have any batch shape that broadcasts against z ((B,), (k, B) or () for a learned
 prior); the likelihood covers the k*B rows sample-major (row i*B + b is draw i of datapoint b).
 
+Distributions are given float32 parameters (cast at the networks' outputs), so that under bf16/fp16
+autocast the networks run in low precision while log-densities, KLs and their sums stay in float32.
+
 Layers are listed bottom-up: ``layers[0]`` is nearest the data, ``layers[-1]`` the top layer, whose
 prior is unconditional and whose latent space is the one pictures travel through (interpolation,
 manifold). A model with no latent variables (the regressor) has no layers: its KL is 0 by structure.
@@ -116,6 +119,12 @@ def device_of(model: nn.Module) -> torch.device:
 def generator_for(model: nn.Module, seed: int) -> torch.Generator:
     """A seeded random generator on the model's device (draws follow the model wherever it runs)."""
     return torch.Generator(device=device_of(model)).manual_seed(seed)
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """A network output as a distribution's parameter: bf16/fp16 (autocast) raised to float32;
+    float32 and float64 pass through unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def repeat_rows(t: torch.Tensor | None, k: int) -> torch.Tensor | None:

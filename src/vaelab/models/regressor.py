@@ -15,7 +15,7 @@ from ..distributions import Distribution, build_likelihood
 from ..distributions.likelihoods import LIKELIHOODS
 from ..errors import ConfigError
 from ..nets import build_decoder
-from .base import MODELS, LatentModelBase, ModelOutput, repeat_rows
+from .base import MODELS, LatentModelBase, ModelOutput, full_precision, repeat_rows
 from .vae import require_condition
 
 
@@ -42,7 +42,7 @@ class Regressor(LatentModelBase):
     def decode(self, z: torch.Tensor, c: torch.Tensor | None = None) -> Distribution:
         if c is None:
             raise ConfigError("the regressor predicts from its condition c: give one")
-        return self.likelihood(self.decoder(c.new_zeros(c.shape[0], 0), c))  # (N, K, H, W)
+        return self.likelihood(full_precision(self.decoder(c.new_zeros(c.shape[0], 0), c)))  # (N, K, H, W)
 
     def prior(self) -> Distribution:
         raise ConfigError("the regressor has no latent variable, so no prior")

@@ -15,7 +15,15 @@ from ..distributions.likelihoods import LIKELIHOODS
 from ..distributions.normal import DiagonalGaussian
 from ..errors import ConfigError
 from ..nets import build_decoder, build_encoder
-from .base import MODELS, LatentModelBase, ModelOutput, StochasticLayer, flat_draws, repeat_rows
+from .base import (
+    MODELS,
+    LatentModelBase,
+    ModelOutput,
+    StochasticLayer,
+    flat_draws,
+    full_precision,
+    repeat_rows,
+)
 
 
 class VAE(LatentModelBase):
@@ -38,14 +46,16 @@ class VAE(LatentModelBase):
         return StandardNormal(self.config.latent_dim, device=self.device)
 
     def posterior(self, x: torch.Tensor, c: torch.Tensor | None = None) -> DiagonalGaussian:
-        mu, logvar = self.encoder(x, c).chunk(2, dim=-1)  # (B, L) each
+        # float32 at the boundary: under bf16/fp16 autocast the networks run in low precision, the
+        # distributions (their log-densities, KLs and sums) in float32 (a no-op for fp32 runs).
+        mu, logvar = full_precision(self.encoder(x, c)).chunk(2, dim=-1)  # (B, L) each
         return DiagonalGaussian(mu, logvar)
 
     def encode(self, x: torch.Tensor, c: torch.Tensor | None = None) -> list[Distribution]:
         return [self.posterior(x, c)]
 
     def decode(self, z: torch.Tensor, c: torch.Tensor | None = None) -> Distribution:
-        return self.likelihood(self.decoder(z, c))
+        return self.likelihood(full_precision(self.decoder(z, c)))
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None, k: int = 1

@@ -16,6 +16,7 @@ from torch import nn
 from ..conditioning import Condition, build_condition
 from ..config import DataConfig, DataSpec, RunConfig
 from ..data import DataSplits, ImageSet, load_data
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..models import build_model
 from ..pipeline import BatchPipeline
@@ -28,7 +29,8 @@ SPLITS = ("train", "val", "test")
 class Run:
     """A run directory (or one checkpoint file) opened for use: the model is in eval mode."""
 
-    def __init__(self, path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None,
+                 device: str = "cpu") -> None:
         p = Path(path)
         if p.is_dir():
             self.dir = RunDir.of(p)
@@ -42,7 +44,8 @@ class Run:
         self.config: RunConfig = ckpt.config
         self.spec: DataSpec = ckpt.spec
         self.state: dict[str, Any] = ckpt.state
-        self.model: nn.Module = build_model(ckpt.config.model, ckpt.spec)
+        self.device = resolve_device(device)
+        self.model: nn.Module = build_model(ckpt.config.model, ckpt.spec).to(self.device)
         load_model_state(self.model, ckpt.model, str(self.checkpoint))
         self.model.eval()
         self.condition: Condition = build_condition(self.config.model.condition, self.spec)
@@ -50,8 +53,10 @@ class Run:
         self.data_dir = data_dir
 
     @classmethod
-    def of(cls, run: Run | str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None) -> Run:
-        """``run`` itself if already opened (with ``data_dir`` applied), else the run at that path."""
+    def of(cls, run: Run | str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None,
+           device: str = "auto") -> Run:
+        """``run`` itself if already opened (with ``data_dir`` applied; its model stays where it is),
+        else the run at that path, its model on ``device`` (``auto``: a GPU when one is visible)."""
         if isinstance(run, Run):
             if data_dir is None or data_dir == run.data_dir:
                 return run
@@ -59,7 +64,7 @@ class Run:
             other.data_dir = data_dir
             other.__dict__.pop("splits", None)
             return other
-        return cls(run, which, data_dir=data_dir)
+        return cls(run, which, data_dir=data_dir, device=device)
 
     @property
     def root(self) -> Path:
@@ -90,6 +95,8 @@ class Run:
         return f"Run({str(self.root)!r}, checkpoint={self.checkpoint.name!r}, model={self.config.model.model!r})"
 
 
-def load_run(path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None) -> Run:
-    """Open a run directory (``which`` = best | latest) or a checkpoint file; the model in eval mode."""
-    return Run(path, which, data_dir=data_dir)
+def load_run(path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None,
+             device: str = "cpu") -> Run:
+    """Open a run directory (``which`` = best | latest) or a checkpoint file; the model in eval mode on
+    ``device`` (default the CPU, where your own tensors are; ``auto`` takes a GPU when one is visible)."""
+    return Run(path, which, data_dir=data_dir, device=device)

@@ -162,7 +162,7 @@ def check_train_state(st: Any, source: str) -> dict[str, Any]:
 
     if not isinstance(st, Mapping):
         raise CheckpointError(f"{source}: corrupted training state (not a JSON object)")
-    known = set(TrainState.__dataclass_fields__) | {"rng_meta", "world_size"}
+    known = set(TrainState.__dataclass_fields__) | {"rng_meta", "world_size", "device", "grad_scaler"}
     unknown = sorted(set(st) - known)
     if unknown:
         raise CheckpointError(f"{source}: corrupted training state: unknown entries {unknown}")
@@ -182,6 +182,12 @@ def check_train_state(st: Any, source: str) -> dict[str, Any]:
     elapsed = out.get("elapsed", 0.0)
     if not _finite_number(elapsed) or elapsed < 0:
         raise CheckpointError(f"{source}: corrupted training state: elapsed must be a finite number >= 0, got {elapsed!r}")
+    if out.get("device", "cpu") not in ("cpu", "cuda", "mps"):
+        raise CheckpointError(f"{source}: corrupted training state: device must be cpu, cuda or mps, "
+                              f"got {out.get('device')!r}")
+    scaler = out.get("grad_scaler", {})
+    if not isinstance(scaler, Mapping) or not all(isinstance(k, str) and _finite_number(v) for k, v in scaler.items()):
+        raise CheckpointError(f"{source}: corrupted training state: grad_scaler must map names to finite numbers")
     sums = out.get("sums", {})
     if not isinstance(sums, Mapping) or not all(isinstance(k, str) and _finite_number(v) for k, v in sums.items()):
         raise CheckpointError(f"{source}: corrupted training state: sums must map names to finite numbers")
@@ -195,10 +201,15 @@ def _torch_state_size() -> int:
     return int(torch.Generator().get_state().numel())
 
 
+CUDA_STATE_SIZE = 16  # a CUDA (or MPS) generator's state: Philox seed and offset
+
+
 def check_rng_tensor(t: Any, name: str, source: str) -> None:
-    """A torch generator state: a 1-D uint8 tensor of the size torch's CPU generator uses."""
+    """A torch generator state: a 1-D uint8 tensor of the size torch's CPU generator uses (or, for the
+    noise stream of a run on a GPU, the size of a CUDA generator's)."""
     size = _torch_state_size()
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != size:
+    sizes = (size, CUDA_STATE_SIZE) if name.startswith("noise/") else (size,)
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or t.numel() not in sizes:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise CheckpointError(f"{source}: corrupted random number generator state rng/{name} "
                               f"(expected {size} bytes of uint8, got {got})")

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import DataSpec, RunConfig, TrainConfig
 from ..data import DataSplits, to_float
 from ..data.validate import check_model_input
+from ..devices import fits_on
 from ..errors import CheckpointError, NonFiniteError
 from ..evaluation.loop import evaluate_batches
 from ..objectives import ELBOObjective, Objective
@@ -111,6 +112,7 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
     train_x = to_float(s.data.train.images)  # the whole training set in memory: batching is indexing
     train_y = s.data.train.labels
     check_model_input(train_x, s.cfg.model.likelihood, s.data.train.source or s.data.name)
+    train_x, train_y, batches_move = _place(train_x, train_y, s.device)
     # Every rank takes the same number of examples (the few beyond a multiple of the world size are
     # left out of that epoch's order), so all ranks take the same steps and DDP's collectives match.
     n = train_x.shape[0]
@@ -125,11 +127,14 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
         meters = Meters(state.sums)
         t0 = time.perf_counter()
         for i in range(state.step_in_epoch, steps_per_epoch):
-            idx = order[i * t.batch_size : (i + 1) * t.batch_size]
-            batch = s.pipeline(train_x.index_select(0, idx), None if train_y is None else train_y.index_select(0, idx),
-                               s.noise, train=True)
+            idx = order[i * t.batch_size : (i + 1) * t.batch_size].to(train_x.device)
+            x, y = train_x.index_select(0, idx), None if train_y is None else train_y.index_select(0, idx)
+            if batches_move:  # pinned host memory -> the device, overlapping the copy with compute
+                x, y = x.to(s.device, non_blocking=True), None if y is None else y.to(s.device, non_blocking=True)
+            batch = s.pipeline(x, y, s.noise, train=True)
             r = train_step(model, s.optimizer, objective, batch, beta_at(t, epoch + i / steps_per_epoch),
-                           generator=s.noise, grad_clip=t.grad_clip, world=s.world)
+                           generator=s.noise, grad_clip=t.grad_clip, world=s.world, precision=t.precision,
+                           scaler=s.scaler)
             meters.add(r)
             guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
             state.step, state.step_in_epoch = state.step + 1, i + 1
@@ -155,6 +160,16 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
         _end_epoch(s, meters, callbacks, history)
         if max_steps is not None and state.step >= max_steps:
             return
+
+
+def _place(x: torch.Tensor, y: torch.Tensor | None, device: torch.device):
+    """The training set on ``device`` when it fits (batching stays indexing there); otherwise in
+    pinned host memory, each batch copied over as it is used. Returns (x, y, batches_move)."""
+    if device.type == "cpu":
+        return x, y, False
+    if fits_on(device, x.numel() * x.element_size()):
+        return x.to(device), None if y is None else y.to(device), False
+    return x.pin_memory(), None if y is None else y.pin_memory(), True
 
 
 def _end_epoch(s: Session, meters: Meters, callbacks: Sequence[EpochCallback], history: list[dict[str, Any]]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from ..conditioning import build_condition, describe_data
 from ..config import DataSpec, RunConfig
 from ..data import DataSplits, load_data
 from ..data.validate import check_splits
+from ..devices import autocast, resolve_device
 from ..errors import CheckpointError, NonFiniteError
 from ..models import build_model
 from ..pipeline import BatchPipeline
@@ -67,6 +68,8 @@ class Session:
     pipeline: BatchPipeline
     rank: int = 0
     world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: the loss scale, saved with the run
 
     def say(self, msg: str) -> None:
         """Print on rank 0 only (through tqdm, so progress bars stay intact)."""
@@ -80,12 +83,17 @@ class Session:
         """Write the same checkpoint to each of ``paths`` in order (rank 0). A failed write stops
         training with an error that names the file; the files already there stay intact."""
         rng, rng_meta = capture_global_rng()
-        states = all_gather(self.noise.get_state(), self.world)  # every rank's noise stream
+        # every rank's noise stream (through the device: nccl gathers GPU tensors only)
+        states = all_gather(self.noise.get_state().to(self.device), self.world)
         if self.rank != 0:
             return
-        rng.update({f"noise/{r}": s for r, s in enumerate(states)})
-        st = {**dataclasses.asdict(self.state), "rng_meta": rng_meta, "world_size": self.world}
-        ckpt = Checkpoint(self.cfg, self.spec, unwrap(self.model).state_dict(), self.optimizer.state_dict(), st, rng)
+        rng.update({f"noise/{r}": s.cpu() for r, s in enumerate(states)})
+        st = {**dataclasses.asdict(self.state), "rng_meta": rng_meta, "world_size": self.world,
+              "device": self.device.type}
+        if self.scaler is not None:
+            st["grad_scaler"] = self.scaler.state_dict()
+        model = {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
+        ckpt = Checkpoint(self.cfg, self.spec, model, _to_cpu(self.optimizer.state_dict()), st, rng)
         for path in paths:
             try:
                 save_checkpoint(path, ckpt)
@@ -115,6 +123,13 @@ class Session:
         self.save([self.run.best, self.run.latest] if improved else [self.run.latest])
 
 
+def _to_cpu(sd: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict with its tensors on the CPU (checkpoints are device-free)."""
+    state = {pid: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for pid, st in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
 def _previous(run: RunDir, resume: bool | None) -> Checkpoint | None:
     if run.latest.exists() and resume is not False:
         return load_checkpoint(run.latest)
@@ -133,6 +148,8 @@ def _restore(s: Session, ckpt: Checkpoint) -> None:
     st = check_train_state(ckpt.state, source)
     rng_meta = st.pop("rng_meta", {})
     saved_world = st.pop("world_size", 1)
+    saved_device = st.pop("device", "cpu")
+    scaler_state = st.pop("grad_scaler", None)
     if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
         raise CheckpointError(f"{source}: corrupted training state: world_size must be a whole number >= 1")
     if ckpt.optimizer is not None:
@@ -152,7 +169,15 @@ def _restore(s: Session, ckpt: Checkpoint) -> None:
             f"{source}: taken mid-epoch with {saved_world} processes; resume with the same number"
         )
     restore_global_rng(ckpt.rng, rng_meta, source)
-    if key in ckpt.rng:
+    if s.scaler is not None and scaler_state:
+        s.scaler.load_state_dict(scaler_state)
+    if saved_device != s.device.type:
+        # A generator's state does not carry over between device kinds: the run goes on, from a
+        # stream re-derived from (seed, rank, step), but no longer bit-identical to one that stayed.
+        s.noise.manual_seed(s.cfg.train.seed + 7919 * s.rank + 1_000_003 * s.state.step)
+        s.say(f"resuming on {s.device.type} a run trained on {saved_device}: it continues correctly but not "
+              f"bit-identically to a run that stayed on {saved_device}")
+    elif key in ckpt.rng:
         try:
             s.noise.set_state(ckpt.rng[key])
         except RuntimeError as e:
@@ -172,6 +197,8 @@ def open_session(
     if ckpt is not None:
         cfg = ckpt.config.resume_with(cfg)
     t = cfg.train
+    device = resolve_device(t.device)  # a device or precision that is not there: said before any work
+    autocast(device, t.precision)
     if t.threads:
         torch.set_num_threads(t.threads)
     data = data if data is not None else load_data(cfg.data)
@@ -185,10 +212,14 @@ def open_session(
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2**32)
     random.seed(t.seed)
-    model = build_model(cfg.model, spec)
+    model = build_model(cfg.model, spec).to(device)
     pipeline = BatchPipeline(build_condition(cfg.model.condition, spec), cfg.data.binarize)
-    noise = torch.Generator().manual_seed(t.seed + 7919 * rank)
-    s = Session(run, cfg, spec, data, model, make_optimizer(model, cfg), noise, TrainState(), pipeline, rank, world)
+    noise = torch.Generator(device=device).manual_seed(t.seed + 7919 * rank)
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+    s = Session(run, cfg, spec, data, model, make_optimizer(model, cfg), noise, TrainState(), pipeline, rank, world,
+                device, scaler)
+    if device.type != "cpu" or t.precision != "fp32":
+        s.say(f"device {device}, precision {t.precision}")
     s.say(f"data {data.describe()}")
     if ckpt is not None:
         _restore(s, ckpt)

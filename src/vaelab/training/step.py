@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..conditioning import Batch
+from ..devices import autocast
 from ..errors import NonFiniteError
 from ..objectives import Objective
 from .distributed import all_agree, all_sum
@@ -44,12 +45,19 @@ def train_step(
     generator: torch.Generator | None,
     grad_clip: float | None = None,
     world: int = 1,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """Minimise ``objective`` on ``batch`` by one optimizer step. A non-finite loss or gradient on any
-    process skips the update everywhere (the gradients are dropped), as vdvae's step does."""
-    loss, terms = objective(model, batch, generator=generator, beta=beta)
+    process skips the update everywhere (the gradients are dropped), as vdvae's step does.
+    ``precision`` bf16/fp16 runs the forward pass under autocast (float32 master weights); ``scaler``
+    (fp16) scales the loss, and the gradients are unscaled before they are measured or clipped."""
+    with autocast(batch.x.device, precision):
+        loss, terms = objective(model, batch, generator=generator, beta=beta)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else grad_norm(params)
     # One synchronisation per step: the loss, the gradient norm and the batch's sums.
@@ -58,9 +66,11 @@ def train_step(
     ).tolist()
     ok = all_agree(math.isfinite(loss_v) and math.isfinite(gnorm_v), world)
     if ok:
-        optimizer.step()
+        optimizer.step() if scaler is None else scaler.step(optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.update()  # after an overflow the scale halves: the guard counts that step as skipped
     return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok)
 
 

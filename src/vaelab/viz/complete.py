@@ -166,6 +166,7 @@ def complete_run(
     split: str = "test",
     start: int = 0,
     data_dir: str | None = None,
+    device: str = "auto",
 ) -> CompletionResult:
     """Write a PNG grid of completions of n images of a split (rows: observed | ``samples`` CVAE
     completions | the regressor run's completion, if given | ground truth); default RUN/completions.png.
@@ -182,10 +183,10 @@ def complete_run(
         raise ConfigError("give either a condition or a mask file, not both")
     if mask is not None:
         condition = f"mask:{mask}"
-    r = Run.of(run, which, data_dir=data_dir)
+    r = Run.of(run, which, data_dir=data_dir, device=device)
     reg_model = None
     if regressor is not None:
-        reg = Run.of(regressor, which)
+        reg = Run.of(regressor, which, device=str(r.device))
         if reg.spec.shape != r.spec.shape:
             raise ConfigError(f"{regressor}: images of shape {reg.spec.shape}, the CVAE's are {r.spec.shape}")
         if reg.condition.name != r.condition.name:

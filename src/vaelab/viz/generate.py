@@ -38,7 +38,10 @@ def _check_temperature(t: float) -> float:
 def _cond(model: nn.Module, n: int, c: torch.Tensor | None) -> torch.Tensor | None:
     if model.spec.cond_dim and c is None:
         raise ConfigError("this model is conditional: give a condition (e.g. --label)")
-    return None if c is None else c.expand(n, -1) if c.shape[0] == 1 else c
+    if c is None:
+        return None
+    c = c.to(device_of(model))
+    return c.expand(n, -1) if c.shape[0] == 1 else c
 
 
 def _top_dim(model: nn.Module, what: str) -> int:
@@ -105,7 +108,7 @@ def manifold_images(
     z[:, dims[0]] = vals.repeat(n)
     z[:, dims[1]] = vals.flip(0).repeat_interleave(n)
     with eval_mode(model):
-        return model.decode(z, None if c is None else c.expand(n * n, -1)).mean.clamp(0, 1)
+        return model.decode(z, _cond(model, n * n, c)).mean.clamp(0, 1)
 
 
 @torch.no_grad()
@@ -135,22 +138,22 @@ def _first_images(run: Run, n: int):
 
 
 def sample_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 64,
-               seed: int = 0, temperature: float = 1.0, which: str = "best", c: torch.Tensor | None = None) -> Path:
+               seed: int = 0, temperature: float = 1.0, which: str = "best", c: torch.Tensor | None = None, device: str = "auto") -> Path:
     """Write a PNG grid of n samples from the prior; returns its path (default RUN/samples.png)."""
     check_count(n, "n (images to sample)", 1, MAX_IMAGES)
     out_path = output_path(out, "samples.png") if out is not None else None
-    r = Run.of(run, which)
+    r = Run.of(run, which, device=device)
     imgs = sample_images(r.model, n, seed=seed, temperature=temperature, c=c)
     return save_grid(imgs, out_path or r.root / "samples.png")
 
 
 def reconstruct_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 32,
-                    which: str = "best", data_dir: str | None = None) -> Path:
+                    which: str = "best", data_dir: str | None = None, device: str = "auto") -> Path:
     """Write a PNG: rows of test images alternating with their reconstructions (all the test split's
     images, with a warning, when it has fewer than n)."""
     check_count(n, "n (images to reconstruct)", 1, MAX_IMAGES)
     out_path = output_path(out, "reconstructions.png") if out is not None else None
-    r = Run.of(run, which, data_dir=data_dir)
+    r = Run.of(run, which, data_dir=data_dir, device=device)
     b, m = _first_images(r, n)
     if m < n:
         warnings.warn(f"{r.root}: the test split has {m} images; reconstructing all {m}, not {n}",
@@ -164,13 +167,13 @@ def reconstruct_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, 
 
 
 def interpolate_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, a: int = 0,
-                    b: int = 1, steps: int = 10, which: str = "best", data_dir: str | None = None) -> Path:
+                    b: int = 1, steps: int = 10, which: str = "best", data_dir: str | None = None, device: str = "auto") -> Path:
     """Write a PNG row: decoded points on the line between the posterior means of test images a and b."""
     check_count(a, "a (index of the first image)", 0)
     check_count(b, "b (index of the second image)", 0)
     check_count(steps, "steps", 1, MAX_STEPS)
     out_path = output_path(out, "interpolation.png") if out is not None else None
-    r = Run.of(run, which, data_dir=data_dir)
+    r = Run.of(run, which, data_dir=data_dir, device=device)
     if r.spec.cond_dim:
         raise ConfigError("interpolate works on unconditional models")
     available = len(r.data("test"))
@@ -183,22 +186,22 @@ def interpolate_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, 
 
 
 def manifold_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 20,
-                 dims: tuple[int, int] = (0, 1), which: str = "best", c: torch.Tensor | None = None) -> Path:
+                 dims: tuple[int, int] = (0, 1), which: str = "best", c: torch.Tensor | None = None, device: str = "auto") -> Path:
     """Write the 2-D manifold PNG (Kingma & Welling Fig. 4) over latent dimensions ``dims``."""
     check_count(n, "n (grid size)", 1, MAX_MANIFOLD)
     out_path = output_path(out, "manifold.png") if out is not None else None
-    r = Run.of(run, which)
+    r = Run.of(run, which, device=device)
     imgs = manifold_images(r.model, n, dims, c=c)
     return save_grid(imgs, out_path or r.root / "manifold.png", nrow=n, pad=0, scale=1)
 
 
 def encode_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, split: str = "test",
-               which: str = "best", data_dir: str | None = None) -> Path:
+               which: str = "best", data_dir: str | None = None, device: str = "auto") -> Path:
     """Write the top-layer posterior means of a split to .npy (N, L); labels, if any, to *_labels.npy."""
     from ..runs.checkpoint import atomic_write
 
     out_path = output_path(out, f"encoded-{split}.npy") if out is not None else None
-    r = Run.of(run, which, data_dir=data_dir)
+    r = Run.of(run, which, data_dir=data_dir, device=device)
     data = r.data(split)
     z = encode_means(r.model, data, r.pipeline)
     p = out_path or r.root / f"encoded-{split}.npy"
