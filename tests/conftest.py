@@ -64,5 +64,7 @@ def tiny_cfg(mnist_dir: Path) -> RunConfig:
     return RunConfig(
         data=DataConfig(name="mnist", data_dir=str(mnist_dir), val_size=40, download=False),
         model=ModelConfig(latent_dim=2, hidden=(32,)),
-        train=TrainConfig(epochs=2, batch_size=32, progress=False, threads=1),
+        # on the CPU wherever the tests run (they compare with CPU tensors); tests/test_devices.py and
+        # the device-parametrised tests cover the GPU
+        train=TrainConfig(epochs=2, batch_size=32, progress=False, threads=1, device="cpu"),
     )

@@ -170,7 +170,7 @@ def trained(tmp_path_factory):
     base = vaelab.RunConfig(
         data=vaelab.DataConfig(name="mnist", data_dir=str(data), val_size=40, download=False),
         model=ModelConfig(latent_dim=4, hidden=(32,)),
-        train=vaelab.TrainConfig(epochs=2, batch_size=32, progress=False, threads=1, lr=3e-3),
+        train=vaelab.TrainConfig(epochs=2, batch_size=32, progress=False, threads=1, lr=3e-3, device="cpu"),
     )
     return base, {name: vaelab.train(_cfg(base, name), root / name) for name in TEST_MODELS}
 

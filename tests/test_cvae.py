@@ -232,7 +232,7 @@ def _train(toy_dir, run, model: str, condition: str, epochs: int, latent: int = 
     cfg = RunConfig(
         data=DataConfig(name="mnist", data_dir=str(toy_dir), download=False, val_size=90),
         model=ModelConfig(model=model, condition=condition, latent_dim=latent, hidden=(64,)),
-        train=TrainConfig(epochs=epochs, batch_size=30, lr=3e-3, seed=seed, progress=False),
+        train=TrainConfig(epochs=epochs, batch_size=30, lr=3e-3, seed=seed, progress=False, device="cpu"),
     )
     return train(cfg, run)
 

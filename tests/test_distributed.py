@@ -18,7 +18,7 @@ def test_torchrun_two_processes(mnist_dir, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "vaelab", "train", "--data", "mnist", "--data-dir", str(mnist_dir), "--no-download",
         "--val-size", "41", "--hidden", "32", "--latent-dim", "2", "--batch-size", "16", "--epochs", "2",
-        "--threads", "1", "--run-dir", str(run), "--no-progress",
+        "--threads", "1", "--device", "cpu", "--run-dir", str(run), "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -47,7 +47,7 @@ def train_args(data_dir: Path, epochs: int = 3, every: int = 0, *extra: str) -> 
     """CLI options of a tiny run: 160 training images of 8x8, batches of 16 -> 10 steps per epoch."""
     return ["--data", "mnist", "--data-dir", str(data_dir), "--no-download", "--val-size", "40",
             "--latent-dim", "4", "--hidden", "32", "--epochs", str(epochs), "--batch-size", "16",
-            "--threads", "1", "--no-progress", "--set", f"train.checkpoint_every={every}", *extra]
+            "--threads", "1", "--device", "cpu", "--no-progress", "--set", f"train.checkpoint_every={every}", *extra]
 
 
 def tiny_cfg(data_dir: Path, epochs: int = 3, every: int = 0, *extra: str) -> RunConfig:
