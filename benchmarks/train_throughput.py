@@ -62,6 +62,7 @@ def reference_epoch(model, opt, loader, device: torch.device = CPU) -> float:
     _sync(device)
     t0 = time.perf_counter()
     for (x,) in loader:
+        x = x.to(device, non_blocking=True)  # as the official example does on a GPU
         opt.zero_grad()
         recon, mu, logvar = model(x)
         loss = reference_loss(recon, x, mu, logvar)
@@ -139,14 +140,13 @@ def main() -> None:
                                  device=args.device),
     )
     data = vaelab.load_data(cfg.data)
-    x_train = to_float(data.train.images).to(device)
+    x_train = to_float(data.train.images)
     x_test = to_float(data.test.images).to(device)
 
     torch.manual_seed(1)
     ref = ReferenceVAE().to(device)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
-    loader = DataLoader(TensorDataset(x_train), batch_size=128, shuffle=True,
-                        generator=torch.Generator(device=device) if device.type == "cuda" else None)
+    loader = DataLoader(TensorDataset(x_train), batch_size=128, shuffle=True, pin_memory=device.type == "cuda")
     res, ours_times, ref_times = train_interleaved(cfg, data, lambda: reference_epoch(ref, ref_opt, loader, device),
                                                    args.run)
     ours_nelbo = -evaluate_batches(res.model, data.test.images, None, vaelab.BatchPipeline(vaelab.build_condition(
