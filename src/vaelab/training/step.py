@@ -13,7 +13,7 @@ from torch import nn
 from ..conditioning import Batch
 from ..errors import NonFiniteError
 from ..objectives import Objective
-from .distributed import all_agree, all_sum
+from .distributed import all_any, all_sum
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class StepResult:
     kl: float  # sum over the batch of sum_l KL_l
     n: int  # datapoints in the batch
     applied: bool  # whether the update was taken (loss and gradient finite on every process)
+    stop: bool = False  # some process was asked to stop (SIGTERM/SIGINT): every process stops after this step
 
 
 def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -43,6 +44,7 @@ def train_step(
     *,
     generator: torch.Generator | None,
     grad_clip: float | None = None,
+    stop: bool = False,
     world: int = 1,
 ) -> StepResult:
     """Minimise ``objective`` on ``batch`` by one optimizer step. A non-finite loss or gradient on any
@@ -52,16 +54,19 @@ def train_step(
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else grad_norm(params)
-    # One synchronisation per step: the loss, the gradient norm and the batch's sums.
+    # One synchronisation per step: the loss, the gradient norm and the batch's sums; then one
+    # collective for what every process must agree on: skip the update (non-finite somewhere)? stop
+    # after this step (``stop``: this process was signalled; StepResult.stop: some process was)?
     loss_v, gnorm_v, rec_v, kl_v = torch.stack(
         [loss.detach(), gnorm, terms.log_px_z.detach().sum(), terms.kl.detach().sum()]
     ).tolist()
-    ok = all_agree(math.isfinite(loss_v) and math.isfinite(gnorm_v), world)
+    bad, stop = all_any([not (math.isfinite(loss_v) and math.isfinite(gnorm_v)), stop], world)
+    ok = not bad
     if ok:
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok)
+    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok, stop)
 
 
 @dataclass
