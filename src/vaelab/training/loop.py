@@ -160,7 +160,7 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
             batch = s.pipeline(train_x.index_select(0, idx), None if train_y is None else train_y.index_select(0, idx),
                                s.noise, train=True)
             r = train_step(model, s.optimizer, objective, batch, beta_at(t, epoch + i / steps_per_epoch),
-                           generator=s.noise, grad_clip=t.grad_clip, world=s.world, stop=stop.requested)
+                           generator=s.noise, grad_clip=t.grad_clip, world=s.world, stop=lambda: stop.requested)
             meters.add(r)
             guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
             state.step, state.step_in_epoch = state.step + 1, i + 1

@@ -47,10 +47,10 @@ class StopSignals:
             return
         self.signum = signum
         if self.announce:  # os.write: a signal may arrive while Python is inside a print to stderr
-            msg = (f"\nvaelab: {signal.Signals(signum).name} received: stopping after this step, "
+            msg = (f"vaelab: {signal.Signals(signum).name} received: stopping after this step, "
                    "once the checkpoint is written\n")
             try:
-                os.write(2, msg.encode())
+                os.write(2, (("\n" if os.isatty(2) else "") + msg).encode())  # past a progress bar
             except OSError:
                 pass
 

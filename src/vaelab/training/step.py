@@ -44,7 +44,7 @@ def train_step(
     *,
     generator: torch.Generator | None,
     grad_clip: float | None = None,
-    stop: bool = False,
+    stop: Callable[[], bool] | None = None,
     world: int = 1,
 ) -> StepResult:
     """Minimise ``objective`` on ``batch`` by one optimizer step. A non-finite loss or gradient on any
@@ -56,17 +56,17 @@ def train_step(
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else grad_norm(params)
     # One synchronisation per step: the loss, the gradient norm and the batch's sums; then one
     # collective for what every process must agree on: skip the update (non-finite somewhere)? stop
-    # after this step (``stop``: this process was signalled; StepResult.stop: some process was)?
+    # after this step (``stop()``: this process was signalled, so far; StepResult.stop: some process was)?
     loss_v, gnorm_v, rec_v, kl_v = torch.stack(
         [loss.detach(), gnorm, terms.log_px_z.detach().sum(), terms.kl.detach().sum()]
     ).tolist()
-    bad, stop = all_any([not (math.isfinite(loss_v) and math.isfinite(gnorm_v)), stop], world)
+    bad, halt = all_any([not (math.isfinite(loss_v) and math.isfinite(gnorm_v)), stop is not None and stop()], world)
     ok = not bad
     if ok:
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok, stop)
+    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok, halt)
 
 
 @dataclass
