@@ -96,13 +96,16 @@ def train(
             _remove_unstarted(run)
         raise
     try:
-        # A peer that dies or freezes makes a collective fail after train.dist_timeout: one line naming it
-        with peer_failures(cfg.train.dist_timeout, lambda: _resume_hint(run)):
+        # A peer that dies or freezes makes a collective fail after train.dist_timeout: one line naming it.
+        hint = lambda: _resume_hint(run)  # noqa: E731
+        with peer_failures(cfg.train.dist_timeout, hint):
             s = open_session(cfg, run, data, resume, rank, world, optimizer)
-            history = run.read_metrics() if rank == 0 else []
-            with StopSignals(announce=rank == 0) as stop:
-                fit(s, objective or ELBOObjective.from_config(s.cfg.train), callbacks, max_steps, history,
-                    distributed, stop)
+        history = run.read_metrics() if rank == 0 else []
+        # The signal handlers stay in place while a failure is reported (torchrun sends SIGTERM to the
+        # survivors of a dead rank): the report is not cut short.
+        with StopSignals(announce=rank == 0) as stop, peer_failures(cfg.train.dist_timeout, hint):
+            fit(s, objective or ELBOObjective.from_config(s.cfg.train), callbacks, max_steps, history,
+                distributed, stop)
             if distributed:
                 dist.barrier()
         return TrainResult(run.root, s.model, s.cfg, s.spec, s.state, history)
