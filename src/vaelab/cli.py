@@ -401,8 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vaelab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vaelab: interrupted (the last checkpoint is intact; re-run the same command to resume)",
-              file=sys.stderr)
+        if _rank() == 0:
+            print("vaelab: interrupted (the last checkpoint is intact; re-run the same command to resume)",
+                  file=sys.stderr)
         return 130
     except MemoryError:
         print("vaelab: error: out of memory (try a smaller --batch-size, model or data set)", file=sys.stderr)
