@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -12,7 +13,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import RunConfig, apply_overrides, load_config_file, merge
-from .errors import ConfigError, VaelabError, VaelabWarning
+from .errors import ConfigError, Interrupted, VaelabError, VaelabWarning
 from .safeio import dumps_json
 
 
@@ -64,6 +65,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "precision": ("train", "precision", str),
     "threads": ("train", "threads", int),
     "checkpoint_every": ("train", "checkpoint_every", int),
+    "dist_timeout": ("train", "dist_timeout", float),
 }
 
 
@@ -137,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, base=base)
     run_dir = Path(run) if run else _default_run(cfg)
     res = train(cfg, run_dir, resume=True if args.resume else None, max_steps=args.max_steps)
+    if _rank() != 0:  # under torchrun rank 0 alone prints
+        return 0
     print(f"run directory: {res.run_dir}")
     if res.history:
         last = res.history[-1]
@@ -148,6 +152,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _which(args: argparse.Namespace) -> str:
     return args.checkpoint
 
@@ -157,7 +169,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     res = evaluate_run(args.run, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
                        seed=args.seed, which=_which(args), progress=not args.no_progress, data_dir=args.data_dir,
-                       device=args.device)
+                       device=args.device, dist_timeout=args.dist_timeout)
+    if _rank() != 0:  # under torchrun the ranks share the work; rank 0 alone prints and writes
+        return 0
     if args.json:
         print(dumps_json(res.to_dict(), indent=2))
     else:
@@ -305,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="under torchrun: seconds to wait for the other processes before giving up (default 300)")
 
     s = run_cmd("sample", "PNG grid of samples from the prior", cmd_sample)
     s.add_argument("-n", type=int, default=64)
@@ -369,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     """vaelab's own warnings as one line on stderr (no source line); others as Python shows them."""
     if issubclass(category, VaelabWarning):
-        print(f"vaelab: warning: {message}", file=file or sys.stderr)
+        if _rank() == 0:  # every rank loads the same data: one warning per job
+            print(f"vaelab: warning: {message}", file=file or sys.stderr)
     else:
         _show_warning(message, category, filename, lineno, file, line)
 
@@ -382,12 +399,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _one_line_warnings
     try:
         return int(args.func(args) or 0)
+    except Interrupted as e:  # SIGTERM/SIGINT during training: checkpointed, exit 143/130
+        if e.announce:
+            print(f"vaelab: {e}", file=sys.stderr)
+        return e.exit_code
     except VaelabError as e:
-        print(f"vaelab: error: {e}", file=sys.stderr)
+        if getattr(e, "announce", True):  # a distributed failure: one line per job
+            print(f"vaelab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vaelab: interrupted (the last checkpoint is intact; re-run the same command to resume)",
-              file=sys.stderr)
+        if _rank() == 0:
+            print("vaelab: interrupted (the last checkpoint is intact; re-run the same command to resume)",
+                  file=sys.stderr)
         return 130
     except MemoryError:
         print("vaelab: error: out of memory (try a smaller --batch-size, model or data set)", file=sys.stderr)

@@ -202,6 +202,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     threads: int | None = resumable(None)  # torch intra-op threads (None: torch's default)
     progress: bool = resumable(True)  # progress bars (shown when the output is a terminal)
+    dist_timeout: float = resumable(300.0)  # seconds a process waits for its peers (torchrun) before the job stops
 
     def __post_init__(self) -> None:
         _normalise(self, "train")
@@ -220,6 +221,7 @@ class TrainConfig:
           "> 0 (a finite number), or null for no clipping")
         c("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: only at each epoch's end)")
         c("max_nonfinite", self.max_nonfinite >= 1, ">= 1")
+        c("dist_timeout", _finite(self.dist_timeout) and self.dist_timeout > 0, "> 0 seconds (a finite number)")
         c("iwae_k", self.iwae_k >= 1, ">= 1")
         c("threads", self.threads is None or 1 <= self.threads <= MAX_THREADS, f"in 1..{MAX_THREADS} (or null)")
         _check_seed(self, "train")

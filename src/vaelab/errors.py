@@ -32,6 +32,26 @@ class NonFiniteError(VaelabError):
     """Training produced too many consecutive non-finite losses or gradients."""
 
 
+class DistributedError(VaelabError):
+    """A peer process of a distributed job died, froze past ``train.dist_timeout``, or could not be
+    reached. The message names the rank where it can be known and the command to resume.
+    ``announce``: whether this process is the one that prints it (one line per job, not per rank)."""
+
+    def __init__(self, message: str, announce: bool = True) -> None:
+        super().__init__(message)
+        self.announce = announce
+
+
+class Interrupted(VaelabError):
+    """Training stopped on SIGTERM or SIGINT at a step boundary, after writing a checkpoint.
+    ``exit_code``: 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, exit_code: int, announce: bool = True) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.announce = announce
+
+
 class VaelabWarning(UserWarning):
     """Something a user should know that does not stop the work (skipped files, fewer images than
     asked for). The command line prints it as one line, ``vaelab: warning: ...``."""

@@ -16,6 +16,8 @@ from torch import nn
 from ..conditioning import Condition
 from ..config import RunConfig, check_count, check_seed
 from ..data import ImageSet
+from ..devices import resolve_device
+from ..distributed import DEFAULT_TIMEOUT, dist_info, peer_failures, setup_distributed
 from ..distributions import LIKELIHOODS
 from ..errors import ConfigError
 from ..pipeline import BatchPipeline, condition_of
@@ -101,9 +103,13 @@ def evaluate_model(
     meaning: str = "",
     progress: bool = True,
     split: str = "test",
+    rank: int = 0,
+    world: int = 1,
 ) -> EvalResult:
     """Evaluate ``model`` on uint8 ``data``: ELBO terms per layer, -L_k with standard error, active units.
-    ``condition`` (or a whole ``pipeline``): what a conditional model is given (default: the model's own)."""
+    ``condition`` (or a whole ``pipeline``): what a conditional model is given (default: the model's own).
+    ``rank``/``world``: under torch.distributed every rank calls this, evaluates its share of the batches,
+    and gets the whole result (see :func:`evaluate_batches`)."""
     check_count(k, "k (importance samples per datapoint)", 1)
     check_count(batch_size, "batch_size", 1)
     check_seed(seed)
@@ -113,7 +119,7 @@ def evaluate_model(
         raise ConfigError(f"the model takes a condition of size {model.spec.cond_dim}, the condition "
                           f"{pipeline.condition.name!r} gives {pipeline.condition.dim}")
     ev = evaluate_batches(model, data.images, data.labels, pipeline, k=k, batch_size=batch_size, seed=seed,
-                          progress=progress)
+                          progress=progress and rank == 0, rank=rank, world=world)
     n = ev.n
     e, lk = ev.elbo, ev.lk
     dims = ev.scored / max(n, 1)
@@ -171,9 +177,15 @@ def evaluate_run(
     data_dir: str | None = None,
     write: bool = True,
     device: str = "auto",
+    dist_timeout: float = DEFAULT_TIMEOUT,
 ) -> EvalResult:
-    """Evaluate a trained run on its test (or val) split; writes ``RUN/eval/<split>-k<k>.json``."""
+    """Evaluate a trained run on its test (or val) split; writes ``RUN/eval/<split>-k<k>.json``.
+
+    Under torchrun the processes share the batches (each result is the same as one process's) and
+    rank 0 alone prints and writes; ``dist_timeout``: seconds to wait for a peer before giving up."""
     check_count(k, "k (importance samples per datapoint)", 1)
+    if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or not 0 < dist_timeout < math.inf:
+        raise ConfigError(f"dist_timeout must be > 0 seconds (a finite number), got {dist_timeout!r}")
     check_count(batch_size, "batch_size", 1)
     check_seed(seed)
     if limit is not None:
@@ -184,16 +196,19 @@ def evaluate_run(
         raise ConfigError(f"{run.root}: the {split} split is empty; nothing to evaluate")
     data = run.data(split, limit=None if limit is None else min(limit, available))
     exact, meaning = describe_likelihood(run.config)
-    if progress:  # what was loaded, before a possibly long computation
+    setup_distributed(dist_timeout, resolve_device(device))
+    rank, world = dist_info()
+    if progress and rank == 0:  # what was loaded, before a possibly long computation
         print(f"evaluating {run.checkpoint} (epoch {run.state.get('epoch')}) on {len(data)} {split} images; "
               f"data {run.splits.describe()}", file=sys.stderr, flush=True)
-    res = evaluate_model(
-        run.model, data, pipeline=run.pipeline, k=k, batch_size=batch_size, seed=seed, exact=exact,
-        meaning=meaning, progress=progress, split=split,
-    )
+    with peer_failures(dist_timeout, lambda: "nothing was written; re-run the same command"):
+        res = evaluate_model(
+            run.model, data, pipeline=run.pipeline, k=k, batch_size=batch_size, seed=seed, exact=exact,
+            meaning=meaning, progress=progress, split=split, rank=rank, world=world,
+        )
     res.extra = {"checkpoint": str(run.checkpoint), "epoch": run.state.get("epoch"),
                  "step": run.state.get("step"), "data": run.config.data.name}
-    if write:
+    if write and rank == 0:
         out = Path(run.dir.eval) / f"{split}-k{k}.json"
         atomic_write(out, dumps_json(res.to_dict(), indent=2).encode())
         res.extra["written"] = str(out)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import all_sum, all_sum_tensor
 from ..models import device_of, generator_for
 from ..objectives import elbo_terms
 from ..pipeline import BatchPipeline
@@ -103,33 +105,85 @@ def evaluate_batches(
     seed: int = 0,
     progress: bool = False,
     budget: int = BUDGET,
+    rank: int = 0,
+    world: int = 1,
 ) -> Evaluation:
     """Evaluate ``model`` on uint8 ``images`` (N, C, H, W) with k draws per datapoint: the ELBO's terms
     per layer (its reconstruction term averaged over the k draws), posterior means and L_k. The
-    pipeline builds each batch (condition drawn once per batch from the seeded generator)."""
-    g, device = generator_for(model, seed), device_of(model)
+    pipeline builds each batch (condition drawn once per batch).
+
+    Each batch draws from its own generator, seeded from (``seed``, batch index): a batch's numbers
+    do not depend on the batches before it nor on the process that evaluates it. With ``world`` > 1
+    (torch.distributed initialised; every rank calls this) rank r evaluates batches r, r + world, ...
+    and the per-datapoint results are summed over the ranks into every rank's result, the same
+    (on one device kind and thread count) as one process evaluating all of them."""
+    device = device_of(model)
     n = images.shape[0]
     per_row = _floats_per_datapoint(model, images, labels, pipeline) if k > 1 and n else 0
     draws = k if per_row == 0 else max(1, min(k, budget // per_row))  # draws per call
     rows = max(1, budget // (draws * per_row)) if per_row else batch_size  # datapoints per call
+    starts = list(range(0, n, batch_size))[rank::world]  # this process's batches
     groups: list[Evaluation] = []
+    offsets: list[int] = []  # index of each group's first datapoint
     scored = 0.0
-    bar = Progress(math.ceil(n / batch_size), f"evaluate (k={k}, {n} images)", enabled=progress)
+    bar = Progress(len(starts), f"evaluate (k={k}, {n} images)", enabled=progress)
     with eval_mode(model), bar:
-        for i in range(0, n, batch_size):
+        for done, i in enumerate(starts):
+            g = batch_generator(model, seed, i // batch_size)
             b = pipeline(images[i : i + batch_size].to(device),
                          None if labels is None else labels[i : i + batch_size].to(device), g)
             for j in range(0, b.x.shape[0], rows):
                 x, c = b.x[j : j + rows], None if b.c is None else b.c[j : j + rows]
                 mask = None if b.mask is None or b.mask.shape[0] == 1 else b.mask[j : j + rows]  # or broadcast
                 groups.append(_draws(model, x, c, mask, k, draws, g))
+                offsets.append(i + j)
             scored += float(b.x[0].numel() * b.x.shape[0] if b.mask is None
                             else torch.broadcast_to(b.mask, b.x.shape).sum())
             bar.update()
-            if i == 0 and bar.estimate() > ESTIMATE_AFTER:
+            if done == 0 and bar.estimate() > ESTIMATE_AFTER:
                 bar.note(f"evaluate: k={k} draws for each of {n} images will take about {duration(bar.estimate())} "
                          "(measured on the first batch); a smaller -k or --limit is quicker")
-    return _concat(groups, k, scored)
+    if world <= 1:
+        return _concat(groups, k, scored)
+    if not groups and n:  # no batch for this rank: learn the layers' shapes from one throwaway draw
+        b = pipeline(images[:1].to(device), None if labels is None else labels[:1].to(device), generator_for(model, 0))
+        with eval_mode(model):
+            template = _concat([_draws(model, b.x, b.c, b.mask, 1, 1, generator_for(model, 0))], k, 0.0)
+        return _sum_over_ranks(template, [], n, world)
+    return _sum_over_ranks(_concat(groups, k, scored), offsets, n, world, [g.n for g in groups])
+
+
+def batch_generator(model: nn.Module, seed: int, index: int) -> torch.Generator:
+    """The generator of evaluation batch ``index``, on the model's device, seeded from (seed, index)
+    mixed into 32 bits (the CPU generator keeps only the low 32 bits of a seed)."""
+    return generator_for(model, int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
+def _sum_over_ranks(local: Evaluation, offsets: list[int], n: int, world: int,
+                    sizes: Sequence[int] = ()) -> Evaluation:
+    """The whole data's per-datapoint results on every rank: each rank places its rows (groups of
+    ``sizes`` rows starting at ``offsets``) in zeros of the full size, and one all-reduce sums them
+    (adding zeros is exact)."""
+    cols = [local.rec[:, None], local.lk[:, None]]
+    for ly in local.layers:
+        cols += [ly.kl[:, None], *([] if ly.kl_per_dim is None else [ly.kl_per_dim]), ly.mean]
+    mine = torch.cat(cols, dim=1)  # (rows here, C) float64
+    full = torch.zeros(n, mine.shape[1], dtype=torch.float64)
+    if offsets:
+        idx = torch.cat([torch.arange(o, o + m) for o, m in zip(offsets, sizes, strict=True)])
+        full[idx] = mine
+    full = all_sum_tensor(full, world)
+    scored = all_sum([local.scored if offsets else 0.0], world)[0]
+    rec, lk, at = full[:, 0], full[:, 1], 2
+    layers = []
+    for ly in local.layers:
+        kl, at = full[:, at], at + 1
+        per_dim = None
+        if ly.kl_per_dim is not None:
+            per_dim, at = full[:, at : at + ly.dim], at + ly.dim
+        mean, at = full[:, at : at + ly.dim], at + ly.dim
+        layers.append(LayerStats(ly.name, kl, per_dim, mean))
+    return Evaluation(rec, lk, layers, local.k, scored)
 
 
 def _draws(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, k: int,

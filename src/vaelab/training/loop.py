@@ -2,14 +2,19 @@
 take steps over a seeded permutation, validate, write metrics and checkpoints.
 
 Distributed: launched under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in PyTorch's
-DistributedDataParallel over the gloo backend; each rank takes an interleaved shard of every
-epoch's permutation, gradients are averaged by DDP, and rank 0 alone writes the run directory.
+DistributedDataParallel (nccl on CUDA, gloo on the CPU); each rank takes an interleaved shard of every
+epoch's permutation, gradients are averaged by DDP, validation is sharded too, and rank 0 alone writes
+the run directory and prints. A peer that dies or freezes ends the job after ``train.dist_timeout``
+with one line (:func:`~.distributed.peer_failures`); SIGTERM/SIGINT stop it at the next step boundary
+with a checkpoint (:mod:`.signals`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shlex
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,15 +28,16 @@ from torch import nn
 from ..config import DataSpec, RunConfig, TrainConfig
 from ..data import DataSplits, to_float
 from ..data.validate import check_model_input
-from ..devices import fits_on
-from ..errors import CheckpointError, NonFiniteError
+from ..devices import fits_on, resolve_device
+from ..distributed import all_any, all_sum, dist_info, launch_command, peer_failures, setup_distributed
+from ..errors import CheckpointError, Interrupted, NonFiniteError
 from ..evaluation.loop import evaluate_batches
 from ..objectives import ELBOObjective, Objective
 from ..progress import Progress
 from ..runs.lock import RunLock
 from ..runs.rundir import RunDir
-from .distributed import all_sum, dist_info, setup_distributed
 from .session import OptimizerFactory, Session, make_optimizer, open_session
+from .signals import StopSignals
 from .step import Meters, TrainState, guard_nonfinite, train_step
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -81,7 +87,7 @@ def train(
     ``(model, cfg) -> Optimizer``, default fused Adam) may be replaced.
     """
     run = RunDir.of(run_dir)
-    distributed = setup_distributed()
+    distributed = setup_distributed(cfg.train.dist_timeout, resolve_device(cfg.train.device))
     rank, world = dist_info()
     created = not run.root.exists()
     try:
@@ -91,11 +97,18 @@ def train(
             _remove_unstarted(run)
         raise
     try:
-        s = open_session(cfg, run, data, resume, rank, world, optimizer)
+        # A peer that dies or freezes makes a collective fail after train.dist_timeout: one line naming it.
+        hint = lambda: _resume_hint(run)  # noqa: E731
+        with peer_failures(cfg.train.dist_timeout, hint):
+            s = open_session(cfg, run, data, resume, rank, world, optimizer)
         history = run.read_metrics() if rank == 0 else []
-        fit(s, objective or ELBOObjective.from_config(s.cfg.train), callbacks, max_steps, history, distributed)
-        if distributed:
-            dist.barrier()
+        # The signal handlers stay in place while a failure is reported (torchrun sends SIGTERM to the
+        # survivors of a dead rank): the report is not cut short.
+        with StopSignals(announce=rank == 0) as stop, peer_failures(cfg.train.dist_timeout, hint):
+            fit(s, objective or ELBOObjective.from_config(s.cfg.train), callbacks, max_steps, history,
+                distributed, stop)
+            if distributed:
+                dist.barrier()
         return TrainResult(run.root, s.model, s.cfg, s.spec, s.state, history)
     finally:
         if lock is not None:
@@ -104,10 +117,30 @@ def train(
                 _remove_unstarted(run)
 
 
+def _resume_hint(run: RunDir) -> str:
+    """Where the run stands and the command that continues it (for messages that end a job)."""
+    if not run.latest.exists():
+        return "no checkpoint was written yet; re-run the same command to start again"
+    return f"the last checkpoint is {run.latest}; resume with: {launch_command(f'train --resume {shlex.quote(str(run.root))}')}"
+
+
+def _interrupted(s: Session, stop: StopSignals) -> Interrupted:
+    """The error that ends a run stopped by a signal (after its checkpoint was written)."""
+    state = s.state
+    where = (f"step {state.step} (epoch {state.epoch + 1}, batch {state.step_in_epoch})" if state.step_in_epoch
+             else f"the end of epoch {state.epoch} (step {state.step})")
+    why = f"by {stop.name}" if stop.requested else "because another process was signalled"
+    written = "" if state.nonfinite_run == 0 else "not checkpointed (its last step was skipped as non-finite); "
+    return Interrupted(f"training stopped {why} at {where}; {written}{_resume_hint(s.run)}",
+                       stop.exit_code if stop.requested else 128 + signal.SIGTERM, announce=s.rank == 0)
+
+
 def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], max_steps: int | None,
-        history: list[dict[str, Any]], distributed: bool) -> None:
-    """The loop: steps until ``train.epochs`` epochs are done (or ``max_steps`` steps)."""
+        history: list[dict[str, Any]], distributed: bool, stop: StopSignals | None = None) -> None:
+    """The loop: steps until ``train.epochs`` epochs are done (or ``max_steps`` steps). A signal
+    recorded by ``stop`` ends it at the next step boundary with a checkpoint and :class:`Interrupted`."""
     t, state = s.cfg.train, s.state
+    stop = stop or StopSignals()
     model = nn.parallel.DistributedDataParallel(s.model) if distributed else s.model
     train_x = to_float(s.data.train.images)  # the whole training set in memory: batching is indexing
     train_y = s.data.train.labels
@@ -126,6 +159,7 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
                        enabled=t.progress and s.rank == 0)
         meters = Meters(state.sums)
         t0 = time.perf_counter()
+        signalled = False
         for i in range(state.step_in_epoch, steps_per_epoch):
             idx = order[i * t.batch_size : (i + 1) * t.batch_size].to(train_x.device)
             x, y = train_x.index_select(0, idx), None if train_y is None else train_y.index_select(0, idx)
@@ -134,15 +168,16 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
             batch = s.pipeline(x, y, s.noise, train=True)
             r = train_step(model, s.optimizer, objective, batch, beta_at(t, epoch + i / steps_per_epoch),
                            generator=s.noise, grad_clip=t.grad_clip, world=s.world, precision=t.precision,
-                           scaler=s.scaler)
+                           scaler=s.scaler, stop=lambda: stop.requested)
             meters.add(r)
             guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
             state.step, state.step_in_epoch = state.step + 1, i + 1
             if i % 20 == 0 and meters.sums["n"]:
                 bar.set_postfix(f"loss {meters.loss:.2f}")
             bar.update(1)
-            stop = max_steps is not None and state.step >= max_steps
-            if i + 1 < steps_per_epoch and (stop or (t.checkpoint_every and state.step % t.checkpoint_every == 0)):
+            signalled = r.stop  # agreed by every process in the step's collective
+            halt = signalled or (max_steps is not None and state.step >= max_steps)
+            if i + 1 < steps_per_epoch and (halt or (t.checkpoint_every and state.step % t.checkpoint_every == 0)):
                 state.sums, state.elapsed = dict(meters.sums), state.elapsed + time.perf_counter() - t0
                 t0 = time.perf_counter()
                 # Mid-epoch (an epoch's end is saved after validation). No checkpoint while steps are being
@@ -150,14 +185,19 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
                 # good. Resuming replays these steps exactly.
                 if state.nonfinite_run == 0:
                     s.save([s.run.latest])
-            if stop:
+            if halt:
                 break
         bar.close()
         state.elapsed += time.perf_counter() - t0
         state.sums = dict(meters.sums)
         if state.step_in_epoch < steps_per_epoch:
+            if signalled:
+                raise _interrupted(s, stop)
             return  # stopped mid-epoch by max_steps (saved above)
         _end_epoch(s, meters, callbacks, history)
+        # A signal during the epoch's last step or its validation: the epoch's checkpoint is written
+        if state.epoch < t.epochs and (signalled or all_any([stop.requested], s.world)[0]):
+            raise _interrupted(s, stop)
         if max_steps is not None and state.step >= max_steps:
             return
 
@@ -184,7 +224,7 @@ def _end_epoch(s: Session, meters: Meters, callbacks: Sequence[EpochCallback], h
         )
     train_means = meters.means(s.world)
     val = evaluate_batches(s.model, s.data.val.images, s.data.val.labels, s.pipeline, k=1,
-                           batch_size=t.eval_batch_size, seed=t.seed).means()
+                           batch_size=t.eval_batch_size, seed=t.seed, rank=s.rank, world=s.world).means()
     state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, {}
     row = {
         "epoch": state.epoch, "step": state.step, **train_means,

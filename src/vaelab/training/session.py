@@ -24,6 +24,7 @@ from ..config import DataSpec, RunConfig
 from ..data import DataSplits, load_data
 from ..data.validate import check_splits
 from ..devices import autocast, resolve_device
+from ..distributed import all_gather, unwrap
 from ..errors import CheckpointError, NonFiniteError
 from ..models import build_model
 from ..pipeline import BatchPipeline
@@ -39,7 +40,6 @@ from ..runs.checkpoint import (
 )
 from ..runs.rundir import RunDir
 from ..runs.validate import check_optimizer_state, check_rng, check_rng_tensor, check_train_state
-from .distributed import all_gather, unwrap
 from .step import TrainState
 
 OptimizerFactory = Callable[[nn.Module, RunConfig], torch.optim.Optimizer]

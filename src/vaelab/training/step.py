@@ -12,9 +12,9 @@ from torch import nn
 
 from ..conditioning import Batch
 from ..devices import autocast
+from ..distributed import all_any, all_sum
 from ..errors import NonFiniteError
 from ..objectives import Objective
-from .distributed import all_agree, all_sum
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class StepResult:
     kl: float  # sum over the batch of sum_l KL_l
     n: int  # datapoints in the batch
     applied: bool  # whether the update was taken (loss and gradient finite on every process)
+    stop: bool = False  # some process was asked to stop (SIGTERM/SIGINT): every process stops after this step
 
 
 def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -44,6 +45,7 @@ def train_step(
     *,
     generator: torch.Generator | None,
     grad_clip: float | None = None,
+    stop: Callable[[], bool] | None = None,
     world: int = 1,
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
@@ -60,18 +62,21 @@ def train_step(
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else grad_norm(params)
-    # One synchronisation per step: the loss, the gradient norm and the batch's sums.
+    # One synchronisation per step: the loss, the gradient norm and the batch's sums; then one
+    # collective for what every process must agree on: skip the update (non-finite somewhere)? stop
+    # after this step (``stop()``: this process was signalled, so far; StepResult.stop: some process was)?
     loss_v, gnorm_v, rec_v, kl_v = torch.stack(
         [loss.detach(), gnorm, terms.log_px_z.detach().sum(), terms.kl.detach().sum()]
     ).tolist()
-    ok = all_agree(math.isfinite(loss_v) and math.isfinite(gnorm_v), world)
+    bad, halt = all_any([not (math.isfinite(loss_v) and math.isfinite(gnorm_v)), stop is not None and stop()], world)
+    ok = not bad
     if ok:
         optimizer.step() if scaler is None else scaler.step(optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.update()  # after an overflow the scale halves: the guard counts that step as skipped
-    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok)
+    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok, halt)
 
 
 @dataclass
