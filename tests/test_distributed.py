@@ -104,7 +104,8 @@ def _long_run_args(mnist_dir: Path, run: Path) -> list[str]:
     """A run far longer than the test (it is stopped on purpose), checkpointing every 3 steps."""
     return ["train", "--run-dir", str(run), "--data", "mnist", "--data-dir", str(mnist_dir), "--no-download",
             "--val-size", "41", "--hidden", "32", "--latent-dim", "2", "--batch-size", "16", "--epochs", "1000",
-            "--threads", "1", "--no-progress", "--dist-timeout", "5", "--set", "train.checkpoint_every=3"]
+            "--threads", "1", "--device", "cpu", "--no-progress", "--dist-timeout", "5",
+            "--set", "train.checkpoint_every=3"]
 
 
 def _resume_line(run: Path) -> str:
@@ -170,9 +171,9 @@ def test_sharded_evaluation_equals_one_process_and_rank_0_alone_prints_and_write
     run, logs = tmp_path / "run", tmp_path / "logs"
     vaelab.train(tiny_cfg, run)
     # 60 test images in batches of 16: rank 0 takes batches 0 and 2, rank 1 batches 1 and 3 (12 images)
-    one = vaelab.evaluate_run(run, k=7, batch_size=16, which="latest", progress=False, write=False)
+    one = vaelab.evaluate_run(run, k=7, batch_size=16, which="latest", progress=False, write=False, device="cpu")
     proc = _torchrun(logs, "evaluate", str(run), "-k", "7", "--batch-size", "16", "--checkpoint", "latest",
-                     "--json", "--no-progress")
+                     "--device", "cpu", "--json", "--no-progress")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert _log(logs, 1, "stdout") == _log(logs, 1, "stderr") == _log(logs, 0, "stderr") == ""
