@@ -229,3 +229,16 @@ def test_nccl_two_processes_on_two_gpus(mnist_dir, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert vaelab.load_run(run, "latest").state["world_size"] == 2
+
+
+def test_commands_that_do_not_share_their_work_run_on_rank_0_alone(tiny_cfg, tmp_path, monkeypatch, capsys):
+    from vaelab.cli import main
+
+    vaelab.train(tiny_cfg, tmp_path / "run")
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "1")
+    assert main(["sample", str(tmp_path / "run"), "-n", "4", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    assert not (tmp_path / "s.png").exists() and capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["sample", str(tmp_path / "run"), "-n", "4", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    assert (tmp_path / "s.png").exists()

@@ -152,6 +152,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: commands whose work is shared between the processes of a torchrun job (the others run on rank 0)
+SHARDED = ("train", "evaluate")
+
+
 def _rank() -> int:
     """This process's rank under torchrun (0 otherwise)."""
     try:
@@ -396,6 +400,8 @@ _show_warning = warnings.showwarning
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in SHARDED and _rank() != 0:
+        return 0  # under torchrun, commands that do not share their work run on rank 0 alone
     warnings.showwarning = _one_line_warnings
     try:
         return int(args.func(args) or 0)
