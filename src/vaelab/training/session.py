@@ -83,11 +83,10 @@ class Session:
         """Write the same checkpoint to each of ``paths`` in order (rank 0). A failed write stops
         training with an error that names the file; the files already there stay intact."""
         rng, rng_meta = capture_global_rng()
-        # every rank's noise stream (through the device: nccl gathers GPU tensors only)
-        states = all_gather(self.noise.get_state().to(self.device), self.world)
+        states = all_gather(self.noise.get_state(), self.world)  # every rank's noise stream
         if self.rank != 0:
             return
-        rng.update({f"noise/{r}": s.cpu() for r, s in enumerate(states)})
+        rng.update({f"noise/{r}": s for r, s in enumerate(states)})
         st = {**dataclasses.asdict(self.state), "rng_meta": rng_meta, "world_size": self.world,
               "device": self.device.type}
         if self.scaler is not None:
