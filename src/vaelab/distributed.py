@@ -84,11 +84,6 @@ def all_any(flags: list[bool], world: int) -> list[bool]:
     return [v > 0 for v in t.tolist()]
 
 
-def all_agree(ok: bool, world: int) -> bool:
-    """True on every rank iff ``ok`` is True on every rank."""
-    return not all_any([not ok], world)[0]
-
-
 def all_sum(values: list[float], world: int) -> list[float]:
     """Element-wise sum of ``values`` over the ranks (float64)."""
     if world <= 1:
