@@ -36,6 +36,7 @@ from ..objectives import ELBOObjective, Objective
 from ..progress import Progress
 from ..runs.lock import RunLock
 from ..runs.rundir import RunDir
+from .schedules import SCHEDULES
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
 from .step import Meters, TrainState, guard_nonfinite, train_step
@@ -151,6 +152,7 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
     n = train_x.shape[0]
     usable = n - n % s.world
     steps_per_epoch = math.ceil(usable // s.world / t.batch_size)
+    schedule = SCHEDULES.get(t.schedule)
     model.train()
     while state.epoch < t.epochs:
         epoch = state.epoch
@@ -166,6 +168,9 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
             if batches_move:  # pinned host memory -> the device, overlapping the copy with compute
                 x, y = x.to(s.device, non_blocking=True), None if y is None else y.to(s.device, non_blocking=True)
             batch = s.pipeline(x, y, s.noise, train=True)
+            lr = schedule(t, epoch + i / steps_per_epoch)  # a pure function of the position: resumes exactly
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
             r = train_step(model, s.optimizer, objective, batch, beta_at(t, epoch + i / steps_per_epoch),
                            generator=s.noise, grad_clip=t.grad_clip, world=s.world, precision=t.precision,
                            scaler=s.scaler, stop=lambda: stop.requested)
@@ -229,7 +234,8 @@ def _end_epoch(s: Session, meters: Meters, callbacks: Sequence[EpochCallback], h
     row = {
         "epoch": state.epoch, "step": state.step, **train_means,
         "val_elbo": val["elbo"], "val_rec": val["rec"], "val_kl": val["kl"],
-        "beta": beta_at(t, state.epoch), "nonfinite_total": state.nonfinite_total,
+        **{f"val_{key}": v for key, v in val.items() if key.startswith("kl_")},  # per layer, with several
+        "beta": beta_at(t, state.epoch), "lr": s.optimizer.param_groups[0]["lr"], "nonfinite_total": state.nonfinite_total,
         "elapsed_s": round(state.elapsed, 3),
     }
     improved = math.isfinite(val["elbo"]) and val["elbo"] > state.best_val
