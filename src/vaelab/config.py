@@ -151,11 +151,11 @@ class ModelConfig:
     prior_components: int = 500
     # Stochastic layers (Burda et al. 2016, Sec. 5): q(z1|x) q(z2|z1)..., p(z_L) ... p(z1|z2) p(x|z1).
     # ``latent_dim`` is z1's size; ``upper_latent`` the sizes of z2..z_L (empty: each half the one
-    # below); ``upper_hidden`` the widths of the MLPs between stochastic layers (empty: two layers as
-    # wide as the layer below, Burda's 100-100 between z1 = 100 and z2 = 50).
+    # below); ``upper_hidden`` the widths of the MLPs between stochastic layers (null: two layers as
+    # wide as the layer below, Burda's 100-100 between z1 = 100 and z2 = 50; empty: linear).
     layers: int = 1
     upper_latent: tuple[int, ...] = ()
-    upper_hidden: tuple[int, ...] = ()
+    upper_hidden: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _normalise(self, "model")
@@ -167,7 +167,8 @@ class ModelConfig:
         _check(self, "model", "upper_latent",
                len(self.upper_latent) in (0, self.layers - 1) and all(d >= 1 for d in self.upper_latent),
                f"empty or {self.layers - 1} size(s) >= 1 (one per layer above the first)")
-        _check(self, "model", "upper_hidden", all(h >= 1 for h in self.upper_hidden), "sizes >= 1")
+        _check(self, "model", "upper_hidden", self.upper_hidden is None or all(h >= 1 for h in self.upper_hidden),
+               "sizes >= 1 (empty: linear; null: two layers as wide as the layer below)")
 
     @property
     def latent_dims(self) -> tuple[int, ...]:

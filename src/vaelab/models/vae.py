@@ -64,7 +64,7 @@ class VAE(LatentModelBase):
         self.decoder = build_decoder(cfg, dims[0], spec.cond_dim, (k, *spec.shape[1:]))
         if len(dims) > 1:
             pairs = list(zip(dims[:-1], dims[1:], strict=True))  # (lower, upper) sizes
-            widths = [cfg.upper_hidden or (lo, lo) for lo, _ in pairs]
+            widths = [(lo, lo) if cfg.upper_hidden is None else cfg.upper_hidden for lo, _ in pairs]
             self.up = nn.ModuleList(mlp([lo, *w, 2 * hi], cfg.activation) for (lo, hi), w in zip(pairs, widths,
                                                                                                     strict=True))
             self.down = nn.ModuleList(mlp([hi, *w, 2 * lo], cfg.activation) for (lo, hi), w in zip(pairs, widths,
