@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -186,17 +187,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _label_condition(run, label: int | None):
     """The one-hot c of ``label`` for a label-conditioned run (None without --label)."""
-    if label is None:
-        return None
-    import torch
+    from .viz.generate import label_condition
 
-    from .conditioning import LabelCondition
-
-    if not isinstance(run.condition, LabelCondition):
-        raise VaelabError(f"{run.root}: --label needs a label-conditioned model (model.condition={run.condition.name!r})")
-    if not 0 <= label < run.condition.dim:
-        raise ConfigError(f"--label {label} is out of range: this model knows classes 0..{run.condition.dim - 1}")
-    return run.condition.encode_labels(torch.tensor([label]))
+    return label_condition(run, label)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -204,8 +197,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .viz import sample_run
 
     run = Run(args.run, _which(args), device=args.device)
-    c = _label_condition(run, args.label)
-    print(sample_run(run, args.out, n=args.n, seed=args.seed, temperature=args.temperature, c=c))
+    print(sample_run(run, args.out, n=args.n, seed=args.seed, temperature=args.temperature, label=args.label))
     return 0
 
 
@@ -236,8 +228,7 @@ def cmd_manifold(args: argparse.Namespace) -> int:
     if len(dims) != 2:
         raise ConfigError(f"--dims takes two latent dimensions separated by a comma, e.g. 0,1; got {args.dims[:40]!r}")
     run = Run(args.run, _which(args), device=args.device)
-    c = _label_condition(run, args.label)
-    print(manifold_run(run, args.out, n=args.n, dims=(dims[0], dims[1]), c=c))
+    print(manifold_run(run, args.out, n=args.n, dims=(dims[0], dims[1]), label=args.label))
     return 0
 
 
@@ -403,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in SHARDED and _rank() != 0:
         return 0  # under torchrun, commands that do not share their work run on rank 0 alone
     warnings.showwarning = _one_line_warnings
+    from .provenance import COMMAND
+
+    token = COMMAND.set(shlex.join(["vaelab", *(sys.argv[1:] if argv is None else argv)]))  # PNG provenance
     try:
         return int(args.func(args) or 0)
     except Interrupted as e:  # SIGTERM/SIGINT during training: checkpointed, exit 143/130
@@ -423,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         warnings.showwarning = _show_warning
+        COMMAND.reset(token)
 
 
 if __name__ == "__main__":  # pragma: no cover
