@@ -258,6 +258,21 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .app.report import write_report
+
+    print(write_report(args.run, args.out, which=_which(args), k=args.k, limit=args.limit,
+                       evaluate=not args.no_evaluate, data_dir=args.data_dir, device=args.device))
+    return 0
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from .app.explore import serve
+
+    serve(args.run, host=args.host, port=args.port, which=_which(args), device=args.device, data_dir=args.data_dir)
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from .data import DATASETS, SOURCES, candidate_dirs
 
@@ -361,6 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--start", type=int, default=0, help="index of the first image")
     cp.add_argument("--out", default=None)
     cp.add_argument("--data-dir", default=None)
+
+    rp = run_cmd("report", "RUN/report.html: config, curves, evaluation, pictures, health check in one file", cmd_report)
+    rp.add_argument("-k", type=int, default=100,
+                    help="importance samples when the checkpoint has no evaluation yet (default 100)")
+    rp.add_argument("--limit", type=int, default=2000, help="test images to evaluate then (default 2000)")
+    rp.add_argument("--no-evaluate", action="store_true", help="use a stored evaluation only")
+    rp.add_argument("--out", default=None)
+    rp.add_argument("--data-dir", default=None)
+
+    ex = run_cmd("explore", "local web app: latent pad, encode a drawing, interpolate, complete", cmd_explore)
+    ex.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ex.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    ex.add_argument("--data-dir", default=None)
 
     d = sub.add_parser("datasets", help="list the data sets vaelab knows and where it looks for them")
     d.add_argument("-v", "--verbose", action="store_true")
