@@ -500,7 +500,11 @@ def make_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None, max_
         print(f"vaelab explore: internal error on {request.url.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return error("internal error (the server logged it)", 500)
 
+    async def no_icon(request: Request) -> Response:
+        return Response(status_code=204)  # browsers ask for one; there is none to send
+
     routes = [Route(p, page(p), methods=["GET"]) for p in pages]
+    routes.append(Route("/favicon.ico", no_icon, methods=["GET"]))
     routes += [
         Route("/api/info", info, methods=["GET"]),
         Route("/api/tests", tests, methods=["GET"]),
@@ -528,6 +532,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)  # connections wait in the backlog from now on, before the server loop starts
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (try another --port)") from None
