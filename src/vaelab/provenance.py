@@ -80,12 +80,12 @@ def png_info(provenance: Mapping[str, str] | None):
 
 
 # ---------------------------------------------------------------- file names of variants
-_UNSAFE = re.compile(r"[^A-Za-z0-9._]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def slug(text: str, limit: int = 40) -> str:
-    """A piece of a file name: letters, digits, '.', '_' only (others become '_'), at most ``limit``."""
-    s = _UNSAFE.sub("_", str(text)).strip("._")
+    """A piece of a file name: letters, digits, ".", "_", "-" only (others become "_"), at most ``limit``."""
+    s = _UNSAFE.sub("_", str(text)).strip("._-")
     return s[:limit] or "x"
 
 

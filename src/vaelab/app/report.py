@@ -381,8 +381,8 @@ def _samples(r: Run) -> str:
         imgs = gen.sample_images(model, k * per, seed=0, c=c)
         prov = run_provenance(r, f"samples from the prior, one row per class 0..{k - 1}", _call(r), seed=0, temperature=1.0)
         return _figure(png_bytes(imgs, nrow=per, provenance=prov), "samples per class",
-                       f"Samples from P(z) = N(0, I) decoded with each class label: row i is class i "
-                       f"(the likelihood's mean; seed 0).")
+                       "Samples from P(z) = N(0, I) decoded with each class label: row i is class i "
+                       "(the likelihood's mean; seed 0).")
     imgs = gen.sample_images(model, 64, seed=0)
     prov = run_provenance(r, "samples from the prior", _call(r), seed=0, temperature=1.0)
     return _figure(png_bytes(imgs, nrow=8, provenance=prov), "samples",
@@ -402,9 +402,9 @@ def _completions(r: Run) -> str:
                    f"Each row: the observation ({cond.region}; unobserved pixels grey) | {what} | the ground truth.")
 
 
-def _reconstructions(r: Run) -> str:
+def _reconstructions(r: Run) -> str | None:
     if not r.model.latent_dims:
-        return _missing("reconstructions", "this model has no latent variables to reconstruct through")
+        return None  # nothing to reconstruct through: no section
     b = _test_batch(r, 16)
     rec = gen.reconstruct_images(r.model, b.x, b.c)
     rows = []
@@ -417,9 +417,9 @@ def _reconstructions(r: Run) -> str:
             "decoded posterior mean of each (reconstruction, below).</p>")
 
 
-def _interpolation(r: Run) -> str:
+def _interpolation(r: Run) -> str | None:
     if not r.model.latent_dims:
-        return _missing("interpolation", "this model has no latent space")
+        return None  # no latent space: no section
     if r.spec.cond_dim:
         return _missing("interpolation", "shown for unconditional models (z of a conditional model means "
                         "something different under each condition); try `vaelab explore`")
@@ -522,7 +522,7 @@ def build_report(run: RunLike, *, which: str = "best", k: int = 100, limit: int 
     for t, body in zip(titles, pictures, strict=True):
         if body is not None:
             rep.sections.append(Section(t.lower(), t, body))
-    if ev is not None:
+    if ev is not None and ev.layers:
         rep.sections.append(Section("kl", "KL per latent dimension", _safe("KL per latent dimension",
                                                                            lambda: _kl_bars(r, ev)) or ""))
         rep.sections.append(Section("active", "Active units", _active_units(ev)))

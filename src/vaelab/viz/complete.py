@@ -24,9 +24,9 @@ from ..errors import ConfigError
 from ..evaluation import eval_mode
 from ..models import device_of, generator_for
 from ..pipeline import condition_of
+from ..provenance import checkpoint_part, python_call, run_provenance, slug, variant_name
 from ..runs import Run
 from .generate import MAX_IMAGES
-from ..provenance import checkpoint_part, python_call, run_provenance, slug, variant_name
 from .grid import output_path, save_grid
 
 #: grey level that marks unobserved pixels in the "observed" column

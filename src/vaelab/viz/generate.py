@@ -20,9 +20,9 @@ from ..errors import ConfigError, VaelabWarning
 from ..evaluation import eval_mode
 from ..models import device_of, generator_for
 from ..pipeline import BatchPipeline
+from ..provenance import checkpoint_part, python_call, run_provenance, tensor_part, variant_name
 from ..runs import Run
 from .grid import output_path, save_grid
-from ..provenance import checkpoint_part, python_call, run_provenance, tensor_part, variant_name
 
 RunLike = Run | str | os.PathLike[str]
 MAX_IMAGES = 10_000  # images in one picture

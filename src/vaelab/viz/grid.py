@@ -73,9 +73,9 @@ def save_grid(
     """Write a grid of images (N, C, H, W) in [0, 1] to a PNG (or another format Pillow knows by the
     file's suffix), upscaled ``scale`` times (nearest). The file is replaced atomically. A PNG carries
     ``provenance`` (run, checkpoint, epoch, step, seed, temperature, command: see
-    :mod:`vaelab.viz.provenance`) in its text chunks."""
-    from ..runs.checkpoint import atomic_write
+    :mod:`vaelab.provenance`) in its text chunks."""
     from ..provenance import png_info
+    from ..runs.checkpoint import atomic_write
 
     p = output_path(path, "grid.png")
     fmt = Image.registered_extensions().get(p.suffix.lower()) if p.suffix else "PNG"
