@@ -21,7 +21,7 @@ import vaelab
 from vaelab.app.explore import MAX_BODY, BadRequest, Explorer, make_app, read_body
 
 with warnings.catch_warnings():  # starlette 1.x suggests httpx2 for its test client; httpx works
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
 

@@ -162,7 +162,7 @@ def test_health_check_in_words():
 def test_every_png_carries_its_provenance(runs, tmp_path):
     run = runs["vae2"]
     p = vaelab.sample_run(run, n=4, seed=3, temperature=0.5)
-    assert p.name == "samples-t0.5-seed3-n4.png"
+    assert p.name == "samples-t0.5-seed3.png"
     info = read_provenance(p)
     assert set(KEYS) <= set(info)
     ckpt = vaelab.load_run(run)
@@ -175,7 +175,7 @@ def test_every_png_carries_its_provenance(runs, tmp_path):
         assert set(KEYS) <= set(read_provenance(f)), f
     # from the command line: the command itself
     assert main(["sample", str(run), "-n", "4", "--seed", "1"]) == 0
-    cmd = read_provenance(run / "samples-seed1-n4.png")["command"]
+    cmd = read_provenance(run / "samples-seed1.png")["command"]
     assert cmd == f"vaelab sample {run} -n 4 --seed 1"
 
 
@@ -185,15 +185,15 @@ def test_variants_do_not_overwrite_each_other(runs, capsys):
     assert main(["sample", str(lab), "--label", "7", "-n", "4", "--temperature", "0.8"]) == 0
     assert main(["sample", str(lab), "--label", "3", "-n", "4"]) == 0
     out = capsys.readouterr().out.split()
-    assert [p.rsplit("/", 1)[1] for p in out] == ["samples-label7-n4.png", "samples-label7-t0.8-n4.png",
-                                                  "samples-label3-n4.png"]
-    assert read_provenance(lab / "samples-label7-n4.png")["label"] == "7"
+    assert [p.rsplit("/", 1)[1] for p in out] == ["samples-label7.png", "samples-label7-t0.8.png",
+                                                  "samples-label3.png"]
+    assert read_provenance(lab / "samples-label7.png")["label"] == "7"
     run = runs["vae2"]
     assert vaelab.sample_run(run).name == "samples.png"  # the defaults keep the plain name
     assert vaelab.sample_run(run, which="latest").name in ("samples-ckpt-latest.png",)
-    assert vaelab.manifold_run(run, n=4).name == "manifold-n4.png"
+    assert vaelab.manifold_run(run, n=4, dims=(1, 0)).name == "manifold-dims1_0.png"
     assert vaelab.interpolate_run(run, a=2, b=5).name == "interpolation-a2-b5.png"
-    assert vaelab.complete_run(runs["half"], n=2, condition="top-half").path.name == "completions-top-half-n2.png"
+    assert vaelab.complete_run(runs["half"], n=2, condition="top-half").path.name == "completions-top-half.png"
 
 
 def test_manifold_has_the_padding_and_scale_of_the_other_grids(runs, tmp_path):

@@ -201,8 +201,7 @@ def complete_run(
     name = variant_name(
         "completions", None if condition is None else slug(Path(condition).name if mask is not None else condition),
         None if regressor is None else f"vs-{slug(Path(regressor).name)}", None if split == "test" else split,
-        None if start == 0 else f"from{start}", None if n == 8 else f"n{n}", None if samples == 6 else f"s{samples}",
-        None if seed == 0 else f"seed{seed}", checkpoint_part(r))
+        None if start == 0 else f"from{start}", None if seed == 0 else f"seed{seed}", checkpoint_part(r))
     cols = "observed | CVAE completions" + (" | regressor" if reg_model is not None else "") + " | ground truth"
     prov = run_provenance(r, f"completions of {split} images {start}..{start + n - 1}; columns: {cols}",
                           python_call("complete_run", n=n, samples=samples, seed=seed, which=which, condition=condition,

@@ -166,7 +166,8 @@ def sample_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: in
                label: int | None = None) -> Path:
     """Write a PNG grid of n samples from the prior; returns its path. The default name is
     RUN/samples.png, with a part for each setting that differs from its default
-    (``samples-label7-t0.8.png``), so variants do not overwrite each other. ``label``: the class of a
+    (``samples-label7-t0.8.png``), so variants do not overwrite each other (a different n does: the
+    same picture, more or fewer images). ``label``: the class of a
     label-conditioned model (or give its condition ``c`` directly)."""
     check_count(n, "n (images to sample)", 1, MAX_IMAGES)
     _check_temperature(temperature)
@@ -176,7 +177,7 @@ def sample_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: in
         c = label_condition(r, label)
     imgs = sample_images(r.model, n, seed=seed, temperature=temperature, c=c)
     name = variant_name("samples", _cond_part(label, c), None if temperature == 1.0 else f"t{temperature:g}",
-                        None if seed == 0 else f"seed{seed}", None if n == 64 else f"n{n}", checkpoint_part(r))
+                        None if seed == 0 else f"seed{seed}", checkpoint_part(r))
     prov = run_provenance(r, "samples from the prior", python_call("sample_run", n=n, seed=seed, temperature=temperature,
                           which=which, label=label), seed=seed, temperature=temperature, label=label)
     return save_grid(imgs, out_path or r.root / name, provenance=prov)
@@ -198,7 +199,7 @@ def reconstruct_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, 
     pairs = []
     for i in range(0, m, cols):
         pairs += [b.x[i : i + cols], rec[i : i + cols]]
-    name = variant_name("reconstructions", None if n == 32 else f"n{n}", checkpoint_part(r))
+    name = variant_name("reconstructions", checkpoint_part(r))
     prov = run_provenance(r, "test images (rows 1, 3, ...) above their reconstructions (rows 2, 4, ...)",
                           python_call("reconstruct_run", n=n, which=which), seed=0)
     return save_grid(torch.cat(pairs), out_path or r.root / name, nrow=cols, provenance=prov)
@@ -220,8 +221,7 @@ def interpolate_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, 
     bt, m = _first_images(r, max(a, b) + 1)
     imgs = interpolate_images(r.model, bt.x[a], bt.x[b], steps)
     row = torch.cat([bt.x[a : a + 1], imgs, bt.x[b : b + 1]])
-    name = variant_name("interpolation", None if (a, b) == (0, 1) else f"a{a}-b{b}",
-                        None if steps == 10 else f"steps{steps}", checkpoint_part(r))
+    name = variant_name("interpolation", None if (a, b) == (0, 1) else f"a{a}-b{b}", checkpoint_part(r))
     prov = run_provenance(r, f"test image {a}, {steps} decoded points from its posterior mean to that of test "
                           f"image {b}, test image {b}", python_call("interpolate_run", a=a, b=b, steps=steps, which=which),
                           seed=0)
@@ -241,7 +241,7 @@ def manifold_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: 
         c = label_condition(r, label)
     imgs = manifold_images(r.model, n, dims, c=c)
     d0, d1 = dims
-    name = variant_name("manifold", None if n == 20 else f"n{n}", None if (d0, d1) == (0, 1) else f"dims{d0}_{d1}",
+    name = variant_name("manifold", None if (d0, d1) == (0, 1) else f"dims{d0}_{d1}",
                         _cond_part(label, c), checkpoint_part(r))
     prov = run_provenance(r, f"latent manifold: columns vary z[{d0}], rows z[{d1}] (top = high) over Gaussian "
                           f"quantiles, other dimensions 0", python_call("manifold_run", n=n, dims=(d0, d1), which=which,
