@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -113,7 +115,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     rows = to_float(test.images[: a.rows])
     comp = complete_images(cvae, rows, samples=a.samples, seed=a.seed, regressor=reg)
-    fig = save_grid(comp.grid_images(), out / "completion.png", nrow=comp.columns())
+    prov = {"picture": "observed | CVAE completions | regressor | ground truth", "run": str(out / "cvae"),
+            "checkpoint": "latest (in memory, end of training)", "epoch": str(runs["cvae"].state.epoch),
+            "step": str(runs["cvae"].state.step), "seed": str(a.seed), "temperature": "1.0",
+            "command": shlex.join([sys.executable, *sys.argv])}
+    fig = save_grid(comp.grid_images(), out / "completion.png", nrow=comp.columns(), provenance=prov)
 
     def pick(e) -> dict[str, Any]:
         return {"neg_elbo": e.neg_elbo, "neg_elbo_stderr": e.neg_elbo_stderr, "reconstruction": e.reconstruction,

@@ -51,7 +51,7 @@ def test_train_evaluate_generate_end_to_end(mnist_dir, tmp_path, capsys):
     assert main(["interpolate", str(run), "--steps", "5"]) == 0
     assert Image.open(run / "interpolation.png").size[0] == (7 * 30 + 2) * 2
     assert main(["manifold", str(run), "-n", "5"]) == 0
-    assert Image.open(run / "manifold.png").size == (5 * 28, 5 * 28)
+    assert Image.open(run / "manifold.png").size == ((5 * 30 + 2) * 2,) * 2  # the padding and scale of every grid
     assert main(["encode", str(run), "--out", str(tmp_path / "z.npy")]) == 0
     z = np.load(tmp_path / "z.npy")
     assert z.shape == (60, 2) and np.load(tmp_path / "z_labels.npy").shape == (60,)

@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 #: the public API: submodule -> the names it provides
 _EXPORTS: dict[str, tuple[str, ...]] = {
+    "app.report": ("write_report",),
     "conditioning": ("CONDITIONS", "Condition", "build_condition"),
     "config": ("DataConfig", "DataSpec", "ModelConfig", "RunConfig", "TrainConfig"),
     "data": ("DATASETS", "DataSplits", "ImageSet", "load_data"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -193,17 +194,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _label_condition(run, label: int | None):
     """The one-hot c of ``label`` for a label-conditioned run (None without --label)."""
-    if label is None:
-        return None
-    import torch
+    from .viz.generate import label_condition
 
-    from .conditioning import LabelCondition
-
-    if not isinstance(run.condition, LabelCondition):
-        raise VaelabError(f"{run.root}: --label needs a label-conditioned model (model.condition={run.condition.name!r})")
-    if not 0 <= label < run.condition.dim:
-        raise ConfigError(f"--label {label} is out of range: this model knows classes 0..{run.condition.dim - 1}")
-    return run.condition.encode_labels(torch.tensor([label]))
+    return label_condition(run, label)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -211,8 +204,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .viz import sample_run
 
     run = Run(args.run, _which(args), device=args.device)
-    c = _label_condition(run, args.label)
-    print(sample_run(run, args.out, n=args.n, seed=args.seed, temperature=args.temperature, c=c))
+    print(sample_run(run, args.out, n=args.n, seed=args.seed, temperature=args.temperature, label=args.label))
     return 0
 
 
@@ -243,8 +235,7 @@ def cmd_manifold(args: argparse.Namespace) -> int:
     if len(dims) != 2:
         raise ConfigError(f"--dims takes two latent dimensions separated by a comma, e.g. 0,1; got {args.dims[:40]!r}")
     run = Run(args.run, _which(args), device=args.device)
-    c = _label_condition(run, args.label)
-    print(manifold_run(run, args.out, n=args.n, dims=(dims[0], dims[1]), c=c))
+    print(manifold_run(run, args.out, n=args.n, dims=(dims[0], dims[1]), label=args.label))
     return 0
 
 
@@ -287,6 +278,21 @@ def cmd_complete(args: argparse.Namespace) -> int:
     if "regressor_l2" in m:
         line += f", regressor {m['regressor_l2']:.3f}"
     print(line)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .app.report import write_report
+
+    print(write_report(args.run, args.out, which=_which(args), k=args.k, limit=args.limit,
+                       evaluate=not args.no_evaluate, data_dir=args.data_dir, device=args.device))
+    return 0
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from .app.explore import serve
+
+    serve(args.run, host=args.host, port=args.port, which=_which(args), device=args.device, data_dir=args.data_dir)
     return 0
 
 
@@ -403,6 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default=None)
     cp.add_argument("--data-dir", default=None)
 
+    rp = run_cmd("report", "RUN/report.html: config, curves, evaluation, pictures, health check in one file", cmd_report)
+    rp.add_argument("-k", type=int, default=100,
+                    help="importance samples when the checkpoint has no evaluation yet (default 100)")
+    rp.add_argument("--limit", type=int, default=2000, help="test images to evaluate then (default 2000)")
+    rp.add_argument("--no-evaluate", action="store_true", help="use a stored evaluation only")
+    rp.add_argument("--out", default=None)
+    rp.add_argument("--data-dir", default=None)
+
+    ex = run_cmd("explore", "local web app: latent pad, encode a drawing, interpolate, complete", cmd_explore)
+    ex.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ex.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    ex.add_argument("--data-dir", default=None)
+
     d = sub.add_parser("datasets", help="list the data sets vaelab knows and where it looks for them")
     d.add_argument("-v", "--verbose", action="store_true")
     d.set_defaults(func=cmd_datasets)
@@ -435,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in SHARDED and _rank() != 0:
         return 0  # under torchrun, commands that do not share their work run on rank 0 alone
     warnings.showwarning = _one_line_warnings
+    from .provenance import COMMAND
+
+    token = COMMAND.set(shlex.join(["vaelab", *(sys.argv[1:] if argv is None else argv)]))  # PNG provenance
     try:
         return int(args.func(args) or 0)
     except Interrupted as e:  # SIGTERM/SIGINT during training: checkpointed, exit 143/130
@@ -455,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         warnings.showwarning = _show_warning
+        COMMAND.reset(token)
 
 
 if __name__ == "__main__":  # pragma: no cover

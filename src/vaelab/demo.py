@@ -53,7 +53,11 @@ def run_demo(run_dir: Path, epochs: int = 10, k: int = 256, data_dir: str | None
         "interpolation": interpolate_run(run_dir, run_dir / "interpolation.png", a=0, b=1, steps=10, device=device),
         "manifold": manifold_run(run2, run_dir / "manifold.png", n=20, device=device),
     }
+    from .app.report import write_report
+
+    out["report"] = write_report(run_dir, device=device)
     print("== outputs")
     for k_, v in out.items():
         print(f"  {k_:16s} {v}")
+    print(f"== the report: {out['report'].resolve()}")
     return out

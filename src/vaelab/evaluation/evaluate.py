@@ -83,6 +83,9 @@ class EvalResult:
                 rows.append((f"KL per dim{sub} (largest)", ", ".join(f"{name}[{i}]:{per_dim[i]:.2f}" for i in top)))
         w = max(len(r[0]) for r in rows)
         lines = [f"{self.split} split, nats per datapoint (± standard error over the data)"]
+        if self.extra.get("checkpoint"):  # which weights these numbers are of
+            lines.insert(0, f"checkpoint {self.extra['checkpoint']} (epoch {self.extra.get('epoch')}, "
+                            f"step {self.extra.get('step')})")
         lines += [f"  {a.ljust(w)}  {b}" for a, b in rows]
         lines.append(f"  note: {self.meaning}")
         if self.conditional:
@@ -161,6 +164,9 @@ def describe_likelihood(run_cfg: RunConfig) -> tuple[bool, str]:
         return True, "discrete likelihood over 8-bit pixels: -L_k is a true NLL; bits/dim = NLL / (D ln 2)"
     if run_cfg.model.likelihood == "bernoulli" and binary:
         return True, "binarized pixels with a Bernoulli likelihood: -L_k is a true NLL of the binary data (nats)"
+    if run_cfg.model.likelihood == "bernoulli":  # the case that applies, not the head's two cases
+        return False, ("Bernoulli likelihood on [0,1] grey levels (pixels not binarized): -L_k is a cross-entropy "
+                       "score, not a density of the 8-bit data; do not compare it with NLLs of binarized data")
     return False, head.meaning
 
 

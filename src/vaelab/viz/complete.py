@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..evaluation import eval_mode
 from ..models import device_of, generator_for
 from ..pipeline import condition_of
+from ..provenance import checkpoint_part, python_call, run_provenance, slug, variant_name
 from ..runs import Run
 from .generate import MAX_IMAGES
 from .grid import output_path, save_grid
@@ -169,7 +170,8 @@ def complete_run(
     device: str = "auto",
 ) -> CompletionResult:
     """Write a PNG grid of completions of n images of a split (rows: observed | ``samples`` CVAE
-    completions | the regressor run's completion, if given | ground truth); default RUN/completions.png.
+    completions | the regressor run's completion, if given | ground truth); default RUN/completions.png
+    (with a part for each setting that differs from its default, e.g. ``completions-left-half.png``).
 
     ``condition`` / ``mask`` (a mask image path): complete from another partial observation than the
     run's own. Returns the path and the diversity/accuracy :meth:`Completion.metrics`."""
@@ -196,7 +198,16 @@ def complete_run(
     x = to_float(r.data(split, limit=n, start=start).images)
     cond = _mask_condition(r.condition, condition, r.spec.cond_dim)
     comp = complete_images(r.model, x, samples=samples, seed=seed, condition=cond, regressor=reg_model)
-    path = save_grid(comp.grid_images(), out_path or r.root / "completions.png", nrow=comp.columns())
+    name = variant_name(
+        "completions", None if condition is None else slug(Path(condition).name if mask is not None else condition),
+        None if regressor is None else f"vs-{slug(Path(regressor).name)}", None if split == "test" else split,
+        None if start == 0 else f"from{start}", None if seed == 0 else f"seed{seed}", checkpoint_part(r))
+    cols = "observed | CVAE completions" + (" | regressor" if reg_model is not None else "") + " | ground truth"
+    prov = run_provenance(r, f"completions of {split} images {start}..{start + n - 1}; columns: {cols}",
+                          python_call("complete_run", n=n, samples=samples, seed=seed, which=which, condition=condition,
+                                      regressor=None if regressor is None else str(regressor), split=split, start=start),
+                          seed=seed, temperature=1.0, condition=cond.describe())
+    path = save_grid(comp.grid_images(), out_path or r.root / name, nrow=comp.columns(), provenance=prov)
     return CompletionResult(path, comp, comp.metrics(), cond.describe())
 
 

@@ -20,6 +20,7 @@ from ..errors import ConfigError, VaelabWarning
 from ..evaluation import eval_mode
 from ..models import device_of, generator_for
 from ..pipeline import BatchPipeline
+from ..provenance import checkpoint_part, python_call, run_provenance, tensor_part, variant_name
 from ..runs import Run
 from .grid import output_path, save_grid
 
@@ -174,14 +175,49 @@ def _first_images(run: Run, n: int):
     return run.pipeline(data.images.to(device), labels, generator_for(run.model, 0)), len(data)
 
 
+def label_condition(run: Run, label: int | None) -> torch.Tensor | None:
+    """The one-hot c (1, K) of class ``label`` for a label-conditioned run (None without a label)."""
+    if label is None:
+        return None
+    from ..conditioning import LabelCondition
+    from ..errors import VaelabError
+
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise ConfigError(f"--label takes a class number, got {label!r}")
+    if not isinstance(run.condition, LabelCondition):
+        raise VaelabError(f"{run.root}: --label needs a label-conditioned model (model.condition={run.condition.name!r})")
+    if not 0 <= label < run.condition.dim:
+        raise ConfigError(f"--label {label} is out of range: this model knows classes 0..{run.condition.dim - 1}")
+    return run.condition.encode_labels(torch.tensor([label]))
+
+
+def _cond_part(label: int | None, c: torch.Tensor | None) -> str | None:
+    """The file-name part of a picture's condition: ``label7``, a tag of c, or None (unconditional)."""
+    if label is not None:
+        return f"label{label}"
+    return None if c is None else tensor_part("c", c)
+
+
 def sample_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 64,
-               seed: int = 0, temperature: float = 1.0, which: str = "best", c: torch.Tensor | None = None, device: str = "auto") -> Path:
-    """Write a PNG grid of n samples from the prior; returns its path (default RUN/samples.png)."""
+               seed: int = 0, temperature: float = 1.0, which: str = "best", c: torch.Tensor | None = None, device: str = "auto",
+               label: int | None = None) -> Path:
+    """Write a PNG grid of n samples from the prior; returns its path. The default name is
+    RUN/samples.png, with a part for each setting that differs from its default
+    (``samples-label7-t0.8.png``), so variants do not overwrite each other (a different n does: the
+    same picture, more or fewer images). ``label``: the class of a
+    label-conditioned model (or give its condition ``c`` directly)."""
     check_count(n, "n (images to sample)", 1, MAX_IMAGES)
+    _check_temperature(temperature)
     out_path = output_path(out, "samples.png") if out is not None else None
     r = Run.of(run, which, device=device)
+    if label is not None:
+        c = label_condition(r, label)
     imgs = sample_images(r.model, n, seed=seed, temperature=temperature, c=c)
-    return save_grid(imgs, out_path or r.root / "samples.png")
+    name = variant_name("samples", _cond_part(label, c), None if temperature == 1.0 else f"t{temperature:g}",
+                        None if seed == 0 else f"seed{seed}", checkpoint_part(r))
+    prov = run_provenance(r, "samples from the prior", python_call("sample_run", n=n, seed=seed, temperature=temperature,
+                          which=which, label=label), seed=seed, temperature=temperature, label=label)
+    return save_grid(imgs, out_path or r.root / name, provenance=prov)
 
 
 def reconstruct_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 32,
@@ -200,7 +236,10 @@ def reconstruct_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, 
     pairs = []
     for i in range(0, m, cols):
         pairs += [b.x[i : i + cols], rec[i : i + cols]]
-    return save_grid(torch.cat(pairs), out_path or r.root / "reconstructions.png", nrow=cols)
+    name = variant_name("reconstructions", checkpoint_part(r))
+    prov = run_provenance(r, "test images (rows 1, 3, ...) above their reconstructions (rows 2, 4, ...)",
+                          python_call("reconstruct_run", n=n, which=which), seed=0)
+    return save_grid(torch.cat(pairs), out_path or r.root / name, nrow=cols, provenance=prov)
 
 
 def interpolate_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, a: int = 0,
@@ -219,17 +258,32 @@ def interpolate_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, 
     bt, m = _first_images(r, max(a, b) + 1)
     imgs = interpolate_images(r.model, bt.x[a], bt.x[b], steps)
     row = torch.cat([bt.x[a : a + 1], imgs, bt.x[b : b + 1]])
-    return save_grid(row, out_path or r.root / "interpolation.png", nrow=steps + 2)
+    name = variant_name("interpolation", None if (a, b) == (0, 1) else f"a{a}-b{b}", checkpoint_part(r))
+    prov = run_provenance(r, f"test image {a}, {steps} decoded points from its posterior mean to that of test "
+                          f"image {b}, test image {b}", python_call("interpolate_run", a=a, b=b, steps=steps, which=which),
+                          seed=0)
+    return save_grid(row, out_path or r.root / name, nrow=steps + 2, provenance=prov)
 
 
 def manifold_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 20,
-                 dims: tuple[int, int] = (0, 1), which: str = "best", c: torch.Tensor | None = None, device: str = "auto") -> Path:
-    """Write the 2-D manifold PNG (Kingma & Welling Fig. 4) over latent dimensions ``dims``."""
+                 dims: tuple[int, int] = (0, 1), which: str = "best", c: torch.Tensor | None = None, device: str = "auto",
+                 label: int | None = None) -> Path:
+    """Write the 2-D manifold PNG (Kingma & Welling Fig. 4) over latent dimensions ``dims``, with the
+    padding and scale of the other grids; default name RUN/manifold.png (with parts for non-default
+    settings, e.g. ``manifold-dims2_3-label7.png``)."""
     check_count(n, "n (grid size)", 1, MAX_MANIFOLD)
     out_path = output_path(out, "manifold.png") if out is not None else None
     r = Run.of(run, which, device=device)
+    if label is not None:
+        c = label_condition(r, label)
     imgs = manifold_images(r.model, n, dims, c=c)
-    return save_grid(imgs, out_path or r.root / "manifold.png", nrow=n, pad=0, scale=1)
+    d0, d1 = dims
+    name = variant_name("manifold", None if (d0, d1) == (0, 1) else f"dims{d0}_{d1}",
+                        _cond_part(label, c), checkpoint_part(r))
+    prov = run_provenance(r, f"latent manifold: columns vary z[{d0}], rows z[{d1}] (top = high) over Gaussian "
+                          f"quantiles, other dimensions 0", python_call("manifold_run", n=n, dims=(d0, d1), which=which,
+                          label=label), temperature="n/a (a fixed grid of latent points)", dims=f"{d0},{d1}", label=label)
+    return save_grid(imgs, out_path or r.root / name, nrow=n, provenance=prov)
 
 
 def traverse_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, index: int = 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +46,35 @@ def output_path(out: str | os.PathLike[str], example: str = "out.png") -> Path:
     return p
 
 
+def grid_image(images: torch.Tensor, nrow: int | None = None, scale: int = 2, pad: int = 2) -> Image.Image:
+    """A grid of images (N, C, H, W) in [0, 1] as a Pillow image, upscaled ``scale`` times (nearest)."""
+    arr = grid_array(images, nrow, pad)
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, mode="L" if arr.shape[-1] == 1 else "RGB")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def png_bytes(images: torch.Tensor, nrow: int | None = None, scale: int = 2, pad: int = 2,
+              provenance: Mapping[str, str] | None = None) -> bytes:
+    """The PNG file of :func:`grid_image` as bytes (for the report and the explorer), with
+    ``provenance`` in its text chunks."""
+    from ..provenance import png_info
+
+    buf = io.BytesIO()
+    grid_image(images, nrow, scale, pad).save(buf, format="PNG", pnginfo=png_info(provenance))
+    return buf.getvalue()
+
+
 def save_grid(
-    images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None, scale: int = 2, pad: int = 2
+    images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None, scale: int = 2, pad: int = 2,
+    provenance: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a grid of images (N, C, H, W) in [0, 1] to a PNG (or another format Pillow knows by the
-    file's suffix), upscaled ``scale`` times (nearest). The file is replaced atomically."""
+    file's suffix), upscaled ``scale`` times (nearest). The file is replaced atomically. A PNG carries
+    ``provenance`` (run, checkpoint, epoch, step, seed, temperature, command: see
+    :mod:`vaelab.provenance`) in its text chunks."""
+    from ..provenance import png_info
     from ..runs.checkpoint import atomic_write
 
     p = output_path(path, "grid.png")
@@ -58,13 +83,11 @@ def save_grid(
         raise ConfigError(f"{p}: unknown image format {p.suffix!r}; name a .png file")
     if images.shape[0] == 0:
         raise ConfigError(f"{p}: no images to write")
-    arr = grid_array(images, nrow, pad)
-    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, mode="L" if arr.shape[-1] == 1 else "RGB")
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = grid_image(images, nrow, scale, pad)
     buf = io.BytesIO()
+    extra = {"pnginfo": png_info(provenance)} if fmt == "PNG" else {}
     try:
-        img.save(buf, format=fmt)
+        img.save(buf, format=fmt, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{p}: cannot write a {fmt} image ({e}); name a .png file") from None
     atomic_write(p, buf.getvalue())
