@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import inspect
 import io
 import json
 import math
@@ -450,26 +449,19 @@ def _manifold(r: Run) -> str | None:
 
 
 def _traversal(r: Run) -> str | None:
-    """THE ONE PLACE the latent traversal is plugged in: ``vaelab.viz.generate.traverse_images`` (the
-    ``vaelab traverse`` picture) when that function exists; its keyword arguments are matched by name,
-    so only the ones it accepts are given."""
-    fn: Callable[..., Any] | None = getattr(gen, "traverse_images", None)
-    if fn is None or not r.model.latent_dims or r.spec.cond_dim:
+    """The latent traversal of the first test image over the most active top-layer dimensions (the
+    ``vaelab traverse`` picture)."""
+    if not r.model.latent_dims:
         return None
-    b = _test_batch(r, 1)
-    params = inspect.signature(fn).parameters
-    offered = {"x": b.x[0:1], "image": b.x[0:1], "c": b.c, "steps": 9, "n": 9}
-    kwargs = {k: v for k, v in offered.items() if k in params}
-    if "x" in kwargs and "image" in kwargs:
-        kwargs.pop("image")
-    imgs = fn(r.model, **kwargs)
-    if isinstance(imgs, tuple):
-        imgs = imgs[0]
-    steps = kwargs.get("steps", kwargs.get("n", None))
-    prov = run_provenance(r, "latent traversal", _call(r), seed=0)
-    return _figure(png_bytes(imgs, nrow=steps, provenance=prov), "traversal",
-                   "Latent traversal of the first test image: each row varies one top-layer dimension, the "
-                   "others held at its posterior mean.")
+    b = _test_batch(r, 500)
+    dims = gen.most_active_dims(r.model, b.x, b.c, top=8)
+    c = None if b.c is None else b.c[0:1]
+    imgs = gen.traverse_images(r.model, b.x[0], dims, steps=9, c=c)
+    prov = run_provenance(r, "latent traversal", _call(r), seed=0, dims=",".join(map(str, dims)))
+    return _figure(png_bytes(imgs, nrow=9, provenance=prov), "traversal",
+                   f"Latent traversal of the first test image: row i sets top-layer dimension {list(dims)}[i] "
+                   "(the most active units) to 9 values over the prior's mean ± 3 standard deviations, the "
+                   "others held at the image's posterior mean.")
 
 
 def _config_html(r: Run) -> str:

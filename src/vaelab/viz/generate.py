@@ -286,28 +286,46 @@ def manifold_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: 
     return save_grid(imgs, out_path or r.root / name, nrow=n, provenance=prov)
 
 
+@torch.no_grad()
+def most_active_dims(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None = None, top: int = 8) -> tuple[int, ...]:
+    """The ``top`` top-layer dimensions whose posterior mean varies most over the images x (the active
+    units a traversal shows changing something), in increasing order."""
+    L = _top_dim(model, "a traversal")
+    with eval_mode(model):
+        spread = _top_code(model, x, c).var(0) if x.shape[0] > 1 else torch.ones(L)
+    return tuple(int(d) for d in spread.argsort(descending=True)[: min(top, L)].sort().values)
+
+
 def traverse_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, index: int = 0,
                  dims: tuple[int, ...] | None = None, top: int = 8, steps: int = 9, span: float = 3.0,
                  which: str = "best", data_dir: str | None = None, device: str = "auto") -> Path:
     """Write a traversal PNG for test image ``index``: one row per latent dimension (``dims``, or the
-    ``top`` most active units of the top layer: the largest variance of the posterior mean over the
-    first test images), each row the image's code with that one dimension swept (:func:`traverse_images`)."""
+    ``top`` most active units of the top layer over the first 500 test images), each row the image's
+    code with that one dimension swept (:func:`traverse_images`); default name RUN/traversal.png (with
+    parts for non-default settings, e.g. ``traversal-image3.png``)."""
     check_count(index, "index (test image)", 0)
     check_count(top, "top (dimensions to show)", 1, MAX_IMAGES)
     out_path = output_path(out, "traversal.png") if out is not None else None
     r = Run.of(run, which, data_dir=data_dir, device=device)
-    L = _top_dim(r.model, "a traversal")
+    _top_dim(r.model, "a traversal")
     available = len(r.data("test"))
     if index >= available:
         raise ConfigError(f"image {index} requested, the test split has {available} (indices 0..{available - 1})")
-    b, m = _first_images(r, max(index + 1, min(available, 500)))
-    if dims is None:  # the most active units: the ones a traversal shows changing something
-        with eval_mode(r.model):
-            spread = _top_code(r.model, b.x, b.c).var(0) if m > 1 else torch.ones(L)
-        dims = tuple(int(d) for d in spread.argsort(descending=True)[: min(top, L)].sort().values)
+    b, _ = _first_images(r, max(index + 1, min(available, 500)))
+    chosen = dims is None
+    dims = most_active_dims(r.model, b.x, b.c, top) if dims is None else tuple(dims)
     c = None if b.c is None else b.c[index : index + 1]
     imgs = traverse_images(r.model, b.x[index], dims, steps, span, c)
-    return save_grid(imgs, out_path or r.root / "traversal.png", nrow=steps)
+    dims_text = ",".join(map(str, dims))
+    name = variant_name("traversal", None if index == 0 else f"image{index}",
+                        None if chosen else f"dims{dims_text.replace(',', '_')}",
+                        None if span == 3.0 else f"span{span:g}", checkpoint_part(r))
+    prov = run_provenance(r, f"latent traversal of test image {index}: row i sets top-layer dimension dims[i] to "
+                          f"{steps} values over the prior's mean ± {span:g} standard deviations, the others at the "
+                          "image's posterior mean",
+                          python_call("traverse_run", index=index, dims=None if chosen else dims, top=top, steps=steps,
+                                      span=span, which=which), temperature="n/a (decoded means)", dims=dims_text)
+    return save_grid(imgs, out_path or r.root / name, nrow=steps, provenance=prov)
 
 
 def encode_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, split: str = "test",
