@@ -27,7 +27,8 @@ with warnings.catch_warnings():  # starlette 1.x suggests httpx2 for its test cl
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Tiny runs of each kind: VAE (4-D), label CVAE, left-half CVAE, regressor."""
+    """Tiny runs of each kind: VAE (4-D), label CVAE, left-half CVAE, random-patches CVAE, regressor, and
+    a two-layer VAE with a VampPrior."""
     from conftest import write_mnist
 
     root = tmp_path_factory.mktemp("explore")
@@ -40,7 +41,8 @@ def runs(tmp_path_factory):
     kinds = {"vae": {}, "label": {"model": "cvae", "condition": "label"},
              "half": {"model": "cvae", "condition": "left-half"},
              "patches": {"model": "cvae", "condition": "random-patches"},
-             "reg": {"model": "regressor", "condition": "left-half"}}
+             "reg": {"model": "regressor", "condition": "left-half"},
+             "vamp2": {"layers": 2, "prior": "vamp", "prior_components": 5}}
     out = {}
     for name, kw in kinds.items():
         cfg = base.replace(model=replace(base.model, **kw))
@@ -266,3 +268,20 @@ def test_the_listening_socket_gets_tcp_nodelay_connections():
         assert s.proto == socket.IPPROTO_TCP
     finally:
         s.close()
+
+
+def test_the_pad_and_random_draws_follow_the_models_own_prior(clients, runs):
+    from vaelab.viz.generate import prior_spread
+
+    std = clients["vae"].get("/api/info").json()
+    assert std["prior"] == "standard" and std["range"] == 3.0  # N(0, I): 3 standard deviations
+    info = clients["vamp2"].get("/api/info").json()
+    assert info["prior"] == "vamp" and info["latent_dims"] == [4, 2] and info["top"] == 2
+    mu, sd = prior_spread(vaelab.load_run(runs["vamp2"], device="cpu").model)
+    assert info["range"] >= float((mu.abs() + 3 * sd).max()) - 0.2 and (2 * info["range"]) % 1 == 0
+    a = clients["vamp2"].post("/api/prior", json={"seed": 3}).json()["z"]
+    b = clients["vamp2"].post("/api/prior", json={"seed": 3}).json()["z"]
+    c = clients["vamp2"].post("/api/prior", json={"seed": 4}).json()["z"]
+    assert len(a) == 2 and a == b and a != c
+    assert clients["vamp2"].post("/api/prior", json={"seed": -1}).status_code == 400
+    assert clients["reg"].post("/api/prior", json={}).status_code in (400, 409)  # no latent variables

@@ -160,6 +160,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _normalise(self, "model")
         _check(self, "model", "latent_dim", self.latent_dim >= 1, ">= 1")
+        _check(self, "model", "hidden", all(h >= 1 for h in self.hidden), "sizes >= 1")
+        _check(self, "model", "sigma", _finite(self.sigma) and self.sigma > 0, "> 0 (a finite number)")
+        _check(self, "model", "n_mixtures", self.n_mixtures >= 1, ">= 1")
         _check(self, "model", "prior", bool(self.prior.strip()), "a prior's name (standard, mog, vamp)")
         _check(self, "model", "prior_components", 1 <= self.prior_components <= MAX_PRIOR_COMPONENTS,
                f"in 1..{MAX_PRIOR_COMPONENTS}")
@@ -177,9 +180,6 @@ class ModelConfig:
         for i in range(self.layers - 1):
             dims.append(self.upper_latent[i] if self.upper_latent else max(1, dims[-1] // 2))
         return tuple(dims)
-        _check(self, "model", "hidden", all(h >= 1 for h in self.hidden), "sizes >= 1")
-        _check(self, "model", "sigma", _finite(self.sigma) and self.sigma > 0, "> 0 (a finite number)")
-        _check(self, "model", "n_mixtures", self.n_mixtures >= 1, ">= 1")
 
 
 @dataclass(frozen=True)

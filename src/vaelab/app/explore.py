@@ -188,6 +188,7 @@ class Explorer:
         self.spec = self.run.spec
         self.dims = tuple(self.model.latent_dims)
         self.top = self.dims[-1] if self.dims else 0
+        self._range: float | None = None
         self.cond = self.run.condition
         self.kind = ("label" if isinstance(self.cond, LabelCondition) else
                      "mask" if isinstance(self.cond, MaskCondition) else "none")
@@ -248,6 +249,7 @@ class Explorer:
             "shape": list(self.spec.shape), "latent_dims": list(self.dims), "top": self.top,
             "condition": self.kind, "condition_text": self.cond.describe(), "classes": self.spec.num_classes,
             "tests": self.test_count(), "max_body": MAX_BODY, "max_samples": MAX_SAMPLES, "max_steps": MAX_STEPS,
+            "prior": r.config.model.prior, "range": self.latent_range(),
         }
         if self.kind == "mask":
             out["include_mask"] = bool(self.cond.include_mask)
@@ -257,6 +259,27 @@ class Explorer:
                 m = self.cond.region_mask(h, w).to(torch.float32)[None, None]
                 out["region_mask"] = data_uri(png_bytes(m, scale=1, pad=0))
         return out
+
+    def latent_range(self) -> float:
+        """Half-width of the pad and the sliders: 3 prior standard deviations around the prior's mean in
+        every top-layer dimension (3 for N(0, I); wider or narrower for a learned prior), measured from
+        draws and rounded up to a half unit (with 0.2 of slack for the draws' noise)."""
+        if not self.top:
+            return 3.0
+        if self._range is None:
+            with self.lock:
+                mu, sd = gen.prior_spread(self.model)
+            self._range = max(1.0, math.ceil(2 * float((mu.abs() + 3 * sd).max()) - 0.4) / 2)
+        return self._range
+
+    @torch.no_grad()
+    def prior_draw(self, d: dict[str, Any]) -> dict[str, Any]:
+        """One z from the model's own prior (a mixture or VampPrior as well as N(0, I))."""
+        self._need_latent("drawing from the prior")
+        g = generator_for(self.model, need_int(d, "seed", 0, 2**31 - 1, 0))
+        with self.lock, eval_mode(self.model):
+            z = self.model.prior().sample_n(1, g)[0]
+        return {"z": [round(float(v), 5) for v in z.tolist()]}
 
     @torch.no_grad()
     def decode(self, d: dict[str, Any]) -> bytes:
@@ -512,6 +535,7 @@ def make_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None, max_
         Route("/api/encode", post(explorer.encode), methods=["POST"]),
         Route("/api/interpolate", post(explorer.interpolate), methods=["POST"]),
         Route("/api/samples", post(explorer.samples), methods=["POST"]),
+        Route("/api/prior", post(explorer.prior_draw), methods=["POST"]),
         Route("/api/complete", post(explorer.complete), methods=["POST"]),
     ]
     middleware = [Middleware(SecurityHeaders)]

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const RANGE = 3; // the pad and the sliders span z in [-RANGE, RANGE]
+let RANGE = 3; // the pad and the sliders span z in [-RANGE, RANGE] (the server sets it from the prior)
 const state = { info: null, z: [], dx: 0, dy: 1, busy: false, pending: false, decodes: 0, a: null, b: null,
                 frames: [], mean: null };
 
@@ -137,12 +137,13 @@ function setupPad() {
     });
   }
   $("zero").addEventListener("click", () => { state.z.fill(0); syncSliders(); drawPad(); requestDecode(); });
-  $("random").addEventListener("click", () => {
-    state.z = state.z.map(() => { // Box-Muller, clipped to the pad
-      const u = 1 - Math.random(), v = Math.random();
-      return Math.max(-RANGE, Math.min(RANGE, Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v)));
-    });
-    syncSliders(); drawPad(); requestDecode();
+  $("random").addEventListener("click", async () => { // a draw from the model's own prior, clipped to the pad
+    try {
+      const res = await postJSON("/api/prior", { seed: Math.floor(Math.random() * 2147483647) });
+      if (!res.ok) throw new Error(await errorOf(res));
+      state.z = (await res.json()).z.map((v) => Math.max(-RANGE, Math.min(RANGE, v)));
+      syncSliders(); drawPad(); requestDecode();
+    } catch (e) { status(String(e.message || e)); }
   });
   const cc = $("cond-controls");
   if (state.info.condition === "label") {
@@ -361,6 +362,8 @@ async function main() {
     const res = await fetch("/api/info");
     if (!res.ok) throw new Error(await errorOf(res));
     const info = state.info = await res.json();
+    RANGE = info.range || 3;
+    $("random").textContent = info.prior === "standard" ? "z ~ N(0, I)" : `z ~ P(z) (${info.prior} prior)`;
     const layers = info.latent_dims.length ? `latent layers [${info.latent_dims.join(", ")}] (exploring the top one)` : "no latent variables";
     $("info").textContent = `${info.run} — ${info.model} on ${info.data}, checkpoint ${info.checkpoint} ` +
       `(epoch ${info.epoch}, step ${info.step}); ${layers}` + (info.condition_text ? `; ${info.condition_text}` : "");
