@@ -101,19 +101,29 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """z (, c) -> the likelihood's parameters; the regressor's decoder takes c alone."""
+    """z (, c) -> the likelihood's parameters."""
 
-    def __init__(self, model: nn.Module, latent: bool) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.latent = model, latent
+        self.model = model
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.latent:
-            z, c = inputs[0], (inputs[1] if len(inputs) > 1 else None)
-        else:
-            c = inputs[0]
-            z = c.new_zeros(c.shape[0], 0)
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         return tuple(params_of(self.model.decode(z, c), "the likelihood").values())
+
+
+class ConditionDecoderGraph(nn.Module):
+    """c -> the likelihood's parameters, for a model without latent variables (the regressor)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(params_of(self.model.decode(c.new_zeros(c.shape[0], 0), c), "the likelihood").values())
+
+
+def decoder_graph(model: nn.Module) -> nn.Module:
+    return DecoderGraph(model) if model.latent_dims else ConditionDecoderGraph(model)
 
 
 def _encoder_outputs(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None) -> tuple[str, ...]:
@@ -159,6 +169,7 @@ def export_onnx(model: nn.Module, folder: str | Path, *, exporter: str = "torchs
     if exporter not in EXPORTERS:
         raise OnnxUnsupported(f"unknown ONNX exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     model = model.float().cpu().eval()
     spec = model.spec
     g = torch.Generator().manual_seed(0)
@@ -192,7 +203,7 @@ def export_onnx(model: nn.Module, folder: str | Path, *, exporter: str = "torchs
             outs = tuple(params_of(model.decode(z[0] if latent else c.new_zeros(EXPORT_BATCH, 0), c),
                                    f"the likelihood {model.config.likelihood!r}"))
         ins = ("z", *cin) if latent else ("c",)
-        _export(DecoderGraph(model, latent), (*z, *cond), folder / DECODER_FILE, ins, outs, exporter)
+        _export(decoder_graph(model), (*z, *cond), folder / DECODER_FILE, ins, outs, exporter)
         return GraphInfo(DECODER_FILE, ins, outs)
 
     attempt("encoder", encoder)
@@ -207,6 +218,5 @@ def reference_outputs(model: nn.Module, role: str, inputs: dict[str, torch.Tenso
     with torch.no_grad():
         if role == "encoder":
             return list(EncoderGraph(model)(inputs["x"], inputs.get("c")))
-        latent = bool(model.latent_dims)
-        args = (inputs["z"], *([inputs["c"]] if "c" in inputs else [])) if latent else (inputs["c"],)
-        return list(DecoderGraph(model, latent)(*args))
+        args = (inputs["z"], *([inputs["c"]] if "c" in inputs else [])) if model.latent_dims else (inputs["c"],)
+        return list(decoder_graph(model)(*args))
