@@ -32,7 +32,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "pipeline": ("BatchPipeline",),
     "runs": ("Run", "RunDir", "from_pretrained", "load_run"),
     "export": ("ExportResult", "export_run"),
-    "training": ("TrainResult", "train", "train_step"),
+    "training": ("Callback", "TrainResult", "train", "train_step"),
     "viz": ("encode_run", "interpolate_run", "manifold_run", "reconstruct_run", "sample_run"),
     "viz.complete": ("Completion", "complete_images", "complete_run"),
 }

@@ -66,6 +66,8 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "threads": ("train", "threads", int),
     "checkpoint_every": ("train", "checkpoint_every", int),
     "dist_timeout": ("train", "dist_timeout", float),
+    "log": ("train", "log", str),
+    "log_every": ("train", "log_every", int),
 }
 
 
