@@ -23,6 +23,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "conditioning": ("CONDITIONS", "Condition", "build_condition"),
     "config": ("DataConfig", "DataSpec", "ModelConfig", "RunConfig", "TrainConfig"),
     "data": ("DATASETS", "DataSplits", "ImageSet", "load_data"),
+    "data.python": ("TrainData",),
     "distributions": ("LIKELIHOODS", "Bernoulli", "DiagonalGaussian", "Gaussian", "StandardNormal"),
     "errors": ("CheckpointError", "ConfigError", "DataError", "DatasetNotFoundError", "DistributedError",
                "Interrupted", "NonFiniteError", "RunLockedError", "VaelabError", "VaelabWarning"),

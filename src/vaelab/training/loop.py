@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import DataSpec, RunConfig, TrainConfig
-from ..data import DataSplits, to_float
-from ..data.validate import check_model_input
-from ..devices import fits_on, resolve_device
+from ..data import DataSplits
+from ..data.python import check_python_run, is_python_data, python_splits
+from ..devices import resolve_device
 from ..distributed import all_any, all_sum, dist_info, launch_command, peer_failures, setup_distributed
 from ..errors import CheckpointError, Interrupted, NonFiniteError
 from ..evaluation.loop import evaluate_batches
@@ -37,6 +37,7 @@ from ..progress import Progress
 from ..runs.lock import RunLock
 from ..runs.rundir import RunDir
 from .callbacks import CallbackLike, CallbackList, CheckpointInfo, RunInfo, StepInfo, as_callback_list
+from .feed import make_feed
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
 from .step import Meters, TrainState, guard_nonfinite, train_step
@@ -71,7 +72,7 @@ def train(
     cfg: RunConfig,
     run_dir: str | os.PathLike[str],
     *,
-    data: DataSplits | None = None,
+    data: DataSplits | Any = None,
     resume: bool | None = None,
     callbacks: Sequence[CallbackLike] = (),
     max_steps: int | None = None,
@@ -83,6 +84,9 @@ def train(
     ``resume``: True continues from ``RUN/checkpoints/latest`` (error if absent); None (default)
     continues when a checkpoint exists and starts fresh otherwise; False refuses a non-empty run.
     On resume, ``cfg`` may change only the resumable settings (epochs, where the data lives, ...).
+    ``data``: instead of ``cfg.data``'s source, images from Python: arrays or tensors, ``(images,
+    labels)``, a ``torch.utils.data.Dataset``, or :class:`vaelab.data.python.TrainData` with val/test
+    splits (the run's ``data.name`` becomes ``python:...``; resuming needs the same data again).
     ``max_steps`` stops after that many optimizer steps in total (tests, dry runs).
     ``objective`` (default: the ELBO, or L_k with ``train.iwae_k``) and ``optimizer`` (a factory
     ``(model, cfg) -> Optimizer``, default fused Adam) may be replaced. ``callbacks``:
@@ -91,7 +95,12 @@ def train(
     adds a tracker (TensorBoard) of its own.
     """
     cbs = CallbackList([*callbacks, *_trackers(cfg)])  # a tracker that is not installed: said before any work
+    if is_python_data(data):  # checked and split (or set up for streaming) before anything is written
+        data, data_cfg = python_splits(data, cfg.data)
+        cfg = cfg.replace(data=data_cfg)
     run = RunDir.of(run_dir)
+    if data is None and resume is not False:
+        check_python_run(run.latest)  # a run trained on data from Python resumes only with that data
     distributed = setup_distributed(cfg.train.dist_timeout, resolve_device(cfg.train.device))
     rank, world = dist_info()
     created = not run.root.exists()
@@ -163,13 +172,11 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | Ca
         callbacks.start(RunInfo(s.run.root, s.cfg, s.spec, s.model, state.step, state.epoch, s.rank, s.world))
     stop = stop or StopSignals()
     model = nn.parallel.DistributedDataParallel(s.model) if distributed else s.model
-    train_x = to_float(s.data.train.images)  # the whole training set in memory: batching is indexing
-    train_y = s.data.train.labels
-    check_model_input(train_x, s.cfg.model.likelihood, s.data.train.source or s.data.name)
-    train_x, train_y, batches_move = _place(train_x, train_y, s.device)
+    # the training split in memory (batching is indexing), or a Dataset streamed batch by batch
+    feed = make_feed(s.data.train, s.device, s.cfg.model.likelihood, s.data.train.source or s.data.name)
     # Every rank takes the same number of examples (the few beyond a multiple of the world size are
     # left out of that epoch's order), so all ranks take the same steps and DDP's collectives match.
-    n = train_x.shape[0]
+    n = len(feed)
     usable = n - n % s.world
     steps_per_epoch = math.ceil(usable // s.world / t.batch_size)
     model.train()
@@ -181,11 +188,9 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | Ca
         meters = Meters(state.sums)
         t0 = time.perf_counter()
         signalled = False
+        batches = feed.epoch(order, state.step_in_epoch, t.batch_size)
         for i in range(state.step_in_epoch, steps_per_epoch):
-            idx = order[i * t.batch_size : (i + 1) * t.batch_size].to(train_x.device)
-            x, y = train_x.index_select(0, idx), None if train_y is None else train_y.index_select(0, idx)
-            if batches_move:  # pinned host memory -> the device, overlapping the copy with compute
-                x, y = x.to(s.device, non_blocking=True), None if y is None else y.to(s.device, non_blocking=True)
+            x, y = next(batches)
             batch = s.pipeline(x, y, s.noise, train=True)
             r = train_step(model, s.optimizer, objective, batch, beta_at(t, epoch + i / steps_per_epoch),
                            generator=s.noise, grad_clip=t.grad_clip, world=s.world, precision=t.precision,
@@ -225,16 +230,6 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | Ca
             raise _interrupted(s, stop)
         if max_steps is not None and state.step >= max_steps:
             return
-
-
-def _place(x: torch.Tensor, y: torch.Tensor | None, device: torch.device):
-    """The training set on ``device`` when it fits (batching stays indexing there); otherwise in
-    pinned host memory, each batch copied over as it is used. Returns (x, y, batches_move)."""
-    if device.type == "cpu":
-        return x, y, False
-    if fits_on(device, x.numel() * x.element_size()):
-        return x.to(device), None if y is None else y.to(device), False
-    return x.pin_memory(), None if y is None else y.pin_memory(), True
 
 
 def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: list[dict[str, Any]]) -> None:
