@@ -316,3 +316,29 @@ def test_spec_round_trips_through_replace():
     # DataSpec is written by to_dict and read by from_dict, as in checkpoints
     s = DataSpec((3, 8, 8), 4, 0)
     assert DataSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == replace(s)
+
+
+def test_the_serving_example_in_the_docs_runs_without_pytorch(trained, tmp_path):
+    """docs/export.md's example, run as written (torch blocked from importing) on an exported folder."""
+    import re
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    doc = (Path(__file__).parents[1] / "docs" / "export.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if b.startswith("# serve:"))
+    assert 15 <= len(code.strip().splitlines()) <= 25
+    vaelab.export_run(trained, tmp_path / "my-model", onnx=True)
+    blocked = "import sys; sys.modules['torch'] = None\n"  # an import of torch would fail
+    out = subprocess.run([sys.executable, "-c", blocked + code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "wrote samples-onnx.png: 16 samples of 1x28x28" in out.stdout
+    img = np.asarray(Image.open(tmp_path / "samples-onnx.png"))
+    assert img.shape == (4 * 28, 4 * 28)
+    # the same pictures as PyTorch's decoder gives for the same z
+    z = np.random.default_rng(0).standard_normal((16, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = vaelab.from_pretrained(tmp_path / "my-model").decode(torch.from_numpy(z)).mean.numpy()
+    grid = want.reshape(4, 4, 1, 28, 28).transpose(0, 3, 1, 4, 2).reshape(112, 112)
+    assert np.abs(img.astype(int) - (grid * 255 + 0.5).astype(np.uint8).astype(int)).max() <= 1
