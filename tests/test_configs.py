@@ -9,7 +9,7 @@ import pytest
 from vaelab import ConfigError, RunConfig
 from vaelab.config import load_config_file
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.toml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

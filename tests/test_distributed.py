@@ -27,11 +27,14 @@ from vaelab.runs import load_checkpoint
 
 
 def test_torchrun_two_processes(mnist_dir, tmp_path):
+    """A two-layer VAE with a VampPrior and a cosine schedule (the model family's widest code path:
+    the prior's pseudo-inputs are parameters DDP averages like the networks')."""
     run = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "vaelab", "train", "--data", "mnist", "--data-dir", str(mnist_dir), "--no-download",
-        "--val-size", "41", "--hidden", "32", "--latent-dim", "2", "--batch-size", "16", "--epochs", "2",
+        "--val-size", "41", "--hidden", "32", "--latent-dim", "4", "--batch-size", "16", "--epochs", "2",
+        "--layers", "2", "--upper-latent", "2", "--prior", "vamp", "--prior-components", "4", "--schedule", "cosine",
         "--threads", "1", "--device", "cpu", "--run-dir", str(run), "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -46,6 +49,7 @@ def test_torchrun_two_processes(mnist_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
     loaded = vaelab.load_run(run, "latest")
     assert loaded.state["world_size"] == 2 and loaded.state["epoch"] == 2
+    assert loaded.model.latent_dims == (4, 2) and rows[1]["lr"] < rows[0]["lr"] and "val_kl_z2" in rows[-1]
     assert out.stdout.count("run directory:") == 1  # rank 0 alone prints
 
 

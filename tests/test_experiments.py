@@ -35,3 +35,39 @@ def test_benchmarks_run(mnist_dir):
                           "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "throughput ratio vaelab/reference" in res.stdout
+
+
+def test_reproduce_writes_a_table_with_the_papers_numbers_and_the_orderings(mnist_dir, tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "iwae-table1", "--budget", "small",
+           "--data", "mnist", "--data-dir", str(mnist_dir), "--out", str(out), "--eval-k", "5", "--eval-limit", "10",
+           "--no-progress", "--set", "train.epochs=1", "--set", "data.limit_train=60", "--set", "data.val_size=20",
+           "--set", "train.threads=1", "--set", "model.hidden=[16]", "--set", "train.iwae_k=2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "iwae-table1-small.json").read_text())
+    assert [r["name"] for r in result["rows"]] == ["vae-1l", "iwae-1l", "iwae-2l"]
+    assert [r["paper"] for r in result["rows"]] == [86.76, 84.78, 82.90]
+    two = result["rows"][2]
+    assert two["config"]["model"]["layers"] == 2 and len(two["active_units"]) == 2
+    assert result["orderings"][0]["ordering"] == "vae-1l > iwae-1l > iwae-2l"
+    assert isinstance(result["orderings"][0]["holds"], bool)
+    md = (out / "iwae-table1-small.md").read_text()
+    assert "| IWAE, 2 stochastic layers, k = 50 | 82.90 |" in md and "- vae-1l > iwae-1l > iwae-2l: " in md
+    # the budget's settings reached the runs: Burda's schedule and the data subset
+    assert two["config"]["train"]["schedule"] == "burda" and two["config"]["data"]["limit_train"] == 60
+    listing = subprocess.run([sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--list"],
+                             capture_output=True, text=True, timeout=60)
+    assert "iwae-table1" in listing.stdout and "vampprior" in listing.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "experiments" / "reproduce.py"), "iwae-tabel1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown table 'iwae-tabel1'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_models_benchmark_runs(mnist_dir):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "models.py"), "--epochs", "1", "--data", "mnist",
+                          "--data-dir", str(mnist_dir), "--limit-train", "60", "--val-size", "20", "--components", "4",
+                          "--threads", "1", "--hidden", "16"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if "x VAE 1L" in ln or ln.startswith(("VAE", "IWAE"))]
+    assert lines[1].split()[-1] == "1.00" and len(lines) == 8  # header + 7 models, the baseline at 1.00

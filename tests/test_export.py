@@ -175,21 +175,24 @@ def _onnx_cases():
         for lik in vaelab.LIKELIHOODS.names():
             cases.append((model, lik, "mlp"))
     cases += [("vae", "discretized-logistic-mixture", "conv"), ("vae", "bernoulli", "resnet")]
-    return cases
+    # the model family of ModelConfig: deeper models and learned priors (the encoder takes x alone)
+    cases += [("vae", "bernoulli", "mlp", {"layers": 2}), ("vae", "gaussian", "mlp", {"layers": 3, "prior": "mog"}),
+              ("vae", "discretized-logistic", "conv", {"prior": "vamp", "prior_components": 3, "layers": 2})]
+    return [c if len(c) == 4 else (*c, {}) for c in cases]
 
 
-def _build(name: str, likelihood: str, net: str, condition: str = "none") -> torch.nn.Module:
+def _build(name: str, likelihood: str, net: str, condition: str = "none", **extra) -> torch.nn.Module:
     from vaelab.conditioning import describe_data
 
     shape = (3, 8, 8)
     cfg = ModelConfig(model=name, latent_dim=4, hidden=(8,), likelihood=likelihood, encoder=net, decoder=net,
-                      n_mixtures=2, condition=condition, sigma=0.5)
+                      n_mixtures=2, condition=condition, sigma=0.5, **extra)
     try:
         return vaelab.build_model(cfg, describe_data(shape, 4, condition)).eval()
     except ConfigError as e:
         if condition != "none" or "condition" not in str(e):
             raise
-        return _build(name, likelihood, net, "left-half")  # a model that needs a condition (cvae, regressor)
+        return _build(name, likelihood, net, "left-half", **extra)  # a model that needs a condition (cvae, regressor)
 
 
 def _compare(model: torch.nn.Module, folder: Path, batch: int = 5) -> dict[str, float]:
@@ -218,10 +221,10 @@ def _compare(model: torch.nn.Module, folder: Path, batch: int = 5) -> dict[str, 
     return diffs
 
 
-@pytest.mark.parametrize("name, likelihood, net", _onnx_cases())
-def test_onnx_matches_pytorch_for_every_model_and_likelihood(name, likelihood, net, tmp_path):
+@pytest.mark.parametrize("name, likelihood, net, extra", _onnx_cases())
+def test_onnx_matches_pytorch_for_every_model_and_likelihood(name, likelihood, net, extra, tmp_path):
     assert EXPORT_BATCH != 5
-    model = _build(name, likelihood, net)
+    model = _build(name, likelihood, net, **extra)
     messages: list[str] = []
     graphs = export_onnx(model, tmp_path, messages=messages)
     if model.latent_dims:
@@ -232,7 +235,7 @@ def test_onnx_matches_pytorch_for_every_model_and_likelihood(name, likelihood, n
         assert set(graphs) == {"decoder"} and graphs["decoder"].inputs == ("c",)
         assert len(messages) == 1 and "no encoder.onnx: the model has no latent variables" in messages[0]
     diffs = _compare(model, tmp_path)
-    print(f"{name}/{likelihood}/{net}: max abs difference ONNX vs PyTorch {diffs}")
+    print(f"{name}/{likelihood}/{net}/{extra}: max abs difference ONNX vs PyTorch {diffs}")
     assert set(diffs) == set(graphs) and all(d < 1e-4 for d in diffs.values()), diffs
 
 

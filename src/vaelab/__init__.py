@@ -34,7 +34,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "runs": ("Run", "RunDir", "from_pretrained", "load_run"),
     "export": ("ExportResult", "export_run"),
     "training": ("Callback", "TrainResult", "train", "train_step"),
-    "viz": ("encode_run", "interpolate_run", "manifold_run", "reconstruct_run", "sample_run"),
+    "viz": ("encode_run", "interpolate_run", "manifold_run", "reconstruct_run", "sample_run", "traverse_run"),
     "viz.complete": ("Completion", "complete_images", "complete_run"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -51,6 +51,13 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "encoder": ("model", "encoder", str),
     "decoder": ("model", "decoder", str),
     "condition": ("model", "condition", str),
+    "prior": ("model", "prior", str),
+    "prior_components": ("model", "prior_components", int),
+    "layers": ("model", "layers", int),
+    "upper_latent": ("model", "upper_latent", _ints),
+    "upper_hidden": ("model", "upper_hidden", _ints),
+    "schedule": ("train", "schedule", str),
+    "lr_min": ("train", "lr_min", float),
     "epochs": ("train", "epochs", int),
     "batch_size": ("train", "batch_size", int),
     "lr": ("train", "lr", float),
@@ -243,6 +250,22 @@ def cmd_manifold(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_traverse(args: argparse.Namespace) -> int:
+    from .viz import traverse_run
+
+    dims = None
+    if args.dims is not None:
+        try:
+            dims = tuple(_ints(args.dims))
+        except ValueError:
+            dims = ()
+        if not dims:
+            raise ConfigError(f"--dims takes latent dimensions separated by commas, e.g. 0,3,5; got {args.dims[:40]!r}")
+    print(traverse_run(args.run, args.out, index=args.index, dims=dims, top=args.top, steps=args.steps,
+                       span=args.span, which=_which(args), data_dir=args.data_dir, device=args.device))
+    return 0
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     from .viz import encode_run
 
@@ -355,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--steps", type=int, default=10)
     i.add_argument("--out", default=None)
     i.add_argument("--data-dir", default=None)
+
+    tv = run_cmd("traverse", "PNG of latent traversals: one top-layer dimension varied per row", cmd_traverse)
+    tv.add_argument("--index", type=int, default=0, help="test image whose posterior mean is the starting code")
+    tv.add_argument("--dims", default=None, help="latent dimensions, one per row, e.g. 0,3,5 (default: the most active)")
+    tv.add_argument("--top", type=int, default=8, help="how many of the most active dimensions without --dims")
+    tv.add_argument("--steps", type=int, default=9, help="values per dimension")
+    tv.add_argument("--span", type=float, default=3.0, help="range: the prior's mean ± SPAN standard deviations")
+    tv.add_argument("--out", default=None)
+    tv.add_argument("--data-dir", default=None)
 
     m = run_cmd("manifold", "2-D latent manifold through the inverse Gaussian CDF", cmd_manifold)
     m.add_argument("-n", type=int, default=20, help="grid size n x n")

@@ -32,6 +32,8 @@ C = TypeVar("C")
 SEED_MAX = 2**32 - 1  # seeds are combined with epochs and ranks, and numpy takes 32 bits
 MAX_THREADS = 1024
 MAX_IMAGE_SIZE = 4096
+MAX_LAYERS = 8
+MAX_PRIOR_COMPONENTS = 100_000
 
 
 def resumable(default: Any) -> Any:
@@ -143,10 +145,39 @@ class ModelConfig:
     sigma: float = 1.0  # Gaussian likelihood: fixed sigma, or the initial value when learned
     n_mixtures: int = 5  # mixture likelihoods
     condition: str = "none"  # registry name of the condition (conditional VAE); "none": unconditional
+    # The top layer's prior P(z_top) (registry name): standard (N(0, I)) | mog (a mixture of
+    # ``prior_components`` learned diagonal Gaussians) | vamp (the VampPrior of Tomczak & Welling 2018:
+    # the encoder's posteriors at ``prior_components`` learned pseudo-inputs).
+    prior: str = "standard"
+    prior_components: int = 500
+    # Stochastic layers (Burda et al. 2016, Sec. 5): q(z1|x) q(z2|z1)..., p(z_L) ... p(z1|z2) p(x|z1).
+    # ``latent_dim`` is z1's size; ``upper_latent`` the sizes of z2..z_L (empty: each half the one
+    # below); ``upper_hidden`` the widths of the MLPs between stochastic layers (null: two layers as
+    # wide as the layer below, Burda's 100-100 between z1 = 100 and z2 = 50; empty: linear).
+    layers: int = 1
+    upper_latent: tuple[int, ...] = ()
+    upper_hidden: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _normalise(self, "model")
         _check(self, "model", "latent_dim", self.latent_dim >= 1, ">= 1")
+        _check(self, "model", "prior", bool(self.prior.strip()), "a prior's name (standard, mog, vamp)")
+        _check(self, "model", "prior_components", 1 <= self.prior_components <= MAX_PRIOR_COMPONENTS,
+               f"in 1..{MAX_PRIOR_COMPONENTS}")
+        _check(self, "model", "layers", 1 <= self.layers <= MAX_LAYERS, f"in 1..{MAX_LAYERS}")
+        _check(self, "model", "upper_latent",
+               len(self.upper_latent) in (0, self.layers - 1) and all(d >= 1 for d in self.upper_latent),
+               f"empty or {self.layers - 1} size(s) >= 1 (one per layer above the first)")
+        _check(self, "model", "upper_hidden", self.upper_hidden is None or all(h >= 1 for h in self.upper_hidden),
+               "sizes >= 1 (empty: linear; null: two layers as wide as the layer below)")
+
+    @property
+    def latent_dims(self) -> tuple[int, ...]:
+        """The size of each stochastic layer, bottom-up."""
+        dims = [self.latent_dim]
+        for i in range(self.layers - 1):
+            dims.append(self.upper_latent[i] if self.upper_latent else max(1, dims[-1] // 2))
+        return tuple(dims)
         _check(self, "model", "hidden", all(h >= 1 for h in self.hidden), "sizes >= 1")
         _check(self, "model", "sigma", _finite(self.sigma) and self.sigma > 0, "> 0 (a finite number)")
         _check(self, "model", "n_mixtures", self.n_mixtures >= 1, ">= 1")
@@ -187,6 +218,12 @@ class TrainConfig:
     epochs: int = resumable(10)
     batch_size: int = 128
     lr: float = 1e-3
+    # The learning rate over training (training/schedules.py): constant | burda (Burda et al. 2016:
+    # 3^i passes at lr * 10^(-i/7)) | cosine (to lr_min over the epochs) | step (x step_gamma every step_epochs)
+    schedule: str = "constant"
+    lr_min: float = 0.0
+    step_epochs: float = 10.0
+    step_gamma: float = 0.1
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -214,6 +251,10 @@ class TrainConfig:
         c("batch_size", self.batch_size >= 1, ">= 1")
         c("eval_batch_size", self.eval_batch_size >= 1, ">= 1")
         c("lr", _finite(self.lr) and self.lr > 0, "> 0 (a finite number)")
+        c("schedule", bool(self.schedule.strip()), "a schedule's name (constant, burda, cosine, step)")
+        c("lr_min", _finite(self.lr_min) and 0 <= self.lr_min <= self.lr, "in [0, lr] (a finite number)")
+        c("step_epochs", _finite(self.step_epochs) and self.step_epochs > 0, "> 0 (a finite number)")
+        c("step_gamma", _finite(self.step_gamma) and 0 < self.step_gamma <= 1, "in (0, 1] (a finite number)")
         c("weight_decay", _finite(self.weight_decay) and self.weight_decay >= 0, ">= 0 (a finite number)")
         c("adam_betas", all(_finite(b) and 0 <= b < 1 for b in self.adam_betas), "two numbers in [0, 1)")
         c("adam_eps", _finite(self.adam_eps) and self.adam_eps >= 0, ">= 0 (a finite number)")

@@ -6,6 +6,7 @@ from .gaussian import Gaussian
 from .kl import KL, kl_divergence, monte_carlo_kl, register_kl
 from .likelihoods import LIKELIHOODS, LikelihoodHead, build_likelihood
 from .logistic import DiscretizedLogistic, DiscretizedLogisticMixture  # registers the 8-bit likelihoods
+from .mixture import GaussianMixture
 from .normal import DiagonalGaussian, StandardNormal
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "DiscretizedLogisticMixture",
     "Distribution",
     "Gaussian",
+    "GaussianMixture",
     "LikelihoodHead",
     "StandardNormal",
     "build_likelihood",

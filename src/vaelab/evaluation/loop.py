@@ -87,10 +87,14 @@ class Evaluation:
         return self.rec - self.kl
 
     def means(self) -> dict[str, float]:
-        """Mean ELBO, E_q[log P(X|z)] and KL over the data (NaN when there is none)."""
+        """Mean ELBO, E_q[log P(X|z)] and KL over the data (NaN when there is none); with several
+        stochastic layers also each layer's KL, as ``kl_<layer name>``."""
+        per_layer = [ly.name for ly in self.layers] if len(self.layers) > 1 else []
         if self.n == 0:
-            return {"elbo": math.nan, "rec": math.nan, "kl": math.nan}
-        return {"elbo": float(self.elbo.mean()), "rec": float(self.rec.mean()), "kl": float(self.kl.mean())}
+            return {"elbo": math.nan, "rec": math.nan, "kl": math.nan, **{f"kl_{n}": math.nan for n in per_layer}}
+        out = {"elbo": float(self.elbo.mean()), "rec": float(self.rec.mean()), "kl": float(self.kl.mean())}
+        out.update({f"kl_{ly.name}": float(ly.kl.mean()) for ly in self.layers if ly.name in per_layer})
+        return out
 
 
 @torch.no_grad()

@@ -25,6 +25,9 @@ class Regressor(LatentModelBase):
 
     def __init__(self, cfg: ModelConfig, spec: DataSpec) -> None:
         require_condition(cfg)
+        if cfg.prior != "standard" or cfg.layers != 1:
+            raise ConfigError("model 'regressor' has no latent variables: model.prior and model.layers do not apply "
+                              "(leave them at standard and 1)")
         super().__init__()
         self.config, self.spec = cfg, spec
         c = spec.shape[0]

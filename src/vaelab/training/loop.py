@@ -38,6 +38,7 @@ from ..runs.lock import RunLock
 from ..runs.rundir import RunDir
 from .callbacks import CallbackLike, CallbackList, CheckpointInfo, RunInfo, StepInfo, as_callback_list
 from .feed import make_feed
+from .schedules import SCHEDULES
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
 from .step import Meters, TrainState, guard_nonfinite, train_step
@@ -179,6 +180,7 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | Ca
     n = len(feed)
     usable = n - n % s.world
     steps_per_epoch = math.ceil(usable // s.world / t.batch_size)
+    schedule = SCHEDULES.get(t.schedule)
     model.train()
     while state.epoch < t.epochs:
         epoch = state.epoch
@@ -192,6 +194,9 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | Ca
         for i in range(state.step_in_epoch, steps_per_epoch):
             x, y = next(batches)
             batch = s.pipeline(x, y, s.noise, train=True)
+            lr = schedule(t, epoch + i / steps_per_epoch)  # a pure function of the position: resumes exactly
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
             r = train_step(model, s.optimizer, objective, batch, beta_at(t, epoch + i / steps_per_epoch),
                            generator=s.noise, grad_clip=t.grad_clip, world=s.world, precision=t.precision,
                            scaler=s.scaler, stop=lambda: stop.requested)
@@ -249,7 +254,8 @@ def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: lis
     row = {
         "epoch": state.epoch, "step": state.step, **train_means,
         "val_elbo": val["elbo"], "val_rec": val["rec"], "val_kl": val["kl"],
-        "beta": beta_at(t, state.epoch), "nonfinite_total": state.nonfinite_total,
+        **{f"val_{key}": v for key, v in val.items() if key.startswith("kl_")},  # per layer, with several
+        "beta": beta_at(t, state.epoch), "lr": s.optimizer.param_groups[0]["lr"], "nonfinite_total": state.nonfinite_total,
         "elapsed_s": round(state.elapsed, 3),
     }
     improved = math.isfinite(val["elbo"]) and val["elbo"] > state.best_val

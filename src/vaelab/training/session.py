@@ -27,6 +27,7 @@ from ..devices import autocast, resolve_device
 from ..distributed import all_gather, unwrap
 from ..errors import CheckpointError, NonFiniteError
 from ..models import build_model
+from ..models.priors import PRIORS
 from ..pipeline import BatchPipeline
 from ..runs.checkpoint import (
     Checkpoint,
@@ -40,6 +41,7 @@ from ..runs.checkpoint import (
 )
 from ..runs.rundir import RunDir
 from ..runs.validate import check_optimizer_state, check_rng, check_rng_tensor, check_train_state
+from .schedules import SCHEDULES
 from .step import TrainState
 
 OptimizerFactory = Callable[[nn.Module, RunConfig], torch.optim.Optimizer]
@@ -199,6 +201,8 @@ def open_session(
     if ckpt is not None:
         cfg = ckpt.config.resume_with(cfg)
     t = cfg.train
+    SCHEDULES.get(t.schedule)  # unknown names are one-line errors before any data is read
+    PRIORS.get(cfg.model.prior)
     device = resolve_device(t.device)  # a device or precision that is not there: said before any work
     autocast(device, t.precision)
     if t.threads:

@@ -1,4 +1,4 @@
-"""Visualisation: PNG grids of samples, reconstructions, interpolations and manifolds."""
+"""Visualisation: PNG grids of samples, reconstructions, interpolations, manifolds and traversals."""
 
 from .generate import (
     encode_means,
@@ -11,6 +11,8 @@ from .generate import (
     reconstruct_run,
     sample_images,
     sample_run,
+    traverse_images,
+    traverse_run,
 )
 from .grid import grid_array, save_grid
 
@@ -27,4 +29,6 @@ __all__ = [
     "sample_images",
     "sample_run",
     "save_grid",
+    "traverse_images",
+    "traverse_run",
 ]

@@ -1,6 +1,6 @@
 """Test-time uses of a trained model: sampling from its prior, reconstruction, interpolation in the
-top layer's latent space, the 2-D manifold of Kingma & Welling (2014, Fig. 4), and posterior means
-as arrays. Each works for any model of the latent contract (:mod:`vaelab.models.base`)."""
+top layer's latent space, the 2-D manifold of Kingma & Welling (2014, Fig. 4), latent traversals,
+and posterior means as arrays. Each works for any model of the latent contract (:mod:`vaelab.models.base`)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ RunLike = Run | str | os.PathLike[str]
 MAX_IMAGES = 10_000  # images in one picture
 MAX_STEPS = 1_000  # interpolation steps
 MAX_MANIFOLD = 100  # an n x n manifold
+PRIOR_DRAWS = 4096  # draws that measure a prior's spread per dimension (traversal ranges)
 
 
 def _check_temperature(t: float) -> float:
@@ -112,6 +113,42 @@ def manifold_images(
 
 
 @torch.no_grad()
+def prior_spread(model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each top-layer dimension under the model's own prior, from
+    draws (exact enough for pictures, and the same for N(0, I), a mixture or a VampPrior): (L,), (L,)."""
+    with eval_mode(model):
+        z = model.prior().sample_n(PRIOR_DRAWS, generator_for(model, seed))  # (D, L)
+    return z.mean(0), z.std(0)
+
+
+@torch.no_grad()
+def traverse_images(
+    model: nn.Module, x: torch.Tensor, dims: tuple[int, ...] | list[int], steps: int = 9, span: float = 3.0,
+    c: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A latent traversal on the top layer: for each dimension d in ``dims``, the image x's posterior
+    mean with z_d set to ``steps`` values evenly spaced over the prior's mean ± ``span`` standard
+    deviations (the other dimensions fixed), decoded. x (1, C, H, W) or (C, H, W); returns
+    (len(dims) * steps, C, H, W), a row per dimension."""
+    L = _top_dim(model, "a traversal")
+    check_count(steps, "steps", 2, MAX_STEPS)
+    if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
+        raise ConfigError(f"span must be a finite number > 0 (prior standard deviations), got {span!r}")
+    dims = list(dims)
+    if not dims or len(dims) > L or any(not 0 <= d < L for d in dims) or len(set(dims)) != len(dims):
+        raise ConfigError(f"traversal dims {tuple(dims)[:12]}: give different latent dimensions in 0..{L - 1}")
+    x = x if x.dim() == 4 else x[None]
+    with eval_mode(model):
+        z0 = _top_code(model, x, c)[0]  # (L,)
+        mu, sd = prior_spread(model)
+        w = torch.linspace(-span, span, steps, device=z0.device)
+        z = z0.repeat(len(dims) * steps, 1)  # (D*S, L)
+        for row, d in enumerate(dims):
+            z[row * steps : (row + 1) * steps, d] = mu[d] + w * sd[d]
+        return model.decode(z, None if c is None else c.expand(len(z), -1)).mean.clamp(0, 1)
+
+
+@torch.no_grad()
 def encode_means(model: nn.Module, data: ImageSet, pipeline: BatchPipeline, batch_size: int = 1000) -> np.ndarray:
     """Top-layer posterior means E_Q[z|X] of every image: (N, L_top) float32."""
     L = _top_dim(model, "encoding")
@@ -193,6 +230,30 @@ def manifold_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: 
     r = Run.of(run, which, device=device)
     imgs = manifold_images(r.model, n, dims, c=c)
     return save_grid(imgs, out_path or r.root / "manifold.png", nrow=n, pad=0, scale=1)
+
+
+def traverse_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, index: int = 0,
+                 dims: tuple[int, ...] | None = None, top: int = 8, steps: int = 9, span: float = 3.0,
+                 which: str = "best", data_dir: str | None = None, device: str = "auto") -> Path:
+    """Write a traversal PNG for test image ``index``: one row per latent dimension (``dims``, or the
+    ``top`` most active units of the top layer: the largest variance of the posterior mean over the
+    first test images), each row the image's code with that one dimension swept (:func:`traverse_images`)."""
+    check_count(index, "index (test image)", 0)
+    check_count(top, "top (dimensions to show)", 1, MAX_IMAGES)
+    out_path = output_path(out, "traversal.png") if out is not None else None
+    r = Run.of(run, which, data_dir=data_dir, device=device)
+    L = _top_dim(r.model, "a traversal")
+    available = len(r.data("test"))
+    if index >= available:
+        raise ConfigError(f"image {index} requested, the test split has {available} (indices 0..{available - 1})")
+    b, m = _first_images(r, max(index + 1, min(available, 500)))
+    if dims is None:  # the most active units: the ones a traversal shows changing something
+        with eval_mode(r.model):
+            spread = _top_code(r.model, b.x, b.c).var(0) if m > 1 else torch.ones(L)
+        dims = tuple(int(d) for d in spread.argsort(descending=True)[: min(top, L)].sort().values)
+    c = None if b.c is None else b.c[index : index + 1]
+    imgs = traverse_images(r.model, b.x[index], dims, steps, span, c)
+    return save_grid(imgs, out_path or r.root / "traversal.png", nrow=steps)
 
 
 def encode_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, split: str = "test",
