@@ -118,9 +118,9 @@ def test_a_checkpoint_moves_between_device_kinds(tiny_cfg, tmp_path, capsys):
 
 @cuda_only
 def test_data_that_does_not_fit_on_the_gpu_is_moved_batch_by_batch(tiny_cfg, tmp_path, monkeypatch):
-    import vaelab.training.loop as loop
+    import vaelab.training.feed as feed
 
     vaelab.train(_cfg(tiny_cfg, "cuda"), tmp_path / "on-gpu")
-    monkeypatch.setattr(loop, "fits_on", lambda device, nbytes, share=0.5: False)
+    monkeypatch.setattr(feed, "fits_on", lambda device, nbytes, share=0.5: False)
     vaelab.train(_cfg(tiny_cfg, "cuda"), tmp_path / "pinned")
     _same(tmp_path / "on-gpu", tmp_path / "pinned")  # the same batches, wherever the data lives

@@ -74,6 +74,8 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "threads": ("train", "threads", int),
     "checkpoint_every": ("train", "checkpoint_every", int),
     "dist_timeout": ("train", "dist_timeout", float),
+    "log": ("train", "log", str),
+    "log_every": ("train", "log_every", int),
 }
 
 
@@ -296,6 +298,15 @@ def cmd_explore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    res = export_run(args.run, args.dir, dtype=args.dtype, onnx=args.onnx, force=args.force, which=_which(args),
+                     seed=args.seed, exporter=args.onnx_exporter)
+    print(res.describe())
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from .data import DATASETS, SOURCES, candidate_dirs
 
@@ -337,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_cmd(name: str, help_: str, func) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
-        s.add_argument("run", help="run directory (or a checkpoint .safetensors file)")
+        s.add_argument("run", help="run directory (or a checkpoint .safetensors file, or an exported folder)")
         s.add_argument("--checkpoint", default="best", help="best | latest | path to a checkpoint file")
         s.add_argument("--device", default="auto", help="auto (a GPU when one is visible) | cpu | cuda | cuda:N | mps")
         s.set_defaults(func=func)
@@ -421,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ex.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
     ex.add_argument("--data-dir", default=None)
+
+    x = run_cmd("export", "weights-only folder: config.json, model.safetensors, a model card (and ONNX)", cmd_export)
+    x.add_argument("dir", help="folder to write (new, empty, or a previous export)")
+    x.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="how the weights are stored")
+    x.add_argument("--onnx", action="store_true", help="also write encoder.onnx and decoder.onnx")
+    x.add_argument("--onnx-exporter", default="torchscript", choices=["torchscript", "dynamo"],
+                   help="torch.onnx exporter (torchscript: fast; dynamo: torch.export-based, needs onnxscript)")
+    x.add_argument("--force", action="store_true", help="write into a non-empty folder that is not an export")
+    x.add_argument("--seed", type=int, default=0, help="seed of the model card's sample grid")
 
     d = sub.add_parser("datasets", help="list the data sets vaelab knows and where it looks for them")
     d.add_argument("-v", "--verbose", action="store_true")

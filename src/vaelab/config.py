@@ -98,6 +98,7 @@ def check_count(value: int, name: str, low: int = 1, high: int | None = None) ->
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what --device accepts
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOGGERS = ("none", "tensorboard")  # train.log: where training is tracked besides metrics.jsonl
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,8 @@ class TrainConfig:
     threads: int | None = resumable(None)  # torch intra-op threads (None: torch's default)
     progress: bool = resumable(True)  # progress bars (shown when the output is a terminal)
     dist_timeout: float = resumable(300.0)  # seconds a process waits for its peers (torchrun) before the job stops
+    log: str = resumable("none")  # none | tensorboard (RUN/tb/; pip install 'vaelab[tensorboard]')
+    log_every: int = resumable(100)  # the tracker's per-step scalars and sample grids every N steps (0: per epoch only)
 
     def __post_init__(self) -> None:
         _normalise(self, "train")
@@ -269,6 +272,8 @@ class TrainConfig:
         c("device", isinstance(self.device, str) and DEVICE_PATTERN.fullmatch(self.device) is not None,
           "auto, cpu, cuda, cuda:N or mps")
         c("precision", self.precision in PRECISIONS, "fp32, bf16 or fp16")
+        c("log", self.log in LOGGERS, " or ".join(LOGGERS))
+        c("log_every", self.log_every >= 0, ">= 0 (0: per epoch only)")
         if self.iwae_k > 1 and (self.beta != 1.0 or self.free_bits > 0 or self.warmup_epochs > 0):
             raise ConfigError("train.iwae_k > 1 trains the IWAE bound, which has no KL weight: "
                               "leave beta = 1, free_bits = 0 and warmup_epochs = 0")

@@ -30,6 +30,7 @@ class DatasetSpec:
 
 
 DATASETS: Registry[DatasetSpec] = Registry("data set")
+PYTHON_PREFIX = "python"  # data.name of data given from Python ("python:arrays", "python:dataset", "python:NAME")
 # "prefix:ARG" sources: the function gets ARG and the config and returns the splits directly.
 SOURCES: Registry[Callable[[str, DataConfig], dict[str, ImageSet]]] = Registry("data source")
 
@@ -136,6 +137,10 @@ def load_splits(cfg: DataConfig) -> dict[str, ImageSet]:
     """The raw splits of the configured data set (at least ``train`` and ``test``)."""
     if ":" in cfg.name:
         prefix, arg = cfg.name.split(":", 1)
+        if prefix == PYTHON_PREFIX:
+            raise DataError(f"data {cfg.name!r} was given from Python (vaelab.train(cfg, run, data=...)) and is not "
+                            "stored with the run: pass the same data again to resume it, or evaluate the model on "
+                            "it with vaelab.evaluate_model(run.model, vaelab.ImageSet(...))")
         return SOURCES.get(prefix)(arg, cfg)
     if cfg.name not in DATASETS and ("/" in cfg.name or "\\" in cfg.name or Path(cfg.name).exists()):
         p = Path(cfg.name).expanduser()
@@ -151,16 +156,29 @@ def load_splits(cfg: DataConfig) -> dict[str, ImageSet]:
 
 def load_data(cfg: DataConfig) -> DataSplits:
     """Load, hold out a seeded validation split, apply limits and fixed binarization."""
-    raw = load_splits(cfg)
+    return finish_splits(load_splits(cfg), cfg)
+
+
+def finish_splits(raw: dict[str, ImageSet], cfg: DataConfig) -> DataSplits:
+    """The splits a loader returned (``train``, ``test`` and optionally ``val``), as training uses
+    them: the seeded validation hold-out (unless ``val`` was given), limits, fixed binarization.
+    Shared by the registered data sets and data given from Python (:mod:`.python`)."""
     train, test = raw["train"], raw["test"]
     if len(train) == 0:
         raise DataError(f"{train.source}: the training split is empty")
+    given_val = raw.get("val")
     if cfg.limit_train is not None:
-        train = train.subset(slice(0, cfg.limit_train + cfg.val_size))
+        train = train.subset(slice(0, cfg.limit_train + (0 if given_val is not None else cfg.val_size)))
     if cfg.limit_test is not None:
         test = test.subset(slice(0, cfg.limit_test))
-    train, val = split_validation(train, cfg.val_size, cfg.seed) if cfg.val_size else (train, train.subset(slice(0, 0)))
+    if given_val is not None:
+        val = given_val
+    else:
+        train, val = split_validation(train, cfg.val_size, cfg.seed) if cfg.val_size else (train, train.subset(slice(0, 0)))
     if cfg.binarize == "fixed":
+        if not isinstance(train, ImageSet):
+            raise DataError(f"{train.source}: binarize = 'fixed' draws the whole training set once, and this one is "
+                            "streamed (larger than the memory budget); use binarize = 'dynamic', or a larger budget")
         train, val, test = (_binarize_fixed(s, cfg.seed + i) for i, s in enumerate((train, val, test)))
     elif cfg.binarize == "dynamic":
         # Evaluation data is binarized once (seeded) so that numbers are comparable between runs.

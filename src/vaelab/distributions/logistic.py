@@ -247,8 +247,8 @@ class DiscretizedLogisticMixtureHead(LikelihoodHead):
 
     def forward(self, h: torch.Tensor) -> Distribution:
         m, c = self.cfg.n_mixtures, self.channels
-        b, _, hgt, wid = h.shape
         logits = h[:, :m]  # (B, M, H, W)
-        rest = h[:, m:].reshape(b, m, 2 * c + n_coeffs(c), hgt, wid)
+        # unflatten, not reshape(B, ...): no batch size is baked in when the graph is traced (ONNX export)
+        rest = h[:, m:].unflatten(1, (m, 2 * c + n_coeffs(c)))  # (B, M, 2C + C(C-1)/2, H, W)
         loc, log_scale, coeffs = rest[:, :, :c], rest[:, :, c : 2 * c], torch.tanh(rest[:, :, 2 * c :])
         return DiscretizedLogisticMixture(logits, loc, log_scale, coeffs)

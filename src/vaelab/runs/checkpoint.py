@@ -341,10 +341,17 @@ def _config_and_spec(p: Path, meta: dict[str, str]) -> tuple[str, RunConfig, Dat
         raise CheckpointError(f"{p}: not a vaelab checkpoint (format {fmt!r}, expected {FORMAT!r})")
     config_d = _json_field(p, meta, "config", dict)
     spec_d = _json_field(p, meta, "data", dict) if fmt == FORMAT else _spec_from_v1(p, config_d)
+    return (fmt, *parse_config(p, config_d, spec_d))
+
+
+def parse_config(p: Path | str, config_d: dict[str, Any], spec_d: dict[str, Any],
+                 what: str = "config metadata") -> tuple[RunConfig, DataSpec]:
+    """The run config and the data description from their JSON objects (as :func:`serialize` writes
+    them: ``RunConfig.to_dict()`` and ``DataSpec.to_dict()``); also read by exported folders."""
     try:
-        return fmt, RunConfig.from_dict(config_d), DataSpec.from_dict(spec_d)
+        return RunConfig.from_dict(config_d), DataSpec.from_dict(spec_d)
     except ConfigError as e:
-        raise CheckpointError(f"{p}: corrupted config metadata ({e})") from None
+        raise CheckpointError(f"{p}: corrupted {what} ({e})") from None
 
 
 def _check_header_size(p: Path, n: int, size: int) -> None:

@@ -1,6 +1,7 @@
 """A trained run, opened once: its checkpoint, config, data description, model and condition, with
 the data loaded lazily per split. Every command that reads a run (evaluate, sample, reconstruct,
-interpolate, manifold, encode, complete) goes through :class:`Run`."""
+interpolate, manifold, encode, complete) goes through :class:`Run`, which also opens a folder
+written by ``vaelab export`` (:mod:`.pretrained`) in place of a run directory."""
 
 from __future__ import annotations
 
@@ -21,17 +22,22 @@ from ..errors import CheckpointError, ConfigError
 from ..models import build_model
 from ..pipeline import BatchPipeline
 from .checkpoint import load_checkpoint, load_model_state
+from .pretrained import WEIGHTS_FILE, is_export, load_pretrained
 from .rundir import RunDir
 
 SPLITS = ("train", "val", "test")
 
 
 class Run:
-    """A run directory (or one checkpoint file) opened for use: the model is in eval mode."""
+    """A run directory, one checkpoint file, or an exported model folder, opened for use: the model is
+    in eval mode."""
 
     def __init__(self, path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None,
                  device: str = "cpu") -> None:
         p = Path(path)
+        if is_export(p):  # a folder written by `vaelab export`: weights only, no checkpoint
+            self._open_export(p, which, data_dir, device)
+            return
         if p.is_dir():
             self.dir = RunDir.of(p)
             self.checkpoint = self.dir.checkpoint(which)
@@ -49,6 +55,23 @@ class Run:
         load_model_state(self.model, ckpt.model, str(self.checkpoint))
         self.model.eval()
         self.condition: Condition = build_condition(self.config.model.condition, self.spec)
+        self.pipeline = BatchPipeline(self.condition, self.config.data.binarize)
+        self.data_dir = data_dir
+
+    def _open_export(self, p: Path, which: str, data_dir: str | None, device: str) -> None:
+        """An exported folder (``vaelab export``) opened like a run: the same config, data description,
+        model and condition; outputs (eval/, pictures) go into the folder; the data still come from
+        the config's data source (``data_dir`` says where it is on this machine)."""
+        if which not in ("best", "latest"):
+            raise ConfigError(f"{p}: an exported model holds one set of weights; --checkpoint {which!r} does not apply")
+        pre = load_pretrained(p)
+        self.dir = RunDir.of(p)
+        self.checkpoint = p / WEIGHTS_FILE
+        self.config, self.spec = pre.config, pre.spec
+        self.state = dict(pre.trained)
+        self.device = resolve_device(device)
+        self.model = pre.build(self.device)
+        self.condition = build_condition(self.config.model.condition, self.spec)
         self.pipeline = BatchPipeline(self.condition, self.config.data.binarize)
         self.data_dir = data_dir
 

@@ -162,7 +162,7 @@ def check_train_state(st: Any, source: str) -> dict[str, Any]:
 
     if not isinstance(st, Mapping):
         raise CheckpointError(f"{source}: corrupted training state (not a JSON object)")
-    known = set(TrainState.__dataclass_fields__) | {"rng_meta", "world_size", "device", "grad_scaler"}
+    known = set(TrainState.__dataclass_fields__) | {"rng_meta", "world_size", "device", "grad_scaler", "data_fingerprint"}
     unknown = sorted(set(st) - known)
     if unknown:
         raise CheckpointError(f"{source}: corrupted training state: unknown entries {unknown}")
@@ -185,6 +185,9 @@ def check_train_state(st: Any, source: str) -> dict[str, Any]:
     if out.get("device", "cpu") not in ("cpu", "cuda", "mps"):
         raise CheckpointError(f"{source}: corrupted training state: device must be cpu, cuda or mps, "
                               f"got {out.get('device')!r}")
+    fp = out.get("data_fingerprint", "")
+    if not isinstance(fp, str) or len(fp) > 64:
+        raise CheckpointError(f"{source}: corrupted training state: data_fingerprint must be a short string")
     scaler = out.get("grad_scaler", {})
     if not isinstance(scaler, Mapping) or not all(isinstance(k, str) and _finite_number(v) for k, v in scaler.items()):
         raise CheckpointError(f"{source}: corrupted training state: grad_scaler must map names to finite numbers")

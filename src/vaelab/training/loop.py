@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import DataSpec, RunConfig, TrainConfig
-from ..data import DataSplits, to_float
-from ..data.validate import check_model_input
-from ..devices import fits_on, resolve_device
+from ..data import DataSplits
+from ..data.python import check_python_run, is_python_data, python_splits
+from ..devices import resolve_device
 from ..distributed import all_any, all_sum, dist_info, launch_command, peer_failures, setup_distributed
 from ..errors import CheckpointError, Interrupted, NonFiniteError
 from ..evaluation.loop import evaluate_batches
@@ -36,12 +36,14 @@ from ..objectives import ELBOObjective, Objective
 from ..progress import Progress
 from ..runs.lock import RunLock
 from ..runs.rundir import RunDir
+from .callbacks import CallbackLike, CallbackList, CheckpointInfo, RunInfo, StepInfo, as_callback_list
+from .feed import make_feed
 from .schedules import SCHEDULES
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
 from .step import Meters, TrainState, guard_nonfinite, train_step
 
-EpochCallback = Callable[[dict[str, Any]], None]
+EpochCallback = Callable[[dict[str, Any]], None]  # the older form of a callback (see .callbacks)
 
 
 @dataclass
@@ -71,9 +73,9 @@ def train(
     cfg: RunConfig,
     run_dir: str | os.PathLike[str],
     *,
-    data: DataSplits | None = None,
+    data: DataSplits | Any = None,
     resume: bool | None = None,
-    callbacks: Sequence[EpochCallback] = (),
+    callbacks: Sequence[CallbackLike] = (),
     max_steps: int | None = None,
     objective: Objective | None = None,
     optimizer: OptimizerFactory = make_optimizer,
@@ -83,11 +85,23 @@ def train(
     ``resume``: True continues from ``RUN/checkpoints/latest`` (error if absent); None (default)
     continues when a checkpoint exists and starts fresh otherwise; False refuses a non-empty run.
     On resume, ``cfg`` may change only the resumable settings (epochs, where the data lives, ...).
+    ``data``: instead of ``cfg.data``'s source, images from Python: arrays or tensors, ``(images,
+    labels)``, a ``torch.utils.data.Dataset``, or :class:`vaelab.data.python.TrainData` with val/test
+    splits (the run's ``data.name`` becomes ``python:...``; resuming needs the same data again).
     ``max_steps`` stops after that many optimizer steps in total (tests, dry runs).
     ``objective`` (default: the ELBO, or L_k with ``train.iwae_k``) and ``optimizer`` (a factory
-    ``(model, cfg) -> Optimizer``, default fused Adam) may be replaced.
+    ``(model, cfg) -> Optimizer``, default fused Adam) may be replaced. ``callbacks``:
+    :class:`~vaelab.training.callbacks.Callback` objects (``on_start``/``on_step``/``on_epoch``/
+    ``on_checkpoint``/``on_end``, rank 0) or functions of each epoch's metrics row; ``train.log``
+    adds a tracker (TensorBoard) of its own.
     """
+    cbs = CallbackList([*callbacks, *_trackers(cfg)])  # a tracker that is not installed: said before any work
+    if is_python_data(data):  # checked and split (or set up for streaming) before anything is written
+        data, data_cfg = python_splits(data, cfg.data)
+        cfg = cfg.replace(data=data_cfg)
     run = RunDir.of(run_dir)
+    if data is None and resume is not False:
+        check_python_run(run.latest)  # a run trained on data from Python resumes only with that data
     distributed = setup_distributed(cfg.train.dist_timeout, resolve_device(cfg.train.device))
     rank, world = dist_info()
     created = not run.root.exists()
@@ -102,20 +116,33 @@ def train(
         hint = lambda: _resume_hint(run)  # noqa: E731
         with peer_failures(cfg.train.dist_timeout, hint):
             s = open_session(cfg, run, data, resume, rank, world, optimizer)
+        cbs.start(RunInfo(run.root, s.cfg, s.spec, s.model, s.state.step, s.state.epoch, rank, world))
         history = run.read_metrics() if rank == 0 else []
         # The signal handlers stay in place while a failure is reported (torchrun sends SIGTERM to the
         # survivors of a dead rank): the report is not cut short.
         with StopSignals(announce=rank == 0) as stop, peer_failures(cfg.train.dist_timeout, hint):
-            fit(s, objective or ELBOObjective.from_config(s.cfg.train), callbacks, max_steps, history,
+            fit(s, objective or ELBOObjective.from_config(s.cfg.train), cbs, max_steps, history,
                 distributed, stop)
             if distributed:
                 dist.barrier()
         return TrainResult(run.root, s.model, s.cfg, s.spec, s.state, history)
     finally:
-        if lock is not None:
-            lock.release()
-            if created and not run.config.exists():
-                _remove_unstarted(run)
+        try:
+            cbs.end()
+        finally:
+            if lock is not None:
+                lock.release()
+                if created and not run.config.exists():
+                    _remove_unstarted(run)
+
+
+def _trackers(cfg: RunConfig) -> list[CallbackLike]:
+    """The tracker ``train.log`` asks for (rank 0 alone writes it)."""
+    if cfg.train.log == "tensorboard":
+        from .tensorboard import TensorBoardLogger
+
+        return [TensorBoardLogger(every=cfg.train.log_every)]
+    return []
 
 
 def _resume_hint(run: RunDir) -> str:
@@ -136,20 +163,21 @@ def _interrupted(s: Session, stop: StopSignals) -> Interrupted:
                        stop.exit_code if stop.requested else 128 + signal.SIGTERM, announce=s.rank == 0)
 
 
-def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], max_steps: int | None,
+def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | CallbackList, max_steps: int | None,
         history: list[dict[str, Any]], distributed: bool, stop: StopSignals | None = None) -> None:
     """The loop: steps until ``train.epochs`` epochs are done (or ``max_steps`` steps). A signal
     recorded by ``stop`` ends it at the next step boundary with a checkpoint and :class:`Interrupted`."""
     t, state = s.cfg.train, s.state
+    callbacks = as_callback_list(callbacks)
+    if not callbacks.started:
+        callbacks.start(RunInfo(s.run.root, s.cfg, s.spec, s.model, state.step, state.epoch, s.rank, s.world))
     stop = stop or StopSignals()
     model = nn.parallel.DistributedDataParallel(s.model) if distributed else s.model
-    train_x = to_float(s.data.train.images)  # the whole training set in memory: batching is indexing
-    train_y = s.data.train.labels
-    check_model_input(train_x, s.cfg.model.likelihood, s.data.train.source or s.data.name)
-    train_x, train_y, batches_move = _place(train_x, train_y, s.device)
+    # the training split in memory (batching is indexing), or a Dataset streamed batch by batch
+    feed = make_feed(s.data.train, s.device, s.cfg.model.likelihood, s.data.train.source or s.data.name)
     # Every rank takes the same number of examples (the few beyond a multiple of the world size are
     # left out of that epoch's order), so all ranks take the same steps and DDP's collectives match.
-    n = train_x.shape[0]
+    n = len(feed)
     usable = n - n % s.world
     steps_per_epoch = math.ceil(usable // s.world / t.batch_size)
     schedule = SCHEDULES.get(t.schedule)
@@ -162,11 +190,9 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
         meters = Meters(state.sums)
         t0 = time.perf_counter()
         signalled = False
+        batches = feed.epoch(order, state.step_in_epoch, t.batch_size)
         for i in range(state.step_in_epoch, steps_per_epoch):
-            idx = order[i * t.batch_size : (i + 1) * t.batch_size].to(train_x.device)
-            x, y = train_x.index_select(0, idx), None if train_y is None else train_y.index_select(0, idx)
-            if batches_move:  # pinned host memory -> the device, overlapping the copy with compute
-                x, y = x.to(s.device, non_blocking=True), None if y is None else y.to(s.device, non_blocking=True)
+            x, y = next(batches)
             batch = s.pipeline(x, y, s.noise, train=True)
             lr = schedule(t, epoch + i / steps_per_epoch)  # a pure function of the position: resumes exactly
             for group in s.optimizer.param_groups:
@@ -177,6 +203,9 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
             meters.add(r)
             guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
             state.step, state.step_in_epoch = state.step + 1, i + 1
+            if callbacks.wants_steps:  # numbers the step already brought to the host: no added sync
+                callbacks.on_step(StepInfo(state.step, epoch, i + 1, beta_at(t, epoch + i / steps_per_epoch),
+                                           s.optimizer.param_groups[0]["lr"], r))
             if i % 20 == 0 and meters.sums["n"]:
                 bar.set_postfix(f"loss {meters.loss:.2f}")
             bar.update(1)
@@ -190,6 +219,7 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
                 # good. Resuming replays these steps exactly.
                 if state.nonfinite_run == 0:
                     s.save([s.run.latest])
+                    callbacks.on_checkpoint(CheckpointInfo((s.run.latest,), state.step, state.epoch, False))
             if halt:
                 break
         bar.close()
@@ -207,17 +237,7 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
             return
 
 
-def _place(x: torch.Tensor, y: torch.Tensor | None, device: torch.device):
-    """The training set on ``device`` when it fits (batching stays indexing there); otherwise in
-    pinned host memory, each batch copied over as it is used. Returns (x, y, batches_move)."""
-    if device.type == "cpu":
-        return x, y, False
-    if fits_on(device, x.numel() * x.element_size()):
-        return x.to(device), None if y is None else y.to(device), False
-    return x.pin_memory(), None if y is None else y.pin_memory(), True
-
-
-def _end_epoch(s: Session, meters: Meters, callbacks: Sequence[EpochCallback], history: list[dict[str, Any]]) -> None:
+def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: list[dict[str, Any]]) -> None:
     """Validation, the metrics row, the checkpoints (best before latest), the callbacks."""
     t, state = s.cfg.train, s.state
     applied = all_sum([meters.sums["n"]], s.world)[0]
@@ -248,11 +268,12 @@ def _end_epoch(s: Session, meters: Meters, callbacks: Sequence[EpochCallback], h
               f"val -ELBO {-val['elbo']:.2f} (rec {-val['rec']:.2f}, KL {val['kl']:.2f}) nats")
     if state.nonfinite_run == 0:
         s.save_epoch(improved)
+        callbacks.on_checkpoint(CheckpointInfo((s.run.best, s.run.latest) if improved else (s.run.latest,),
+                                               state.step, state.epoch, improved))
     else:
         s.say(f"epoch {state.epoch}: not checkpointed (its last step was skipped as non-finite); "
               f"the last good checkpoint stays {s.last_good()}")
-    for cb in callbacks:
-        cb(row)
+    callbacks.on_epoch(row)
 
 
 def _remove_unstarted(run: RunDir) -> None:

@@ -91,6 +91,8 @@ class Session:
         rng.update({f"noise/{r}": s for r, s in enumerate(states)})
         st = {**dataclasses.asdict(self.state), "rng_meta": rng_meta, "world_size": self.world,
               "device": self.device.type}
+        if self.data.info.get("fingerprint"):  # data given from Python: resuming needs the same again
+            st["data_fingerprint"] = self.data.info["fingerprint"]
         if self.scaler is not None:
             st["grad_scaler"] = self.scaler.state_dict()
         model = {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
@@ -151,6 +153,7 @@ def _restore(s: Session, ckpt: Checkpoint) -> None:
     saved_world = st.pop("world_size", 1)
     saved_device = st.pop("device", "cpu")
     scaler_state = st.pop("grad_scaler", None)
+    st.pop("data_fingerprint", None)  # compared in open_session
     if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
         raise CheckpointError(f"{source}: corrupted training state: world_size must be a whole number >= 1")
     if ckpt.optimizer is not None:
@@ -210,6 +213,11 @@ def open_session(
     if ckpt is not None and ckpt.spec != spec:
         raise CheckpointError(f"{run.root}: cannot resume: the run was trained on data with {ckpt.spec.describe()}; "
                               f"the data now give {spec.describe()}")
+    saved_fp = ckpt.state.get("data_fingerprint") if ckpt is not None else None
+    if saved_fp is not None and saved_fp != data.info.get("fingerprint"):
+        raise CheckpointError(f"{run.root}: cannot resume: the data given now ({data.describe()}; fingerprint "
+                              f"{data.info.get('fingerprint')}) are not the data it was trained on (fingerprint {saved_fp}); "
+                              "pass the same arrays or Dataset again, or train into a new run directory")
     # Seed every global RNG, not only torch's: checkpoints save all of them, and a run must not depend
     # on what the process drew before (a resumed run restores them).
     torch.manual_seed(t.seed)
