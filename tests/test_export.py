@@ -340,8 +340,33 @@ def test_the_serving_example_in_the_docs_runs_without_pytorch(trained, tmp_path)
     img = np.asarray(Image.open(tmp_path / "samples-onnx.png"))
     assert img.shape == (4 * 28, 4 * 28)
     # the same pictures as PyTorch's decoder gives for the same z
-    z = np.random.default_rng(0).standard_normal((16, 3)).astype(np.float32)
+    rng = np.random.default_rng(0)  # the example's draws: N(0, I) is a one-component mixture
+    assert rng.choice(1, size=16, p=[1.0]).tolist() == [0] * 16
+    z = rng.standard_normal((16, 3)).astype(np.float32)
     with torch.no_grad():
         want = vaelab.from_pretrained(tmp_path / "my-model").decode(torch.from_numpy(z)).mean.numpy()
     grid = want.reshape(4, 4, 1, 28, 28).transpose(0, 3, 1, 4, 2).reshape(112, 112)
     assert np.abs(img.astype(int) - (grid * 255 + 0.5).astype(np.uint8).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
+def test_prior_npz_is_the_models_prior_as_a_mixture(prior, tmp_path):
+    """prior.npz's mixture has the model's own log-density (float64 numpy against PyTorch), whatever
+    the prior: N(0, I) as one component, the MoG's components, the VampPrior's posteriors at its
+    pseudo-inputs."""
+    from vaelab.export.onnx import prior_arrays
+
+    cfg = vaelab.ModelConfig(latent_dim=3, hidden=(8,), prior=prior, prior_components=4, layers=2, upper_latent=(2,))
+    torch.manual_seed(0)
+    model = vaelab.build_model(cfg, vaelab.DataSpec((1, 6, 6))).eval()
+    a = prior_arrays(model)
+    k = 1 if prior == "standard" else 4
+    assert a["weights"].shape == (k,) and a["mean"].shape == a["logvar"].shape == (k, 2)
+    z = np.random.default_rng(1).standard_normal((50, 2)) * 2
+    var = np.exp(a["logvar"].astype(np.float64))
+    comp = -0.5 * (((z[:, None, :] - a["mean"]) ** 2 / var) + np.log(2 * np.pi * var)).sum(-1)  # (50, K)
+    m = comp.max(-1, keepdims=True)
+    want = (m[:, 0] + np.log((a["weights"] * np.exp(comp - m)).sum(-1)))
+    with torch.no_grad():
+        got = model.prior().log_prob(torch.from_numpy(z).float()).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

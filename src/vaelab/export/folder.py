@@ -11,6 +11,7 @@ holding other files, replacing only the files an export writes and keeping the r
 from __future__ import annotations
 
 import copy
+import io
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
@@ -33,6 +35,7 @@ from ..runs.pretrained import (
     DTYPES,
     EXPORT_FILES,
     EXPORT_FORMAT,
+    PRIOR_FILE,
     SAMPLES_FILE,
     WEIGHTS_FILE,
     is_export,
@@ -40,7 +43,7 @@ from ..runs.pretrained import (
 from ..safeio import dumps_json
 from ..viz import sample_images, save_grid
 from .card import model_card, read_evaluations
-from .onnx import EXPORTERS, GraphInfo, export_onnx
+from .onnx import EXPORTERS, GraphInfo, OnnxUnsupported, export_onnx, prior_arrays
 
 SAMPLES_PER_ROW = 8
 
@@ -148,6 +151,14 @@ def export_run(run: Run | str | os.PathLike[str], out: str | os.PathLike[str], *
         messages: list[str] = []
         graphs = export_onnx(model, tmp, exporter=exporter, messages=messages) if onnx else {}
         files += [g.file for g in graphs.values()]
+        if "decoder" in graphs and model.latent_dims:  # what the decoder's z is drawn from, for numpy users
+            try:
+                buf = io.BytesIO()
+                np.savez(buf, **prior_arrays(model))
+                atomic_write(tmp / PRIOR_FILE, buf.getvalue())
+                files.append(PRIOR_FILE)
+            except OnnxUnsupported as e:
+                messages.append(f"{model.config.model}: no {PRIOR_FILE}: {e}")
         for m in messages:
             warnings.warn(m, VaelabWarning, stacklevel=2)
         onnx_info = {role: g.to_dict() for role, g in graphs.items()}

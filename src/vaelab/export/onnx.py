@@ -18,7 +18,10 @@
   The regressor (no latent variable) has no encoder and its decoder takes ``c`` alone.
 
 Every input and output has a dynamic batch axis (axis 0, named ``batch``). Drawing z from the prior
-and pixels from the likelihood is left to the caller (a few lines of numpy; docs/export.md).
+and pixels from the likelihood is left to the caller (a few lines of numpy; docs/export.md), with
+``prior.npz``: the top layer's prior as a mixture of diagonal Gaussians (``weights`` (K,), ``mean``
+and ``logvar`` (K, L_top); K = 1 for N(0, I), the VampPrior's components computed once from the
+encoder at its pseudo-inputs), so that a learned prior is sampled as faithfully as N(0, I).
 A posterior or likelihood whose distribution has no entry in :data:`ONNX_PARAMS` cannot be written,
 and :class:`OnnxUnsupported` says which.
 """
@@ -157,6 +160,29 @@ def _export(graph: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs
         except Exception as e:  # an operator ONNX cannot express, a missing onnxscript, ...
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise OnnxUnsupported(f"{path.name}: the {exporter} ONNX exporter failed ({type(e).__name__}: {first})") from None
+
+
+@torch.no_grad()
+def prior_arrays(model: nn.Module) -> dict[str, Any]:
+    """The top layer's prior P(z_top) as a mixture of diagonal Gaussians, numpy float32:
+    ``weights`` (K,), ``mean`` (K, L), ``logvar`` (K, L). N(0, I) and any diagonal Gaussian are the
+    case K = 1; a prior of another kind cannot be written (:class:`OnnxUnsupported`)."""
+    from ..distributions import GaussianMixture
+
+    was = model.training
+    model.eval()
+    try:
+        p = model.prior()
+    finally:
+        model.train(was)
+    L = model.latent_dims[-1]
+    if isinstance(p, GaussianMixture):
+        w, mu, lv = p.weights, p.mu, p.logvar
+    elif isinstance(p, DiagonalGaussian) and p.mu.dim() <= 1 and p.logvar.dim() <= 1:
+        w, mu, lv = torch.ones(1), p.mu.expand(L)[None], p.logvar.expand(L)[None]
+    else:
+        raise OnnxUnsupported(f"the prior {type(p).__name__} has no mixture-of-Gaussians form to write")
+    return {k: v.detach().float().cpu().numpy() for k, v in (("weights", w), ("mean", mu), ("logvar", lv))}
 
 
 def export_onnx(model: nn.Module, folder: str | Path, *, exporter: str = "torchscript",

@@ -35,9 +35,9 @@ from .validate import expected_tensors
 
 EXPORT_FORMAT = "vaelab-export-1"
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, SAMPLES_FILE = "config.json", "model.safetensors", "README.md", "samples.png"
-ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+ENCODER_FILE, DECODER_FILE, PRIOR_FILE = "encoder.onnx", "decoder.onnx", "prior.npz"
 #: every file an export writes: a re-export replaces exactly these (anything else in DIR is kept)
-EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, SAMPLES_FILE, ENCODER_FILE, DECODER_FILE)
+EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, SAMPLES_FILE, ENCODER_FILE, DECODER_FILE, PRIOR_FILE)
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TOO_MANY = 4
 
