@@ -38,6 +38,7 @@ from ..runs.lock import RunLock
 from ..runs.rundir import RunDir
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
+from .speed import CompiledObjective, decide_shapes, flush_denormal
 from .step import Meters, TrainState, guard_nonfinite, train_step
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -104,7 +105,7 @@ def train(
         history = run.read_metrics() if rank == 0 else []
         # The signal handlers stay in place while a failure is reported (torchrun sends SIGTERM to the
         # survivors of a dead rank): the report is not cut short.
-        with StopSignals(announce=rank == 0) as stop, peer_failures(cfg.train.dist_timeout, hint):
+        with StopSignals(announce=rank == 0) as stop, peer_failures(cfg.train.dist_timeout, hint), flush_denormal():
             fit(s, objective or ELBOObjective.from_config(s.cfg.train), callbacks, max_steps, history,
                 distributed, stop)
             if distributed:
@@ -151,6 +152,10 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[EpochCallback], ma
     n = train_x.shape[0]
     usable = n - n % s.world
     steps_per_epoch = math.ceil(usable // s.world / t.batch_size)
+    decide_shapes(s.model, t.batch_size, usable // s.world, t.eval_batch_size,
+                  len(s.data.val.images), t.iwae_k)
+    if t.compile:
+        objective = CompiledObjective(objective, t.batch_size, s.say)
     model.train()
     while state.epoch < t.epochs:
         epoch = state.epoch

@@ -27,6 +27,7 @@ from ..devices import autocast, resolve_device
 from ..distributed import all_gather, unwrap
 from ..errors import CheckpointError, NonFiniteError
 from ..models import build_model
+from ..nets import linear
 from ..pipeline import BatchPipeline
 from ..runs.checkpoint import (
     Checkpoint,
@@ -88,7 +89,7 @@ class Session:
             return
         rng.update({f"noise/{r}": s for r, s in enumerate(states)})
         st = {**dataclasses.asdict(self.state), "rng_meta": rng_meta, "world_size": self.world,
-              "device": self.device.type}
+              "device": self.device.type, "gemm": linear.decisions()}
         if self.scaler is not None:
             st["grad_scaler"] = self.scaler.state_dict()
         model = {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
@@ -149,6 +150,7 @@ def _restore(s: Session, ckpt: Checkpoint) -> None:
     saved_world = st.pop("world_size", 1)
     saved_device = st.pop("device", "cpu")
     scaler_state = st.pop("grad_scaler", None)
+    linear.preset(st.pop("gemm", {}), source)  # the kernels the run computed with (bit-identical resume)
     if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
         raise CheckpointError(f"{source}: corrupted training state: world_size must be a whole number >= 1")
     if ckpt.optimizer is not None:
