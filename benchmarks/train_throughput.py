@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _floors import KERNELS, all_floors, linear_products
+from _floors import KERNELS, all_floors, linear_products, native_bf16
 from _interleave import train_interleaved
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -109,13 +109,13 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--quick", action="store_true",
-                    help="3000 images, 2 epochs, no compiled variants unless --variants names them (< 1 min)")
+                    help="3000 images, 2 epochs, fp32 (and bf16 where native), no compiled variants unless --variants names them")
     args = ap.parse_args()
     if args.quick:
         args.limit_train, args.val_size = args.limit_train or 3000, min(args.val_size, 500)
         args.epochs = min(args.epochs, 2)
         if "--variants" not in " ".join(__import__("sys").argv):
-            args.variants = "vaelab fp32,vaelab bf16"
+            args.variants = "vaelab fp32,vaelab bf16" if native_bf16() else "vaelab fp32"
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
