@@ -10,9 +10,11 @@ import vaelab
 
 
 def train_interleaved(
-    cfg: vaelab.RunConfig, data: vaelab.DataSplits, reference_epoch: Callable[[], float], run: str | None = None
+    cfg: vaelab.RunConfig, data: vaelab.DataSplits, reference_epoch: Callable[[], float], run: str | None = None,
+    between: Callable[[], None] | None = None,
 ) -> tuple[vaelab.TrainResult, list[float], list[float]]:
-    """Returns vaelab's result, its per-epoch training seconds and the reference's."""
+    """Returns vaelab's result, its per-epoch training seconds and the reference's. ``between`` runs
+    after each pair of epochs (other measurements that should see the same machine state)."""
     ours: list[float] = []
     ref: list[float] = []
     last = {"t": 0.0}
@@ -21,6 +23,8 @@ def train_interleaved(
         ours.append(row["elapsed_s"] - last["t"])  # vaelab's own training time, validation excluded
         last["t"] = row["elapsed_s"]
         ref.append(reference_epoch())
+        if between is not None:
+            between()
 
     with tempfile.TemporaryDirectory() as tmp:
         res = vaelab.train(cfg, run or f"{tmp}/run", data=data, callbacks=[after_epoch])

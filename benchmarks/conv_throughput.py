@@ -1,23 +1,28 @@
-"""Training throughput of a 32x32 colour convolutional VAE: vaelab's loop vs a plain-PyTorch loop.
+"""Training throughput of a 32x32 colour convolutional VAE: vaelab's library loop (fp32, bf16, --compile)
+vs a plain-PyTorch loop (fp32, channels_last, bf16 autocast), interleaved in one run.
 
 Both train the same network (vaelab's "conv" encoder/decoder, hidden (32, 64), latent 32, a
 discretized logistic likelihood, batch 128, Adam 1e-3) on the same random uint8 images (CIFAR-10 is
 not available offline; throughput does not depend on the pixels). The reference is written the
 plain way: a DataLoader over a TensorDataset, the loss spelled out, default Adam. Epochs alternate
-(vaelab, reference, vaelab, ...) so both see the same machine state; we print the median seconds per
-epoch of each and the throughput ratio.
+(vaelab, reference, vaelab, ...) so both see the same machine state; each vaelab variant gets its own
+fresh reference. We print the median seconds per epoch of each and the throughput ratios.
 
-    python benchmarks/conv_throughput.py [--n 10000] [--epochs 3] [--threads N]
+    python benchmarks/conv_throughput.py [--n 10000] [--epochs 3] [--threads N] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import statistics
+import sys
 import time
 
 import torch
+from _floors import native_bf16
 from _interleave import train_interleaved
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,16 +31,21 @@ from vaelab.data import DataSplits, ImageSet, to_float
 from vaelab.distributions.logistic import discretized_logistic_log_prob
 
 
-def reference_epoch(enc, dec, opt, loader) -> float:
-    """One epoch the plain way: reparameterise, discretized-logistic NLL + closed-form KL."""
+def reference_epoch(enc, dec, opt, loader, amp=None) -> float:
+    """One epoch the plain way: reparameterise, discretized-logistic NLL + closed-form KL (``amp``: the
+    networks under that autocast, the loss in float32)."""
     enc.train()
     dec.train()
+    amp = amp or contextlib.nullcontext()
     t0 = time.perf_counter()
     for (x,) in loader:
         opt.zero_grad()
-        mu, logvar = enc(x).chunk(2, dim=1)
+        with amp:
+            mu, logvar = enc(x).float().chunk(2, dim=1)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        loc, log_scale = dec(z).chunk(2, dim=1)
+        with amp:
+            out = dec(z).float()
+        loc, log_scale = out.chunk(2, dim=1)
         nll = -discretized_logistic_log_prob(x, loc, log_scale.clamp(min=-7.0)).flatten(1).sum(1)
         kl = 0.5 * (logvar.exp() + mu.pow(2) - 1 - logvar).sum(1)
         (nll + kl).mean().backward()
@@ -43,12 +53,29 @@ def reference_epoch(enc, dec, opt, loader) -> float:
     return time.perf_counter() - t0
 
 
+VARIANTS = {  # name -> TrainConfig changes, run by vaelab's library loop (vaelab.train)
+    "vaelab fp32": {},
+    "vaelab bf16": {"precision": "bf16"},
+    "vaelab fp32 --compile": {"compile": True},
+    "vaelab bf16 --compile": {"precision": "bf16", "compile": True},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10000, help="training images")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    ap.add_argument("--quick", action="store_true", help="1000 images, 2 epochs, fp32 (and bf16 where the CPU has it natively) only")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.epochs = min(args.n, 1000), min(args.epochs, 2)
+        if "--variants" not in " ".join(sys.argv):
+            args.variants = "vaelab fp32,vaelab bf16" if native_bf16() else "vaelab fp32"
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if any(v not in VARIANTS for v in names):
+        ap.error(f"known variants: {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -56,28 +83,54 @@ def main() -> None:
     images = torch.randint(0, 256, (args.n + 200, 3, 32, 32), generator=g, dtype=torch.uint8)
     train_set = ImageSet(images[: args.n], source="random")
     data = DataSplits(train_set, ImageSet(images[args.n : args.n + 100]), ImageSet(images[args.n + 100 :]), "random")
-    cfg = vaelab.RunConfig(
+    base = vaelab.RunConfig(
         data=vaelab.DataConfig(name="random", val_size=100),
         model=vaelab.ModelConfig(encoder="conv", decoder="conv", hidden=(32, 64),
                                  latent_dim=32, likelihood="discretized-logistic"),
         train=vaelab.TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, progress=False, threads=args.threads),
     )
+    x_all = to_float(train_set.images)
 
-    torch.manual_seed(1)
-    net = vaelab.build_model(cfg.model, vaelab.DataSpec((3, 32, 32)))
-    enc, dec = copy.deepcopy(net.encoder), copy.deepcopy(net.decoder)
-    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
-    loader = DataLoader(TensorDataset(to_float(train_set.images)), batch_size=128, shuffle=True)
-    _, ours_times, ref_times = train_interleaved(cfg, data, lambda: reference_epoch(enc, dec, opt, loader))
+    def reference(memory_format=torch.contiguous_format, bf16: bool = False):
+        torch.manual_seed(1)
+        net = vaelab.build_model(base.model, vaelab.DataSpec((3, 32, 32)))
+        enc, dec = copy.deepcopy(net.encoder), copy.deepcopy(net.decoder)
+        enc.to(memory_format=memory_format)
+        dec.to(memory_format=memory_format)
+        opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
+        loader = DataLoader(TensorDataset(x_all.contiguous(memory_format=memory_format)), batch_size=128, shuffle=True)
+        amp = torch.autocast("cpu", torch.bfloat16, enabled=bf16)
+        return lambda: reference_epoch(enc, dec, opt, loader, amp)
 
-    med_ref, med_ours = statistics.median(ref_times), statistics.median(ours_times)
+    rows = []
+    with_bf16 = not args.quick or native_bf16()
+    extra = {"reference channels_last": [], **({"reference bf16 autocast": []} if with_bf16 else {})}
+    for name in names:
+        cfg = base.replace(train=dataclasses.replace(base.train, **VARIANTS[name]))
+        others = {"reference channels_last": reference(torch.channels_last)}
+        if with_bf16:
+            others["reference bf16 autocast"] = reference(bf16=True)
+
+        def between(others=others) -> None:
+            for key, epoch in others.items():
+                extra[key].append(epoch())
+
+        _, ours, refs = train_interleaved(cfg, data, reference(), between=between)
+        rows.append((name, ours, refs))
+
+    ref_all = [t for _, _, refs in rows for t in refs]
+    med_ref = statistics.median(ref_all)
     print(f"conv_throughput: {args.n} random 3x32x32 uint8 images, conv VAE hidden (32, 64), latent 32, "
-          f"discretized logistic, batch 128, Adam 1e-3, fp32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'':12s} {'median s/epoch':>15s} {'images/s':>10s} {'epochs (s)':>30s}")
-    for name, med, ts in (("reference", med_ref, ref_times), ("vaelab", med_ours, ours_times)):
-        print(f"{name:12s} {med:15.3f} {args.n / med:10.0f} {' '.join(f'{t:.2f}' for t in ts):>30s}")
-    print(f"throughput ratio vaelab/reference: {med_ref / med_ours:.2f}x")
+          f"discretized logistic, batch 128, Adam 1e-3, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'':26s} {'median s/epoch':>15s} {'x ref':>6s} {'images/s':>10s} {'epochs (s)':>30s}")
+    table = [("reference fp32", ref_all, med_ref)] + [(k, v, None) for k, v in extra.items()]
+    table += [(name, ours, statistics.median(refs)) for name, ours, refs in rows]
+    for name, ts, own_ref in table:
+        med = statistics.median(ts)
+        print(f"{name:26s} {med:15.3f} {(own_ref or med_ref) / med:6.2f} {args.n / med:10.0f} "
+              f"{' '.join(f'{t:.2f}' for t in ts[:8]):>30s}")
+    print("x ref: against the reference epochs interleaved with that row; target: vaelab bf16 >= 1.5x the reference. "
+          "A compiled variant's first epoch includes its compile time (the median leaves it out).")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grayscale", action="store_true", help="convert colour images to one channel (data.grayscale)")
     p.add_argument("--svhn-extra", action="store_true", help="add SVHN's extra split to train (data.svhn_extra)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward pass and loss (train.compile; pays off on long runs, docs/speed.md)")
 
 
 def _flag_hint(e: ConfigError, args: argparse.Namespace) -> ConfigError:
@@ -126,6 +128,8 @@ def _config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = No
         d.setdefault("data", {})["svhn_extra"] = True
     if getattr(args, "no_progress", False):
         d.setdefault("train", {})["progress"] = False
+    if getattr(args, "compile", False):
+        d.setdefault("train", {})["compile"] = True
     d = apply_overrides(d, getattr(args, "set", []) or [])
     return RunConfig.from_dict(d)
 
@@ -183,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     res = evaluate_run(args.run, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
                        seed=args.seed, which=_which(args), progress=not args.no_progress, data_dir=args.data_dir,
-                       device=args.device, dist_timeout=args.dist_timeout)
+                       device=args.device, dist_timeout=args.dist_timeout, precision=args.precision)
     if _rank() != 0:  # under torchrun the ranks share the work; rank 0 alone prints and writes
         return 0
     if args.json:
@@ -363,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="networks in bf16/fp16 (autocast); log-weights and logsumexp stay float32 (default fp32)")
     e.add_argument("--dist-timeout", type=float, default=300.0,
                    help="under torchrun: seconds to wait for the other processes before giving up (default 300)")
 

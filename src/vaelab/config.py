@@ -236,6 +236,7 @@ class TrainConfig:
     seed: int = 0
     device: str = resumable("auto")  # auto | cpu | cuda | cuda:N | mps (auto: a GPU when one is visible)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, float32 master weights and reductions)
+    compile: bool = resumable(False)  # torch.compile the forward pass and loss (pays off on long runs; docs/speed.md)
     checkpoint_every: int = resumable(0)  # also checkpoint every N steps (0: at each epoch's end only)
     eval_batch_size: int = 1000
     threads: int | None = resumable(None)  # torch intra-op threads (None: torch's default)

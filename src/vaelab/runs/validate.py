@@ -162,7 +162,8 @@ def check_train_state(st: Any, source: str) -> dict[str, Any]:
 
     if not isinstance(st, Mapping):
         raise CheckpointError(f"{source}: corrupted training state (not a JSON object)")
-    known = set(TrainState.__dataclass_fields__) | {"rng_meta", "world_size", "device", "grad_scaler", "data_fingerprint"}
+    known = set(TrainState.__dataclass_fields__) | {"rng_meta", "world_size", "device", "grad_scaler", "data_fingerprint",
+                                                    "gemm"}
     unknown = sorted(set(st) - known)
     if unknown:
         raise CheckpointError(f"{source}: corrupted training state: unknown entries {unknown}")

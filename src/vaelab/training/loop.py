@@ -41,6 +41,7 @@ from .feed import make_feed
 from .schedules import SCHEDULES
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
+from .speed import CompiledObjective, decide_shapes, flush_denormal
 from .step import Meters, TrainState, guard_nonfinite, train_step
 
 EpochCallback = Callable[[dict[str, Any]], None]  # the older form of a callback (see .callbacks)
@@ -120,7 +121,7 @@ def train(
         history = run.read_metrics() if rank == 0 else []
         # The signal handlers stay in place while a failure is reported (torchrun sends SIGTERM to the
         # survivors of a dead rank): the report is not cut short.
-        with StopSignals(announce=rank == 0) as stop, peer_failures(cfg.train.dist_timeout, hint):
+        with StopSignals(announce=rank == 0) as stop, peer_failures(cfg.train.dist_timeout, hint), flush_denormal():
             fit(s, objective or ELBOObjective.from_config(s.cfg.train), cbs, max_steps, history,
                 distributed, stop)
             if distributed:
@@ -181,6 +182,10 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | Ca
     usable = n - n % s.world
     steps_per_epoch = math.ceil(usable // s.world / t.batch_size)
     schedule = SCHEDULES.get(t.schedule)
+    decide_shapes(s.model, t.batch_size, usable // s.world, t.eval_batch_size,
+                  len(s.data.val.images), t.iwae_k)
+    if t.compile:
+        objective = CompiledObjective(objective, t.batch_size, s.say)
     model.train()
     while state.epoch < t.epochs:
         epoch = state.epoch

@@ -28,6 +28,7 @@ from ..distributed import all_gather, unwrap
 from ..errors import CheckpointError, NonFiniteError
 from ..models import build_model
 from ..models.priors import PRIORS
+from ..nets import linear
 from ..pipeline import BatchPipeline
 from ..runs.checkpoint import (
     Checkpoint,
@@ -90,7 +91,7 @@ class Session:
             return
         rng.update({f"noise/{r}": s for r, s in enumerate(states)})
         st = {**dataclasses.asdict(self.state), "rng_meta": rng_meta, "world_size": self.world,
-              "device": self.device.type}
+              "device": self.device.type, "gemm": linear.decisions()}
         if self.data.info.get("fingerprint"):  # data given from Python: resuming needs the same again
             st["data_fingerprint"] = self.data.info["fingerprint"]
         if self.scaler is not None:
@@ -154,6 +155,7 @@ def _restore(s: Session, ckpt: Checkpoint) -> None:
     saved_device = st.pop("device", "cpu")
     scaler_state = st.pop("grad_scaler", None)
     st.pop("data_fingerprint", None)  # compared in open_session
+    linear.preset(st.pop("gemm", {}), source)  # the kernels the run computed with (bit-identical resume)
     if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
         raise CheckpointError(f"{source}: corrupted training state: world_size must be a whole number >= 1")
     if ckpt.optimizer is not None:

@@ -1,0 +1,213 @@
+"""Speed without other maths (docs/speed.md): the oneDNN float32 linear against nn.Linear (values and
+gradients), its per-shape decisions (overridable, saved with a run, re-used on resume), flushed
+denormals, bit-identical resume in the oneDNN, bf16 and compile modes, compile's fallback to eager,
+bf16 autocast with float32 reductions, and bf16 evaluation within the estimate's standard error."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_reliability import assert_same_run, tiny_cfg, write_tiny_mnist
+from torch import nn
+
+import vaelab.training.speed as speed
+from vaelab import BatchPipeline, DataSpec, ModelConfig, build_model
+from vaelab.conditioning import Batch, build_condition
+from vaelab.errors import CheckpointError, ConfigError
+from vaelab.evaluation import evaluate_batches
+from vaelab.nets import linear
+from vaelab.objectives import ELBOObjective
+from vaelab.runs import load_checkpoint
+from vaelab.training import train
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions():
+    linear.reset()
+    yield
+    linear.reset()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return write_tiny_mnist(tmp_path / "data")
+
+
+# ---------------------------------------------------------------- the oneDNN linear
+needs_onednn = pytest.mark.skipif(not linear.AVAILABLE, reason="this torch has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", range(8))
+@pytest.mark.parametrize("compiled_op", [False, True], ids=["eager-function", "custom-op"])
+def test_fast_linear_matches_nn_linear_in_value_and_gradient(mode, compiled_op):
+    torch.manual_seed(0)
+    ref = nn.Linear(37, 23)
+    x = torch.randn(19, 37, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    w, b = ref.weight.detach().clone().requires_grad_(), ref.bias.detach().clone().requires_grad_()
+    y = (linear.fast_linear if compiled_op else linear._FastLinear.apply)(x2, w, b, mode)
+    r = ref(x)
+    dy = torch.randn_like(r)
+    (r * dy).sum().backward()
+    (y * dy).sum().backward()
+    for got, want in ((y, r), (x2.grad, x.grad), (w.grad, ref.weight.grad), (b.grad, ref.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+@needs_onednn
+def test_fast_linear_gradients_match_finite_differences_and_the_op_checks_pass():
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(*s, dtype=torch.float32, requires_grad=True) for s in ((5, 4), (3, 4), (3,)))
+    torch.library.opcheck(linear.fast_linear, (x, w, b, 7))
+    # oneDNN computes in float32: compare its analytic gradient with float64 finite differences of the maths
+    y = linear.fast_linear(x, w, b, 7)
+    y.square().sum().backward()
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    torch.nn.functional.linear(x64, w64, b64).square().sum().backward()
+    for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_linear_module_keeps_nn_linear_state_and_takes_any_leading_dims(monkeypatch):
+    monkeypatch.setenv(linear.ENV, "onednn")
+    torch.manual_seed(0)
+    fast, ref = linear.Linear(6, 5), nn.Linear(6, 5)
+    ref.load_state_dict(fast.state_dict())  # same parameters, same names: old checkpoints load
+    assert sorted(fast.state_dict()) == ["bias", "weight"]
+    x = torch.randn(3, 4, 6)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-6, atol=1e-6)
+    assert linear.decisions() == {"12x6x5": 7}
+    with torch.autocast("cpu", torch.bfloat16):  # autocast: plain F.linear, in bf16
+        assert fast(x).dtype == torch.bfloat16
+    assert fast.double()(x.double()).dtype == torch.float64
+
+
+def test_mlp_nets_are_built_from_the_fast_linear():
+    model = build_model(ModelConfig(latent_dim=3, hidden=(16,)), DataSpec((1, 6, 6)))
+    lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert lins and all(isinstance(m, linear.Linear) for m in lins)
+
+
+def test_decisions_follow_the_setting_and_small_products_stay_with_aten(monkeypatch):
+    monkeypatch.setenv(linear.ENV, "aten")
+    assert linear.decide(512, 784, 400) == 0
+    linear.reset()
+    monkeypatch.setenv(linear.ENV, "onednn")
+    assert linear.decide(512, 784, 400) == (7 if linear.AVAILABLE else 0)
+    linear.reset()
+    monkeypatch.setenv(linear.ENV, "auto")
+    assert linear.decide(4, 8, 8) == 0  # 512 flops: not worth timing
+    if linear.AVAILABLE:
+        got = linear.decide(128, 256, 256)  # timed: whichever is faster here, kept for the process
+        assert 0 <= got <= 7 and linear.decide(128, 256, 256) == got
+
+
+def test_saved_decisions_are_checked_before_use():
+    linear.preset({"16x64x32": 5}, "ck")
+    assert linear.decide(16, 64, 32) == 5
+    for bad in ({"a": 9}, {"a": True}, ["x"], {"a": "7"}):
+        with pytest.raises(CheckpointError, match="ck: corrupted training state: gemm"):
+            linear.preset(bad, "ck")
+
+
+# ---------------------------------------------------------------- denormals
+def test_denormals_are_flushed_while_training_and_not_after():
+    tiny = torch.tensor([1e-40])  # a denormal float32
+    with speed.flush_denormal():
+        assert float(tiny * 1.0) in (0.0, 1e-40)  # flushed where the CPU supports it
+        flushed = float(tiny * 1.0) == 0.0
+    assert float(tiny * 1.0) != 0.0  # the default again
+    assert flushed == torch.set_flush_denormal(False)  # supported <=> flushed
+
+
+# ---------------------------------------------------------------- bit-identical resume in every mode
+def _resume_matches(cfg, tmp_path, stops=(7, 13)):
+    train(cfg, tmp_path / "straight")
+    for s in stops:
+        train(cfg, tmp_path / "resumed", max_steps=s)
+    train(cfg, tmp_path / "resumed")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+@needs_onednn
+def test_resume_is_bit_identical_with_onednn_linears_and_saves_its_decisions(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(linear.ENV, "onednn")
+    _resume_matches(tiny_cfg(data_dir, 2), tmp_path)
+    gemm = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.safetensors").state["gemm"]
+    assert gemm["16x64x32"] == 7 and gemm["40x64x32"] == 7  # training and validation batches
+
+
+def test_resume_is_bit_identical_in_bf16(data_dir, tmp_path):
+    _resume_matches(tiny_cfg(data_dir, 2, 0, "--precision", "bf16"), tmp_path)
+
+
+def test_resume_is_bit_identical_compiled_with_an_eager_short_last_batch(data_dir, tmp_path, capsys):
+    # 160 images in batches of 24: six compiled batches and an eager one of 16 per epoch
+    cfg = tiny_cfg(data_dir, 2, 0, "--compile", "--set", "train.batch_size=24")
+    assert cfg.train.compile
+    _resume_matches(cfg, tmp_path, stops=(5,))
+    out = capsys.readouterr()
+    assert "torch.compile: the first step took" in out.out + out.err
+    assert "not available" not in out.out + out.err
+
+
+def test_compile_falls_back_to_eager_in_one_line_when_no_compiler_works(data_dir, tmp_path, monkeypatch, capsys):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler found\nmore detail")
+
+    train(tiny_cfg(data_dir, 1), tmp_path / "eager")
+    monkeypatch.setattr(speed, "BACKEND", broken)
+    train(tiny_cfg(data_dir, 1, 0, "--compile"), tmp_path / "fallback")
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if "torch.compile" in ln]
+    assert len(lines) == 1 and "no working C++ compiler found" in lines[0] and "training eagerly" in lines[0]
+    assert_same_run(tmp_path / "eager", tmp_path / "fallback")  # the failed attempt drew nothing
+
+
+def test_compile_may_be_switched_on_when_resuming(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "BACKEND", "eager")  # dynamo only: quick
+    train(tiny_cfg(data_dir, 1), tmp_path / "run")
+    res = train(tiny_cfg(data_dir, 2, 0, "--compile"), tmp_path / "run")
+    assert res.config.train.compile and res.state.epoch == 2
+
+
+# ---------------------------------------------------------------- bf16
+def test_bf16_is_autocast_with_float32_master_weights_and_reductions():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(latent_dim=3, hidden=(16,)), DataSpec((1, 6, 6)))
+    x = torch.rand(8, 1, 6, 6)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, terms = ELBOObjective()(model, Batch(x, None, None), generator=torch.Generator().manual_seed(0))
+        assert model.decoder(torch.zeros(2, 3)).dtype == torch.bfloat16  # the networks run in bf16
+    assert loss.dtype == terms.log_px_z.dtype == terms.kl.dtype == torch.float32
+    loss.backward()
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_evaluation_stays_within_the_standard_error_of_fp32():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(latent_dim=4, hidden=(32,)), DataSpec((1, 8, 8)))
+    images = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
+    pipe = BatchPipeline(build_condition("none", model.spec))
+    runs = {p: evaluate_batches(model, images, None, pipe, k=64, batch_size=10, seed=3, precision=p)
+            for p in ("fp32", "bf16")}
+    lk32, lk16 = runs["fp32"].lk, runs["bf16"].lk
+    se = float(lk32.std() / math.sqrt(len(lk32)))
+    assert abs(float(lk16.mean() - lk32.mean())) < se
+    assert not torch.equal(lk16, lk32)  # it did run in bf16
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        evaluate_batches(model, images, None, pipe, k=2, precision="fp16")
+
+
+def test_evaluation_takes_its_draws_in_equal_chunks():
+    model = build_model(ModelConfig(latent_dim=3, hidden=(16,)), DataSpec((1, 6, 6)))
+    images = torch.randint(0, 256, (2, 1, 6, 6), dtype=torch.uint8)
+    rows: list[int] = []
+    model.decoder.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    evaluate_batches(model, images, None, BatchPipeline(build_condition("none", model.spec)), k=50, batch_size=1,
+                     budget=36 * 30)
+    assert rows[1:] == [25, 25, 25, 25]  # 30 draws fit: two calls of 25 per image, not 30 + 20
