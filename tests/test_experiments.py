@@ -25,16 +25,24 @@ def test_cvae_completion_experiment_runs(mnist_dir, tmp_path):
 
 
 def test_benchmarks_run(mnist_dir):
+    """Each benchmark runs end to end on tiny settings and prints its ratios and floors (the compiled
+    and bf16 variants are left out here: their cost is compile time and, without native bf16, emulation)."""
     bench = ROOT / "benchmarks"
     res = subprocess.run([sys.executable, str(bench / "train_throughput.py"), "--epochs", "1", "--data", "mnist",
-                          "--data-dir", str(mnist_dir), "--val-size", "40", "--threads", "1"],
+                          "--data-dir", str(mnist_dir), "--val-size", "40", "--threads", "1", "--variants", "vaelab fp32"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "throughput ratio vaelab/reference" in res.stdout and "matmul floor" in res.stdout
+    assert "GEMM floors" in res.stdout and "fp32 oneDNN" in res.stdout and "x floor" in res.stdout
+    assert "reference (pytorch/examples)" in res.stdout and "vaelab fp32 " in res.stdout
     res = subprocess.run([sys.executable, str(bench / "conv_throughput.py"), "--n", "64", "--epochs", "1",
-                          "--threads", "1"], capture_output=True, text=True, timeout=300)
+                          "--threads", "1", "--variants", "vaelab fp32"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "throughput ratio vaelab/reference" in res.stdout
+    assert "reference fp32" in res.stdout and "vaelab fp32" in res.stdout and "x ref" in res.stdout
+    res = subprocess.run([sys.executable, str(bench / "eval_throughput.py"), "--quick", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "decoder GEMM floors" in res.stdout and "reference (plain PyTorch)" in res.stdout
+    assert "vaelab evaluate fp32" in res.stdout and "equal estimate" in res.stdout
 
 
 def test_reproduce_writes_a_table_with_the_papers_numbers_and_the_orderings(mnist_dir, tmp_path):

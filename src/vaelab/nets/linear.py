@@ -221,7 +221,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` with float32 CPU products routed to oneDNN where that was measured faster;
     x (..., in) -> (..., out)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu") or x.dim() < 1):
+            or torch.is_autocast_enabled("cpu") or x.dim() < 1
+            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):  # an exported graph has plain MatMuls
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
