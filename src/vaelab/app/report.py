@@ -33,7 +33,6 @@ from ..data import to_float
 from ..errors import ConfigError, VaelabError
 from ..evaluation import EvalResult, evaluate_run
 from ..evaluation.evaluate import describe_likelihood
-from ..models import device_of, generator_for
 from ..provenance import command_or, python_call, run_provenance
 from ..runs import Run
 from ..runs.checkpoint import atomic_write
@@ -361,13 +360,8 @@ def _call(r: Run) -> str:
 
 
 def _test_batch(r: Run, n: int):
-    available = len(r.data("test"))
-    if available == 0:
-        raise ConfigError(f"{r.root}: the test split is empty")
-    data = r.data("test", limit=min(n, available))
-    dev = device_of(r.model)
-    labels = None if data.labels is None else data.labels.to(dev)
-    return r.pipeline(data.images.to(dev), labels, generator_for(r.model, 0))
+    """The first n test images through the run's pipeline (the pictures' batch)."""
+    return gen.first_test_images(r, n)[0]
 
 
 def _samples(r: Run) -> str:

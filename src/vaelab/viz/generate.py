@@ -164,7 +164,7 @@ def encode_means(model: nn.Module, data: ImageSet, pipeline: BatchPipeline, batc
 
 
 # ---------------------------------------------------------------- run-level helpers (the CLI's API)
-def _first_images(run: Run, n: int):
+def first_test_images(run: Run, n: int):
     """The first n test images through the run's pipeline (condition drawn with seed 0)."""
     available = len(run.data("test"))
     if available == 0:
@@ -227,7 +227,7 @@ def reconstruct_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, 
     check_count(n, "n (images to reconstruct)", 1, MAX_IMAGES)
     out_path = output_path(out, "reconstructions.png") if out is not None else None
     r = Run.of(run, which, data_dir=data_dir, device=device)
-    b, m = _first_images(r, n)
+    b, m = first_test_images(r, n)
     if m < n:
         warnings.warn(f"{r.root}: the test split has {m} images; reconstructing all {m}, not {n}",
                       VaelabWarning, stacklevel=2)
@@ -255,7 +255,7 @@ def interpolate_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, 
     available = len(r.data("test"))
     if max(a, b) >= available:
         raise ConfigError(f"image {max(a, b)} requested, the test split has {available} (indices 0..{available - 1})")
-    bt, m = _first_images(r, max(a, b) + 1)
+    bt, m = first_test_images(r, max(a, b) + 1)
     imgs = interpolate_images(r.model, bt.x[a], bt.x[b], steps)
     row = torch.cat([bt.x[a : a + 1], imgs, bt.x[b : b + 1]])
     name = variant_name("interpolation", None if (a, b) == (0, 1) else f"a{a}-b{b}", checkpoint_part(r))
@@ -311,7 +311,7 @@ def traverse_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, ind
     available = len(r.data("test"))
     if index >= available:
         raise ConfigError(f"image {index} requested, the test split has {available} (indices 0..{available - 1})")
-    b, _ = _first_images(r, max(index + 1, min(available, 500)))
+    b, _ = first_test_images(r, max(index + 1, min(available, 500)))
     chosen = dims is None
     dims = most_active_dims(r.model, b.x, b.c, top) if dims is None else tuple(dims)
     c = None if b.c is None else b.c[index : index + 1]
