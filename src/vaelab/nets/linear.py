@@ -193,9 +193,19 @@ def decide(rows: int, n_in: int, n_out: int) -> int:
         return _decisions[key]
 
 
-def decisions() -> dict[str, int]:
-    """The decisions taken so far in this process (saved with a run's checkpoints)."""
-    return dict(_decisions)
+def decisions(model: nn.Module | None = None) -> dict[str, int]:
+    """The decisions taken so far in this process; with ``model``, only those that send a product of
+    one of its :class:`Linear` layers to oneDNN (what a run's checkpoint saves: a shape left out is
+    ATen's, the default, so the saved set does not depend on what else this process has run)."""
+    if model is None:
+        return dict(_decisions)
+    mine = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, Linear)}
+    out = {}
+    for key, v in _decisions.items():
+        rows_in_out = key.split("@")[0].split("x")
+        if v and len(rows_in_out) == 3 and (int(rows_in_out[1]), int(rows_in_out[2])) in mine:
+            out[key] = v
+    return out
 
 
 def preset(saved: Mapping[str, int], source: str = "checkpoint") -> None:

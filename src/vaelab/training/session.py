@@ -91,7 +91,7 @@ class Session:
             return
         rng.update({f"noise/{r}": s for r, s in enumerate(states)})
         st = {**dataclasses.asdict(self.state), "rng_meta": rng_meta, "world_size": self.world,
-              "device": self.device.type, "gemm": linear.decisions()}
+              "device": self.device.type, "gemm": linear.decisions(unwrap(self.model))}
         if self.data.info.get("fingerprint"):  # data given from Python: resuming needs the same again
             st["data_fingerprint"] = self.data.info["fingerprint"]
         if self.scaler is not None:
