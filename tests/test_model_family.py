@@ -414,3 +414,23 @@ def test_unknown_schedule_is_one_line_before_any_data_is_read(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown learning-rate schedule 'cosin'" in err and "cosine" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_vamp_prior_is_computed_once_per_state_of_the_weights_in_evaluation():
+    model, _ = _built("vae", "vamp", 2)
+    model.eval()
+    with torch.no_grad():
+        a, b = model.prior(), model.prior()
+    assert a is b  # evaluation: the pseudo-inputs are encoded once, not per call
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    loss = -elbo(model, torch.rand(4, 1, 8, 8), generator=torch.Generator().manual_seed(0)).elbo.mean()
+    loss.backward()
+    opt.step()  # in-place update of every weight: the cached prior is stale
+    model.eval()
+    with torch.no_grad():
+        c = model.prior()
+        u, _ = model.top_prior.inputs()
+        fresh = model.top_posterior(u)
+    assert c is not a and torch.equal(c.mu, fresh.mu) and torch.equal(c.logvar, fresh.logvar)
+    assert model.prior() is not model.prior()  # with gradients enabled it is recomputed every call

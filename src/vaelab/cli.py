@@ -198,13 +198,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_condition(run, label: int | None):
-    """The one-hot c of ``label`` for a label-conditioned run (None without --label)."""
-    from .viz.generate import label_condition
-
-    return label_condition(run, label)
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     from .runs import Run
     from .viz import sample_run
