@@ -62,7 +62,3 @@ def native_bf16() -> bool:
     """Whether oneDNN has native bf16 kernels here (AVX512-BF16/AMX); without them bf16 is emulated,
     several times slower than fp32, and --quick leaves the bf16 variants out."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def all_floors(products, repeats: int, reps: int = 3) -> dict[str, float]:
-    return {k: floor_seconds(products, repeats, k, reps) for k in KERNELS}

@@ -15,6 +15,7 @@ from torch import nn
 import vaelab.training.speed as speed
 from vaelab import BatchPipeline, DataSpec, ModelConfig, build_model
 from vaelab.conditioning import Batch, build_condition
+from vaelab.distributions.noise import NoiseRecorder
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.evaluation import evaluate_batches
 from vaelab.nets import linear
@@ -173,6 +174,49 @@ def test_compile_may_be_switched_on_when_resuming(data_dir, tmp_path, monkeypatc
     train(tiny_cfg(data_dir, 1), tmp_path / "run")
     res = train(tiny_cfg(data_dir, 2, 0, "--compile"), tmp_path / "run")
     assert res.config.train.compile and res.state.epoch == 2
+
+
+# ---------------------------------------------------------------- compiled steps take their noise as tensors
+def test_recorded_noise_is_drawn_again_as_the_same_numbers():
+    rec = NoiseRecorder(torch.Generator().manual_seed(5))
+    a, b = rec.randn((3, 2), torch.float32, torch.device("cpu")), rec.randn((4,), torch.float32, torch.device("cpu"))
+    again = rec.draw(torch.Generator().manual_seed(5))
+    assert torch.equal(again.randn((3, 2), torch.float32, "cpu"), a)
+    assert torch.equal(again.randn((4,), torch.float32, "cpu"), b)
+    with pytest.raises(RuntimeError, match="does not match draw 0"):
+        rec.draw(None).randn((2, 3), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("model_cfg", [
+    ModelConfig(latent_dim=3, hidden=(16,)),
+    ModelConfig(latent_dim=3, hidden=(16,), layers=2, upper_latent=(2,), prior="vamp", prior_components=5),
+], ids=["one-layer", "two-layer-vamp"])
+def test_the_compiled_objective_is_one_graph_and_takes_the_eager_draws(model_cfg):
+    # a generator inside the graph broke it at every draw, so nothing was fused
+    torch.manual_seed(0)
+    model = build_model(model_cfg, DataSpec((1, 6, 6)))
+    batch = Batch(torch.rand(8, 1, 6, 6), None, None)
+    compiled = speed.CompiledObjective(ELBOObjective(), 8, say=lambda s: None)
+    noise = compiled._record(model, batch, 1.0)
+    explained = torch._dynamo.explain(compiled._forward)(model, batch, noise.draw(None), 1.0)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    eager = ELBOObjective()(model, batch, generator=torch.Generator().manual_seed(1))[0]
+    assert torch.allclose(compiled._forward(model, batch, noise.draw(torch.Generator().manual_seed(1)), 1.0)[0], eager)
+
+
+def test_noting_the_draws_changes_no_random_state_and_no_buffer():
+    model = build_model(ModelConfig(latent_dim=3, hidden=(16,)), DataSpec((1, 6, 6)))
+    model.register_buffer("running", torch.zeros(3))
+
+    def like_dropout_and_batch_norm(mod, inp, out):
+        model.running.add_(torch.rand(3))
+
+    model.encoder.register_forward_hook(like_dropout_and_batch_norm)
+    batch = Batch(torch.rand(8, 1, 6, 6), None, None)
+    before = torch.random.get_rng_state()
+    noise = speed.CompiledObjective(ELBOObjective(), 8, say=lambda s: None)._record(model, batch, 1.0)
+    assert noise.shapes == [((8, 3), torch.float32, torch.device("cpu"))]
+    assert torch.equal(torch.random.get_rng_state(), before) and not model.running.any()
 
 
 # ---------------------------------------------------------------- bf16

@@ -9,6 +9,7 @@ import torch
 
 from .base import Distribution, sum_event
 from .kl import register_kl
+from .noise import Noise, standard_normal
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -28,10 +29,11 @@ class DiagonalGaussian(Distribution):
     def mean(self) -> torch.Tensor:
         return self.mu
 
-    def rsample(self, generator: torch.Generator | None = None, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
-        """Reparameterised draw z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, Sec. 2.4)."""
+    def rsample(self, generator: Noise = None, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        """Reparameterised draw z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, Sec. 2.4);
+        eps from ``generator`` or, in a compiled step, pre-drawn (:mod:`.noise`)."""
         shape = sample_shape + torch.broadcast_shapes(self.mu.shape, self.logvar.shape)
-        eps = torch.randn(shape, generator=generator, dtype=self.mu.dtype, device=self.mu.device)
+        eps = standard_normal(shape, generator, self.mu.dtype, self.mu.device)
         return self.mu + self.std * eps
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:

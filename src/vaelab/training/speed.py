@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..conditioning import Batch
+from ..distributions.noise import NoiseRecorder, PreDrawn
 from ..nets import linear
 from ..objectives import ELBOTerms, LayerKL, Objective
 
@@ -86,27 +87,45 @@ class CompiledObjective:
 
     Only batches of ``batch_size`` rows go through the compiled graph (``dynamic=False``): the short
     last batch of an epoch runs eagerly, so it never triggers a recompile, and the run trains on the
-    same batches as an eager one. The returned terms hold the per-datapoint reconstruction and the
-    total KL (what the step reports). If compiling fails (no C++ compiler, an unsupported operation),
-    ``say`` reports it in one line, the random generator is put back where it was, and every later
-    step runs eagerly."""
+    same batches as an eager one. The graph takes its noise as tensors (a generator cannot enter it):
+    the shapes of a full batch's draws are noted once (:meth:`_record`), and every full batch draws
+    them from the generator first (the same numbers an eager step would take) and hands them in. The
+    returned terms hold the per-datapoint reconstruction and the total KL (what the step reports). If compiling fails (no C++ compiler, an unsupported operation), ``say``
+    reports it in one line, the random generator is put back where it was, and every later step runs
+    eagerly."""
 
     def __init__(self, objective: Objective, batch_size: int, say: Callable[[str], None] = print,
                  backend: str | Callable | None = None) -> None:
         self.objective, self.batch_size, self.say = objective, batch_size, say
         self.cache = compile_cache_dir()
         self.compiled: Callable | None = torch.compile(self._forward, dynamic=False, backend=backend or BACKEND)
+        self.noise: NoiseRecorder | None = None  # the draws of one full batch (:meth:`_record`)
         self.started: float | None = None  # time of the first compiled call
         self.reported = False
 
-    def _forward(self, model: nn.Module, batch: Batch, generator: torch.Generator | None, beta: float):
-        loss, terms = self.objective(model, batch, generator=generator, beta=beta)
+    def _record(self, model: nn.Module, batch: Batch, beta: float) -> NoiseRecorder:
+        """The draws one full batch takes, noted by a forward pass without gradients that changes
+        nothing: its noise comes from a throwaway generator, the global random state is restored after
+        it, and so are the model's buffers (a batch norm's running statistics)."""
+        device = batch.x.device
+        noise = NoiseRecorder(torch.Generator(device).manual_seed(0))
+        buffers = [b.detach().clone() for b in model.buffers()]
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.objective(model, batch, generator=noise, beta=beta)  # type: ignore[arg-type]
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        return noise
+
+    def _forward(self, model: nn.Module, batch: Batch, noise: PreDrawn, beta: float):
+        loss, terms = self.objective(model, batch, generator=noise, beta=beta)  # type: ignore[arg-type]
         return loss, terms.log_px_z, terms.kl
 
     def __call__(self, model: nn.Module, batch: Batch, *, generator: torch.Generator | None,
                  beta: float = 1.0) -> tuple[torch.Tensor, ELBOTerms]:
         if self.compiled is None or batch.x.shape[0] != self.batch_size:
             return self.objective(model, batch, generator=generator, beta=beta)
+        if self.noise is None:
+            self.noise = self._record(model, batch, beta)
         if self.started is None:
             self.started = time.perf_counter()
         elif not self.reported:  # the first step (forward, backward, update) included both compiles
@@ -115,7 +134,7 @@ class CompiledObjective:
                      f"(compiling; cache {self.cache})")
         state = None if generator is None else generator.get_state()
         try:
-            loss, log_px_z, kl = self.compiled(model, batch, generator, beta)
+            loss, log_px_z, kl = self.compiled(model, batch, self.noise.draw(generator), beta)
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, said once)
             if generator is not None:
                 generator.set_state(state)
