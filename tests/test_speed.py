@@ -13,7 +13,7 @@ from test_reliability import assert_same_run, tiny_cfg, write_tiny_mnist
 from torch import nn
 
 import vaelab.training.speed as speed
-from vaelab import BatchPipeline, DataSpec, ModelConfig, build_model
+from vaelab import BatchPipeline, DataSpec, ModelConfig, build_model, compiling
 from vaelab.conditioning import Batch, build_condition
 from vaelab.distributions.noise import NoiseRecorder
 from vaelab.errors import CheckpointError, ConfigError
@@ -34,6 +34,9 @@ def fresh_decisions():
 @pytest.fixture
 def data_dir(tmp_path):
     return write_tiny_mnist(tmp_path / "data")
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 # ---------------------------------------------------------------- the oneDNN linear
@@ -161,7 +164,7 @@ def test_compile_falls_back_to_eager_in_one_line_when_no_compiler_works(data_dir
         raise RuntimeError("no working C++ compiler found\nmore detail")
 
     train(tiny_cfg(data_dir, 1), tmp_path / "eager")
-    monkeypatch.setattr(speed, "BACKEND", broken)
+    monkeypatch.setattr(compiling, "BACKEND", broken)
     train(tiny_cfg(data_dir, 1, 0, "--compile"), tmp_path / "fallback")
     out = capsys.readouterr()
     lines = [ln for ln in (out.out + out.err).splitlines() if "torch.compile" in ln]
@@ -170,7 +173,7 @@ def test_compile_falls_back_to_eager_in_one_line_when_no_compiler_works(data_dir
 
 
 def test_compile_may_be_switched_on_when_resuming(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(speed, "BACKEND", "eager")  # dynamo only: quick
+    monkeypatch.setattr(compiling, "BACKEND", "eager")  # dynamo only: quick
     train(tiny_cfg(data_dir, 1), tmp_path / "run")
     res = train(tiny_cfg(data_dir, 2, 0, "--compile"), tmp_path / "run")
     assert res.config.train.compile and res.state.epoch == 2
@@ -187,21 +190,53 @@ def test_recorded_noise_is_drawn_again_as_the_same_numbers():
         rec.draw(None).randn((2, 3), torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_cfg", [
     ModelConfig(latent_dim=3, hidden=(16,)),
     ModelConfig(latent_dim=3, hidden=(16,), layers=2, upper_latent=(2,), prior="vamp", prior_components=5),
 ], ids=["one-layer", "two-layer-vamp"])
-def test_the_compiled_objective_is_one_graph_and_takes_the_eager_draws(model_cfg):
+def test_the_compiled_objective_is_one_graph_and_takes_the_eager_draws(model_cfg, device):
     # a generator inside the graph broke it at every draw, so nothing was fused
     torch.manual_seed(0)
-    model = build_model(model_cfg, DataSpec((1, 6, 6)))
-    batch = Batch(torch.rand(8, 1, 6, 6), None, None)
+    model = build_model(model_cfg, DataSpec((1, 6, 6))).to(device)
+    batch = Batch(torch.rand(8, 1, 6, 6, device=device), None, None)
     compiled = speed.CompiledObjective(ELBOObjective(), 8, say=lambda s: None)
     noise = compiled._record(model, batch, 1.0)
     explained = torch._dynamo.explain(compiled._forward)(model, batch, noise.draw(None), 1.0)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-    eager = ELBOObjective()(model, batch, generator=torch.Generator().manual_seed(1))[0]
-    assert torch.allclose(compiled._forward(model, batch, noise.draw(torch.Generator().manual_seed(1)), 1.0)[0], eager)
+    eager = ELBOObjective()(model, batch, generator=torch.Generator(device).manual_seed(1))[0]
+    again = compiled._forward(model, batch, noise.draw(torch.Generator(device).manual_seed(1)), 1.0)[0]
+    assert torch.allclose(again, eager)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_evaluation_takes_the_same_draws_as_eager(device):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(latent_dim=4, hidden=(32,), layers=2, upper_latent=(2,)),
+                        DataSpec((1, 8, 8))).to(device)
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8)
+    pipe = BatchPipeline(build_condition("none", model.spec))
+    runs = {comp: evaluate_batches(model, images, None, pipe, k=40, batch_size=5, seed=2, budget=64 * 20,
+                                   compile=comp) for comp in (False, True)}
+    assert torch.allclose(runs[True].lk, runs[False].lk, atol=1e-4)  # the same draws: equal up to rounding
+    assert torch.allclose(runs[True].elbo, runs[False].elbo, atol=1e-4)
+    for a, b in zip(runs[True].layers, runs[False].layers, strict=True):
+        assert a.name == b.name and torch.allclose(a.kl, b.kl, atol=1e-4) and torch.allclose(a.mean, b.mean, atol=1e-5)
+
+
+def test_compiled_evaluation_falls_back_to_eager_in_one_line(monkeypatch, capsys):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler found")
+
+    model = build_model(ModelConfig(latent_dim=3, hidden=(16,)), DataSpec((1, 6, 6)))
+    images = torch.randint(0, 256, (6, 1, 6, 6), dtype=torch.uint8)
+    pipe = BatchPipeline(build_condition("none", model.spec))
+    eager = evaluate_batches(model, images, None, pipe, k=8, seed=1)
+    monkeypatch.setattr(compiling, "BACKEND", broken)
+    fallback = evaluate_batches(model, images, None, pipe, k=8, seed=1, compile=True)
+    assert torch.equal(fallback.lk, eager.lk)  # the failed attempt drew nothing
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "torch.compile" in ln]
+    assert len(lines) == 1 and "no working C++ compiler found" in lines[0] and "evaluating eagerly" in lines[0]
 
 
 def test_noting_the_draws_changes_no_random_state_and_no_buffer():

@@ -187,7 +187,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     res = evaluate_run(args.run, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
                        seed=args.seed, which=_which(args), progress=not args.no_progress, data_dir=args.data_dir,
-                       device=args.device, dist_timeout=args.dist_timeout, precision=args.precision)
+                       device=args.device, dist_timeout=args.dist_timeout, precision=args.precision,
+                       compile=args.compile)
     if _rank() != 0:  # under torchrun the ranks share the work; rank 0 alone prints and writes
         return 0
     if args.json:
@@ -362,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="networks in bf16/fp16 (autocast); log-weights and logsumexp stay float32 (default fp32)")
+    e.add_argument("--compile", action="store_true",
+                   help="run the forward passes by torch.compile: the same draws, faster for a large k once "
+                        "compiled (compiling takes seconds; kernels cached in ~/.cache/vaelab/inductor)")
     e.add_argument("--dist-timeout", type=float, default=300.0,
                    help="under torchrun: seconds to wait for the other processes before giving up (default 300)")
 

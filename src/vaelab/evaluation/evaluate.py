@@ -109,12 +109,14 @@ def evaluate_model(
     rank: int = 0,
     world: int = 1,
     precision: str = "fp32",
+    compile: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` on uint8 ``data``: ELBO terms per layer, -L_k with standard error, active units.
     ``condition`` (or a whole ``pipeline``): what a conditional model is given (default: the model's own).
     ``rank``/``world``: under torch.distributed every rank calls this, evaluates its share of the batches,
     and gets the whole result (see :func:`evaluate_batches`). ``precision`` bf16/fp16: the networks
-    under autocast (log-weights, logsumexp and every sum stay float32)."""
+    under autocast (log-weights, logsumexp and every sum stay float32). ``compile``: the forward passes
+    by ``torch.compile`` (the same draws; worth it for a large k, see docs/speed.md)."""
     check_count(k, "k (importance samples per datapoint)", 1)
     check_count(batch_size, "batch_size", 1)
     check_seed(seed)
@@ -124,7 +126,8 @@ def evaluate_model(
         raise ConfigError(f"the model takes a condition of size {model.spec.cond_dim}, the condition "
                           f"{pipeline.condition.name!r} gives {pipeline.condition.dim}")
     ev = evaluate_batches(model, data.images, data.labels, pipeline, k=k, batch_size=batch_size, seed=seed,
-                          progress=progress and rank == 0, rank=rank, world=world, precision=precision)
+                          progress=progress and rank == 0, rank=rank, world=world, precision=precision,
+                          compile=compile)
     n = ev.n
     e, lk = ev.elbo, ev.lk
     dims = ev.scored / max(n, 1)
@@ -187,13 +190,16 @@ def evaluate_run(
     device: str = "auto",
     dist_timeout: float = DEFAULT_TIMEOUT,
     precision: str = "fp32",
+    compile: bool = False,
 ) -> EvalResult:
     """Evaluate a trained run on its test (or val) split; writes ``RUN/eval/<split>-k<k>.json``.
 
     Under torchrun the processes share the batches (each result is the same as one process's) and
     rank 0 alone prints and writes; ``dist_timeout``: seconds to wait for a peer before giving up.
     ``precision`` bf16 (fp16 on a GPU) runs the networks in low precision, the likelihood and the
-    log-weights in float32; its -L_k stays within the standard error of fp32's (docs/speed.md)."""
+    log-weights in float32; its -L_k stays within the standard error of fp32's (docs/speed.md).
+    ``compile`` runs the forward passes by ``torch.compile``: the same draws, the same estimate up to
+    rounding, faster for a large k once compiled."""
     check_count(k, "k (importance samples per datapoint)", 1)
     if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or not 0 < dist_timeout < math.inf:
         raise ConfigError(f"dist_timeout must be > 0 seconds (a finite number), got {dist_timeout!r}")
@@ -217,9 +223,11 @@ def evaluate_run(
         res = evaluate_model(
             run.model, data, pipeline=run.pipeline, k=k, batch_size=batch_size, seed=seed, exact=exact,
             meaning=meaning, progress=progress, split=split, rank=rank, world=world, precision=precision,
+            compile=compile,
         )
     res.extra = {"checkpoint": str(run.checkpoint), "epoch": run.state.get("epoch"),
-                 "step": run.state.get("step"), "data": run.config.data.name, "precision": precision}
+                 "step": run.state.get("step"), "data": run.config.data.name, "precision": precision,
+                 "compile": compile}
     if write and rank == 0:
         out = Path(run.dir.eval) / f"{split}-k{k}.json"
         atomic_write(out, dumps_json(res.to_dict(), indent=2).encode())

@@ -11,28 +11,24 @@ Automatic (every run):
 
 Opt-in (``train.compile`` / ``--compile``): the forward pass and the loss are compiled by
 ``torch.compile`` (:class:`CompiledObjective`); the first step takes the compile time (reported),
-later runs re-use inductor's cache (:func:`compile_cache_dir`). Where no compiler works the run goes
+later runs re-use inductor's cache (:func:`vaelab.compiling.cache_dir`). Where no compiler works the run goes
 on eagerly after one line saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import compiling
 from ..conditioning import Batch
 from ..distributions.noise import NoiseRecorder, PreDrawn
 from ..nets import linear
 from ..objectives import ELBOTerms, LayerKL, Objective
-
-CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-BACKEND: str | Callable = "inductor"  # torch.compile's backend (tests put a failing one here)
 
 
 @contextlib.contextmanager
@@ -60,28 +56,6 @@ def decide_shapes(model: nn.Module, batch_size: int, n_train: int, eval_batch_si
             linear.prepare(model, r * k)
 
 
-def compile_cache_dir() -> Path:
-    """Inductor's cache: ``$TORCHINDUCTOR_CACHE_DIR`` when set, else ``~/.cache/vaelab/inductor``
-    (``$XDG_CACHE_HOME`` respected), set for this process so compiled kernels survive reboots and
-    ``/tmp`` cleaners."""
-    path = os.environ.get(CACHE_ENV)
-    if not path:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, "vaelab", "inductor")
-        os.environ[CACHE_ENV] = path
-    return Path(path)
-
-
-def _root_cause(e: BaseException) -> str:
-    """The innermost error of a compiler failure, as ``Type: first line``."""
-    seen = 0
-    while seen < 10 and (getattr(e, "inner_exception", None) or e.__cause__) is not None:
-        e = getattr(e, "inner_exception", None) or e.__cause__  # type: ignore[assignment]
-        seen += 1
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
 class CompiledObjective:
     """An :class:`~vaelab.objectives.Objective` whose forward pass and loss run compiled.
 
@@ -97,8 +71,8 @@ class CompiledObjective:
     def __init__(self, objective: Objective, batch_size: int, say: Callable[[str], None] = print,
                  backend: str | Callable | None = None) -> None:
         self.objective, self.batch_size, self.say = objective, batch_size, say
-        self.cache = compile_cache_dir()
-        self.compiled: Callable | None = torch.compile(self._forward, dynamic=False, backend=backend or BACKEND)
+        self.cache = compiling.cache_dir()
+        self.compiled: Callable | None = compiling.compiled(self._forward, backend)
         self.noise: NoiseRecorder | None = None  # the draws of one full batch (:meth:`_record`)
         self.started: float | None = None  # time of the first compiled call
         self.reported = False
@@ -139,6 +113,6 @@ class CompiledObjective:
             if generator is not None:
                 generator.set_state(state)
             self.compiled = None
-            self.say(f"torch.compile is not available here ({_root_cause(e)}); training eagerly")
+            self.say(f"torch.compile is not available here ({compiling.root_cause(e)}); training eagerly")
             return self.objective(model, batch, generator=generator, beta=beta)
         return loss, ELBOTerms(log_px_z, [LayerKL("total", 0, kl, None, True)])

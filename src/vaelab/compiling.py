@@ -1,0 +1,55 @@
+"""What every use of ``torch.compile`` in vaelab shares: the backend, a persistent cache of compiled
+kernels, and a one-line account of why a compiler failed (training and evaluation then go on eagerly)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+BACKEND: str | Callable = "inductor"  # torch.compile's backend (tests put a failing one here)
+
+
+def _inductor_default() -> str:
+    """Inductor's own default cache (under /tmp), which it writes into the environment when it is
+    imported: that value is not a user's choice."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return default_cache_dir()
+    except Exception:  # noqa: BLE001  (another torch version: its usual default)
+        import getpass
+
+        return os.path.join(tempfile.gettempdir(), "torchinductor_" + getpass.getuser())
+
+
+def cache_dir() -> Path:
+    """Inductor's cache: ``$TORCHINDUCTOR_CACHE_DIR`` when the user set it, else
+    ``~/.cache/vaelab/inductor`` (``$XDG_CACHE_HOME`` respected), set for this process so compiled
+    kernels survive reboots and ``/tmp`` cleaners."""
+    path = os.environ.get(CACHE_ENV)
+    if not path or os.path.abspath(path) == os.path.abspath(_inductor_default()):
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "vaelab", "inductor")
+        os.environ[CACHE_ENV] = path
+    return Path(path)
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost error of a compiler failure, as ``Type: first line``."""
+    seen = 0
+    while seen < 10 and (getattr(e, "inner_exception", None) or e.__cause__) is not None:
+        e = getattr(e, "inner_exception", None) or e.__cause__  # type: ignore[assignment]
+        seen += 1
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def compiled(fn: Callable, backend: str | Callable | None = None) -> Callable:
+    """``torch.compile(fn)`` for fixed shapes, with vaelab's cache and backend."""
+    import torch
+
+    cache_dir()
+    return torch.compile(fn, dynamic=False, backend=backend or BACKEND)
