@@ -6,7 +6,7 @@ discretized logistic likelihood, batch 128, Adam 1e-3) on the same random uint8 
 not available offline; throughput does not depend on the pixels). The reference is written the
 plain way: a DataLoader over a TensorDataset, the loss spelled out, default Adam. Epochs alternate
 (vaelab, reference, vaelab, ...) so both see the same machine state; each vaelab variant gets its own
-fresh reference. We print the median seconds per epoch of each and the throughput ratios.
+fresh reference. Both run on the CPU. We print the median seconds per epoch of each and the throughput ratios.
 
     python benchmarks/conv_throughput.py [--n 10000] [--epochs 3] [--threads N] [--quick]
 """
@@ -87,7 +87,8 @@ def main() -> None:
         data=vaelab.DataConfig(name="random", val_size=100),
         model=vaelab.ModelConfig(encoder="conv", decoder="conv", hidden=(32, 64),
                                  latent_dim=32, likelihood="discretized-logistic"),
-        train=vaelab.TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, progress=False, threads=args.threads),
+        train=vaelab.TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, progress=False, threads=args.threads,
+                                 device="cpu"),  # the reference runs on the CPU: so does vaelab (a GPU is not picked)
     )
     x_all = to_float(train_set.images)
 

@@ -73,7 +73,7 @@ def main() -> None:
         data=vaelab.DataConfig(data_dir=args.data_dir, limit_train=2000 if args.quick else 20000, val_size=0,
                                limit_test=args.n),
         model=vaelab.ModelConfig(latent_dim=20, hidden=(400,), likelihood="bernoulli"),
-        train=vaelab.TrainConfig(epochs=1, progress=False, threads=args.threads),
+        train=vaelab.TrainConfig(epochs=1, progress=False, threads=args.threads, device=args.device),
     )
     data = vaelab.load_data(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
