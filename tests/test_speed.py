@@ -5,6 +5,7 @@ bf16 autocast with float32 reductions, and bf16 evaluation within the estimate's
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from vaelab.nets import linear
 from vaelab.objectives import ELBOObjective
 from vaelab.runs import load_checkpoint
 from vaelab.training import train
+from vaelab.training.step import train_step
 
 
 @pytest.fixture(autouse=True)
@@ -252,6 +254,73 @@ def test_noting_the_draws_changes_no_random_state_and_no_buffer():
     noise = speed.CompiledObjective(ELBOObjective(), 8, say=lambda s: None)._record(model, batch, 1.0)
     assert noise.shapes == [((8, 3), torch.float32, torch.device("cpu"))]
     assert torch.equal(torch.random.get_rng_state(), before) and not model.running.any()
+
+
+# ---------------------------------------------------------------- the fused step (--compile)
+def _fused_pair(model_cfg=None, **adam):
+    torch.manual_seed(0)
+    model = build_model(model_cfg or ModelConfig(latent_dim=3, hidden=(16,)), DataSpec((1, 6, 6)))
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True, **adam) for m in (model, twin)]
+    return (model, opts[0]), (twin, opts[1])
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_the_fused_step_computes_the_eager_step(clip):
+    (model, opt), (twin, twin_opt) = _fused_pair(weight_decay=1e-3)
+    fused = speed.FusedStep(twin, twin_opt, ELBOObjective(), 8, "fp32", clip, say=lambda s: None)
+    g, g_twin = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for i in range(4):
+        batch = Batch(torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(i)), None, None)
+        for o in (opt, twin_opt):
+            o.param_groups[0]["lr"] = 1e-2 / (i + 1)  # the loop sets the schedule's rate before each step
+        r = train_step(model, opt, ELBOObjective(), batch, 1.0, generator=g, grad_clip=clip)
+        f = fused(batch, 1.0, generator=g_twin)
+        assert f is not None and f.applied and math.isclose(f.loss, r.loss, rel_tol=1e-5)
+        assert math.isclose(f.grad_norm, r.grad_norm, rel_tol=1e-4) and math.isclose(f.kl, r.kl, rel_tol=1e-5)
+    assert torch.equal(g.get_state(), g_twin.get_state())  # the same draws
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+        sa, sb = opt.state[a], twin_opt.state[b]
+        assert torch.equal(sa["step"], sb["step"]) and torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-8)
+    assert opt.state_dict()["state"].keys() == twin_opt.state_dict()["state"].keys()
+
+
+def test_the_fused_step_skips_a_non_finite_step_and_leaves_unused_parameters_alone():
+    (model, opt), _ = _fused_pair()
+    model.register_parameter("unused", nn.Parameter(torch.ones(2)))  # gets no gradient: Adam leaves it alone
+    fused = speed.FusedStep(model, opt, ELBOObjective(), 4, "fp32", None, say=lambda s: None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bad = torch.rand(4, 1, 6, 6)
+    bad[0, 0, 0, 0] = math.nan
+    r = fused(Batch(bad, None, None), 1.0, generator=torch.Generator().manual_seed(0))
+    assert r is not None and not r.applied and not opt.state
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    r = fused(Batch(torch.rand(4, 1, 6, 6), None, None), 1.0, generator=torch.Generator().manual_seed(0))
+    assert r is not None and r.applied and model.unused not in opt.state and torch.equal(model.unused, before["unused"])
+    assert "unused" not in fused.names
+
+
+def test_the_fused_step_is_used_only_where_it_computes_the_same_step(monkeypatch):
+    (model, opt), _ = _fused_pair()
+    build = lambda o=opt, world=1, scaler=None: speed.FusedStep.build(  # noqa: E731
+        model, o, ELBOObjective(), 8, "fp32", None, world, scaler)
+    assert build() is not None
+    assert build(world=2) is None and build(scaler=object()) is None
+    assert build(torch.optim.Adam(model.parameters())) is None  # not fused: another kernel
+    assert build(torch.optim.SGD(model.parameters(), lr=0.1)) is None
+    monkeypatch.setitem(linear._decisions, "8x36x16", linear.FWD)  # oneDNN measured faster for this batch
+    assert build() is None
+
+
+@pytest.mark.parametrize("fp32_linear", ["aten", pytest.param("onednn", marks=needs_onednn)])
+def test_a_kl_warm_up_does_not_recompile_the_step(data_dir, tmp_path, monkeypatch, fp32_linear):
+    # the KL weight changes at every step of a warm-up: as a constant of the graph it recompiled each time
+    monkeypatch.setenv(linear.ENV, fp32_linear)  # aten: the fused step; onednn: the compiled objective
+    monkeypatch.setattr(compiling, "BACKEND", "eager")  # dynamo's tracing only: quick
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    train(tiny_cfg(data_dir, 2, 0, "--compile", "--set", "train.warmup_epochs=2"), tmp_path / "run")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
 
 
 # ---------------------------------------------------------------- bf16

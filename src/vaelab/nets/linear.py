@@ -21,10 +21,11 @@ Everything else (other devices, float64, bf16/fp16 autocast, a torch without one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ MARGIN = 0.95  # oneDNN is chosen when it takes at most this fraction of ATen's 
 
 _decisions: dict[str, int] = {}  # "rows x in x out @ threads" -> FWD|DX|DW bits
 _lock = threading.Lock()
+_aten_only = False  # set inside aten_only(): every product is plain F.linear
 
 
 def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,10 +229,23 @@ def reset() -> None:
         _decisions.clear()
 
 
+@contextlib.contextmanager
+def aten_only() -> Iterator[None]:
+    """Inside the block every product is plain ``F.linear`` (what ``torch.func`` transforms can
+    differentiate; the oneDNN operator has no functorch rule)."""
+    global _aten_only
+    before, _aten_only = _aten_only, True
+    try:
+        yield
+    finally:
+        _aten_only = before
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with float32 CPU products routed to oneDNN where that was measured faster;
     x (..., in) -> (..., out)."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+    if (_aten_only or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32
             or torch.is_autocast_enabled("cpu") or x.dim() < 1
             or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):  # an exported graph has plain MatMuls
         return F.linear(x, weight, bias)

@@ -41,7 +41,7 @@ from .feed import make_feed
 from .schedules import SCHEDULES
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
-from .speed import CompiledObjective, decide_shapes, flush_denormal
+from .speed import CompiledObjective, FusedStep, decide_shapes, flush_denormal
 from .step import Meters, TrainState, guard_nonfinite, train_step
 
 EpochCallback = Callable[[dict[str, Any]], None]  # the older form of a callback (see .callbacks)
@@ -184,8 +184,11 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | Ca
     schedule = SCHEDULES.get(t.schedule)
     decide_shapes(s.model, t.batch_size, usable // s.world, t.eval_batch_size,
                   len(s.data.val.images), t.iwae_k)
-    if t.compile:
-        objective = CompiledObjective(objective, t.batch_size, s.say)
+    fused = None
+    if t.compile:  # the whole step compiled where it can be, else the forward pass and the loss
+        fused = FusedStep.build(s.model, s.optimizer, objective, t.batch_size, t.precision, t.grad_clip, s.world,
+                                s.scaler, s.say)
+        objective = objective if fused is not None else CompiledObjective(objective, t.batch_size, s.say)
     model.train()
     while state.epoch < t.epochs:
         epoch = state.epoch
@@ -202,14 +205,17 @@ def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | Ca
             lr = schedule(t, epoch + i / steps_per_epoch)  # a pure function of the position: resumes exactly
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
-            r = train_step(model, s.optimizer, objective, batch, beta_at(t, epoch + i / steps_per_epoch),
-                           generator=s.noise, grad_clip=t.grad_clip, world=s.world, precision=t.precision,
-                           scaler=s.scaler, stop=lambda: stop.requested)
+            beta = beta_at(t, epoch + i / steps_per_epoch)
+            r = fused(batch, beta, generator=s.noise, stop=lambda: stop.requested) \
+                if fused is not None and fused.takes(batch) else None
+            if r is None:
+                r = train_step(model, s.optimizer, objective, batch, beta, generator=s.noise, grad_clip=t.grad_clip,
+                               world=s.world, precision=t.precision, scaler=s.scaler, stop=lambda: stop.requested)
             meters.add(r)
             guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
             state.step, state.step_in_epoch = state.step + 1, i + 1
             if callbacks.wants_steps:  # numbers the step already brought to the host: no added sync
-                callbacks.on_step(StepInfo(state.step, epoch, i + 1, beta_at(t, epoch + i / steps_per_epoch),
+                callbacks.on_step(StepInfo(state.step, epoch, i + 1, beta,
                                            s.optimizer.param_groups[0]["lr"], r))
             if i % 20 == 0 and meters.sums["n"]:
                 bar.set_postfix(f"loss {meters.loss:.2f}")

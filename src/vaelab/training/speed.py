@@ -18,6 +18,7 @@ on eagerly after one line saying why.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,9 +27,11 @@ from torch import nn
 
 from .. import compiling
 from ..conditioning import Batch
+from ..devices import autocast
 from ..distributions.noise import NoiseRecorder, PreDrawn
 from ..nets import linear
 from ..objectives import ELBOTerms, LayerKL, Objective
+from .step import StepResult
 
 
 @contextlib.contextmanager
@@ -54,6 +57,12 @@ def decide_shapes(model: nn.Module, batch_size: int, n_train: int, eval_batch_si
         linear.prepare(model, r)
         if k > 1:
             linear.prepare(model, r * k)
+
+
+def _scalar(beta: float, batch: Batch) -> torch.Tensor:
+    """The KL weight as a 0-d tensor: a float would be a constant of the graph, and a warm-up that
+    changes it at every step would recompile at every step."""
+    return torch.tensor(beta, dtype=torch.float32, device=batch.x.device)
 
 
 class CompiledObjective:
@@ -108,7 +117,7 @@ class CompiledObjective:
                      f"(compiling; cache {self.cache})")
         state = None if generator is None else generator.get_state()
         try:
-            loss, log_px_z, kl = self.compiled(model, batch, self.noise.draw(generator), beta)
+            loss, log_px_z, kl = self.compiled(model, batch, self.noise.draw(generator), _scalar(beta, batch))
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, said once)
             if generator is not None:
                 generator.set_state(state)
@@ -116,3 +125,132 @@ class CompiledObjective:
             self.say(f"torch.compile is not available here ({compiling.root_cause(e)}); training eagerly")
             return self.objective(model, batch, generator=generator, beta=beta)
         return loss, ELBOTerms(log_px_z, [LayerKL("total", 0, kl, None, True)])
+
+
+class FusedStep:
+    """The whole training step but Adam's update as one compiled graph: the forward pass, the loss, its
+    gradients (``torch.func.grad_and_value`` over the model's parameters, so no autograd engine runs
+    between the graph's kernels), the gradient norm and clipping; then one call of the fused Adam
+    kernel on the optimizer's own state (the kernel ``torch.optim.Adam(fused=True)`` runs, without its
+    per-step Python). It computes what :func:`~.step.train_step` computes, with the same non-finite
+    guard (a step whose loss or gradient norm is not finite is skipped), the same Adam state (a
+    checkpoint, a resume, or an eager step in between see no difference) and the same draws.
+
+    Used by ``--compile`` where it can be (:meth:`build`): one process, Adam from
+    :func:`~.session.make_optimizer` (fused, one parameter group), no fp16 loss scaling, and float32
+    products that the machine runs as fast with ATen as with oneDNN (the graph's products are ATen's;
+    where oneDNN was measured faster for this batch, :class:`CompiledObjective` keeps it instead).
+    Like there, only full batches run compiled; the short last batch takes the eager step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batch_size: int,
+                 precision: str, grad_clip: float | None, say: Callable[[str], None] = print,
+                 backend: str | Callable | None = None) -> None:
+        self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.batch_size, self.precision, self.grad_clip, self.say = batch_size, precision, grad_clip, say
+        self.cache = compiling.cache_dir()
+        self.compiled: Callable | None = compiling.compiled(self._grads, backend)
+        self.noise: NoiseRecorder | None = None
+        self.names: list[str] = []  # the parameters that get a gradient (those an eager step updates)
+        self.started: float | None = None
+        self.reported = False
+
+    @classmethod
+    def build(cls, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batch_size: int,
+              precision: str, grad_clip: float | None, world: int, scaler: object | None,
+              say: Callable[[str], None] = print) -> FusedStep | None:
+        """A fused step for this run, or None where it cannot compute the same step."""
+        groups = optimizer.param_groups
+        if (world != 1 or scaler is not None or type(optimizer) is not torch.optim.Adam or len(groups) != 1
+                or not groups[0].get("fused") or groups[0].get("amsgrad") or groups[0].get("maximize")
+                or groups[0].get("decoupled_weight_decay")):
+            return None
+        prefix = f"{batch_size}x"
+        if any(key.startswith(prefix) for key in linear.decisions(model)):  # oneDNN is faster here: keep it
+            return None
+        return cls(model, optimizer, objective, batch_size, precision, grad_clip, say)
+
+    def takes(self, batch: Batch) -> bool:
+        return self.compiled is not None and batch.x.shape[0] == self.batch_size
+
+    def _loss(self, params: dict[str, torch.Tensor], batch: Batch, noise: PreDrawn, beta: float):
+        with torch.nn.utils.stateless._reparametrize_module(self.model, params), linear.aten_only(), \
+                autocast(batch.x.device, self.precision):
+            loss, terms = self.objective(self.model, batch, generator=noise, beta=beta)  # type: ignore[arg-type]
+        return loss, torch.stack([terms.log_px_z.detach().sum(), terms.kl.detach().sum()])
+
+    def _grads(self, params: list[torch.Tensor], batch: Batch, noise: PreDrawn, beta: float):
+        """(gradients, after clipping; [loss, gradient norm before clipping, Σ rec, Σ KL])."""
+        grads, (loss, sums) = torch.func.grad_and_value(self._loss, has_aux=True)(
+            dict(zip(self.names, params, strict=True)), batch, noise, beta)
+        gs = [grads[n] for n in self.names]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
+        if self.grad_clip is not None:  # as torch.nn.utils.clip_grad_norm_
+            scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            gs = [g * scale for g in gs]
+        return gs, torch.cat([loss.detach().reshape(1), norm.reshape(1), sums])
+
+    def _prepare(self, batch: Batch, beta: float) -> None:
+        """Note the draws of a full batch and which parameters get a gradient, by an eager forward and
+        backward pass that changes nothing (throwaway noise, global random state and buffers restored,
+        no gradient kept)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        device = batch.x.device
+        self.noise = NoiseRecorder(torch.Generator(device).manual_seed(0))
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                autocast(device, self.precision):
+            loss, _ = self.objective(self.model, batch, generator=self.noise, beta=beta)  # type: ignore[arg-type]
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        self.names = [n for (n, _), g in zip(named, grads, strict=True) if g is not None]
+
+    def __call__(self, batch: Batch, beta: float, *, generator: torch.Generator | None,
+                 stop: Callable[[], bool] | None = None) -> StepResult | None:
+        """One step on a full batch; None when compiling failed (said once; the caller takes the eager
+        step, from the same random state)."""
+        if self.noise is None:
+            self._prepare(batch, beta)
+        if self.started is None:
+            self.started = time.perf_counter()
+        params = dict(self.model.named_parameters())
+        ps = [params[n].detach() for n in self.names]
+        state = None if generator is None else generator.get_state()
+        try:
+            grads, out = self.compiled(ps, batch, self.noise.draw(generator),  # type: ignore[misc]
+                                       _scalar(beta, batch))
+        except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, said once)
+            if generator is not None:
+                generator.set_state(state)
+            self.compiled = None
+            self.say(f"torch.compile is not available here ({compiling.root_cause(e)}); training eagerly")
+            return None
+        loss_v, gnorm_v, rec_v, kl_v = out.tolist()
+        ok = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+        if ok:
+            self._adam([params[n] for n in self.names], grads)
+        if not self.reported and self.started is not None:
+            self.reported = True
+            self.say(f"torch.compile: the first step took {time.perf_counter() - self.started:.1f} s "
+                     f"(compiling; cache {self.cache})")
+        return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok, stop is not None and stop())
+
+    @torch.no_grad()
+    def _adam(self, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+        """``torch.optim.Adam(fused=True).step()`` for these parameters and gradients: the same kernel on
+        the optimizer's own state (created as Adam creates it on a first step)."""
+        group, state = self.optimizer.param_groups[0], self.optimizer.state
+        for p in params:
+            if not state[p]:
+                state[p]["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+                state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        sts = [state[p] for p in params]
+        steps = [s["step"] for s in sts]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_([p.detach() for p in params], grads, [s["exp_avg"] for s in sts],
+                           [s["exp_avg_sq"] for s in sts], [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+                           beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                           grad_scale=None, found_inf=None)
