@@ -113,8 +113,8 @@ class CompiledObjective:
             self.started = time.perf_counter()
         elif not self.reported:  # the first step (forward, backward, update) included both compiles
             self.reported = True
-            self.say(f"torch.compile: the first step took {time.perf_counter() - self.started:.1f} s "
-                     f"(compiling; cache {self.cache})")
+            self.say(f"torch.compile (the forward pass and the loss): the first step took "
+                     f"{time.perf_counter() - self.started:.1f} s (compiling; cache {self.cache})")
         state = None if generator is None else generator.get_state()
         try:
             loss, log_px_z, kl = self.compiled(model, batch, self.noise.draw(generator), _scalar(beta, batch))
@@ -232,8 +232,8 @@ class FusedStep:
             self._adam([params[n] for n in self.names], grads)
         if not self.reported and self.started is not None:
             self.reported = True
-            self.say(f"torch.compile: the first step took {time.perf_counter() - self.started:.1f} s "
-                     f"(compiling; cache {self.cache})")
+            self.say(f"torch.compile (the whole step): the first step took "
+                     f"{time.perf_counter() - self.started:.1f} s (compiling; cache {self.cache})")
         return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok, stop is not None and stop())
 
     @torch.no_grad()
