@@ -325,6 +325,17 @@ def test_a_kl_warm_up_does_not_recompile_the_step(data_dir, tmp_path, monkeypatc
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
 
 
+def test_every_run_compiles_its_own_step_past_dynamos_limit(data_dir, tmp_path, monkeypatch):
+    # dynamo keeps at most recompile_limit graphs per code object: without a copy per run, the runs
+    # after the limit went on eagerly without a word (and a resume mixed compiled and eager steps)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for i in range(3):
+        train(tiny_cfg(data_dir, 1, 0, "--compile"), tmp_path / f"run{i}")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 3
+
+
 # ---------------------------------------------------------------- bf16
 def test_bf16_is_autocast_with_float32_master_weights_and_reductions():
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,9 +48,26 @@ def root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` (a function or a bound method) over a copy of its code object. Dynamo keeps compiled
+    graphs per code object, at most ``recompile_limit`` (8) of them: every run compiles its own (its
+    model is another object), so a process that trains or evaluates more than 8 times would silently
+    run the 9th eagerly. A copy per use gives each its own entries (inductor's cache still serves the
+    kernels of a graph compiled before)."""
+    func = getattr(fn, "__func__", fn)
+    if not isinstance(func, types.FunctionType):
+        return fn
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
+    owner = getattr(fn, "__self__", None)
+    return copy if owner is None else types.MethodType(copy, owner)
+
+
 def compiled(fn: Callable, backend: str | Callable | None = None) -> Callable:
-    """``torch.compile(fn)`` for fixed shapes, with vaelab's cache and backend."""
+    """``torch.compile(fn)`` for fixed shapes, with vaelab's cache and backend, compiled apart from
+    every other use of ``fn`` (:func:`_own_code`)."""
     import torch
 
     cache_dir()
-    return torch.compile(fn, dynamic=False, backend=backend or BACKEND)
+    return torch.compile(_own_code(fn), dynamic=False, backend=backend or BACKEND)
