@@ -43,6 +43,9 @@ def test_train_evaluate_generate_end_to_end(mnist_dir, tmp_path, capsys):
     assert "cross-entropy" in res["meaning"] and res["bits_per_dim"] is None
     assert len(res["kl_per_dim"]) == 2 and 0 <= res["active_units"] <= 2
     assert (run / "eval" / "test-k20.json").exists()
+    assert main(["evaluate", str(run), "-k", "20", "--no-progress", "--json", "--compile"]) == 0
+    compiled = json.loads(capsys.readouterr().out)  # the same draws, compiled: the same estimate up to rounding
+    assert compiled["extra"]["compile"] and abs(compiled["nll"] - res["nll"]) < 1e-3
 
     assert main(["sample", str(run), "-n", "16", "--out", str(tmp_path / "s.png")]) == 0
     assert Image.open(tmp_path / "s.png").size == ((4 * 30 + 2) * 2,) * 2
