@@ -16,9 +16,10 @@ from torch import nn
 import vaelab.training.speed as speed
 from vaelab import BatchPipeline, DataSpec, ModelConfig, build_model, compiling
 from vaelab.conditioning import Batch, build_condition
-from vaelab.distributions.noise import NoiseRecorder
+from vaelab.distributions.noise import NoiseRecorder, PreDrawn
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.evaluation import evaluate_batches
+from vaelab.evaluation.loop import _summaries, eval_mode
 from vaelab.nets import linear
 from vaelab.objectives import ELBOObjective
 from vaelab.runs import load_checkpoint
@@ -212,12 +213,18 @@ def test_the_compiled_objective_is_one_graph_and_takes_the_eager_draws(model_cfg
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_evaluation_takes_the_same_draws_as_eager(device):
+@pytest.mark.parametrize("prior", ["standard", "vamp"])
+def test_compiled_evaluation_takes_the_same_draws_as_eager(device, prior):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(latent_dim=4, hidden=(32,), layers=2, upper_latent=(2,)),
-                        DataSpec((1, 8, 8))).to(device)
+    model = build_model(ModelConfig(latent_dim=4, hidden=(32,), layers=2, upper_latent=(2,), prior=prior,
+                                    prior_components=5), DataSpec((1, 8, 8))).to(device)
     images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8)
     pipe = BatchPipeline(build_condition("none", model.spec))
+    x = torch.rand(3, 1, 8, 8, device=device)
+    with torch.no_grad(), eval_mode(model):  # one graph (the VampPrior's cache of its mixture stays outside it)
+        explained = torch._dynamo.explain(_summaries)(model, x, None, None, 4, PreDrawn(
+            [torch.randn(4, 3, 4, device=device), torch.randn(4, 3, 2, device=device)]))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     runs = {comp: evaluate_batches(model, images, None, pipe, k=40, batch_size=5, seed=2, budget=64 * 20,
                                    compile=comp) for comp in (False, True)}
     assert torch.allclose(runs[True].lk, runs[False].lk, atol=1e-4)  # the same draws: equal up to rounding

@@ -83,9 +83,10 @@ class VampPrior(nn.Module):
     def forward(self, model: VAE) -> Distribution:
         # Evaluation calls the model once per chunk of draws (thousands of times for -L_5000), and with
         # no gradient and fixed weights the prior is the same each time: it is computed once per state
-        # of the weights (their storage and in-place version counters), not once per call.
+        # of the weights (their storage and in-place version counters), not once per call. (Not inside
+        # a compiled graph, which cannot compare storages: there it is part of the graph.)
         key = None
-        if not torch.is_grad_enabled() and not model.training:
+        if not torch.is_grad_enabled() and not model.training and not torch.compiler.is_compiling():
             key = (torch.is_autocast_enabled(self.uniform.device.type),
                    *((p.data_ptr(), p._version) for p in model.parameters()))
             if self._cached is not None and self._cached[0] == key:
