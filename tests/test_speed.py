@@ -222,6 +222,7 @@ def test_compiled_evaluation_takes_the_same_draws_as_eager(device, prior):
     pipe = BatchPipeline(build_condition("none", model.spec))
     x = torch.rand(3, 1, 8, 8, device=device)
     with torch.no_grad(), eval_mode(model):  # one graph (the VampPrior's cache of its mixture stays outside it)
+        _summaries(model, x, None, None, 4, NoiseRecorder(None))  # an eager pass first fills that cache
         explained = torch._dynamo.explain(_summaries)(model, x, None, None, 4, PreDrawn(
             [torch.randn(4, 3, 4, device=device), torch.randn(4, 3, 2, device=device)]))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
