@@ -364,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="networks in bf16/fp16 (autocast); log-weights and logsumexp stay float32 (default fp32)")
     e.add_argument("--compile", action="store_true",
-                   help="run the forward passes by torch.compile: the same draws, faster for a large k once "
-                        "compiled (compiling takes seconds; kernels cached in ~/.cache/vaelab/inductor)")
+                   help="run the forward passes by torch.compile: the same draws, faster on a CPU for a large k "
+                        "once compiled (compiling takes seconds; kernels cached in ~/.cache/vaelab/inductor; on a "
+                        "GPU the eager passes were faster in our measurements)")
     e.add_argument("--dist-timeout", type=float, default=300.0,
                    help="under torchrun: seconds to wait for the other processes before giving up (default 300)")
 
