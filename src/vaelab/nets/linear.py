@@ -36,7 +36,11 @@ MODES = ("auto", "onednn", "aten")
 FWD, DX, DW = 1, 2, 4  # bits of a shape's decision: which products run on oneDNN
 MIN_FLOPS = 2e6  # products smaller than this stay with ATen (timing them is noise, and they are cheap)
 TIME_ROWS = 1024
-MARGIN = 0.95  # oneDNN is chosen when it takes at most this fraction of ATen's time
+# oneDNN is chosen when it takes at most this fraction of ATen's time: a clear win (on AMD CPUs with
+# AVX-512 it takes about half), not a few percent that timing noise can give either way (where the two
+# are level, a narrow margin flipped decisions from one process to the next, and with them --compile's
+# choice of graph, which needs ATen's products for the whole step)
+MARGIN = 0.85
 
 _decisions: dict[str, int] = {}  # "rows x in x out @ threads" -> FWD|DX|DW bits
 _lock = threading.Lock()

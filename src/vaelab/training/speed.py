@@ -9,10 +9,11 @@ Automatic (every run):
   range, where each operation on them costs ~100x; flushing them to 0 changes no result that matters
   (they are below 1e-38) and the setting is turned off again when training ends.
 
-Opt-in (``train.compile`` / ``--compile``): the forward pass and the loss are compiled by
-``torch.compile`` (:class:`CompiledObjective`); the first step takes the compile time (reported),
-later runs re-use inductor's cache (:func:`vaelab.compiling.cache_dir`). Where no compiler works the run goes
-on eagerly after one line saying why.
+Opt-in (``train.compile`` / ``--compile``): ``torch.compile`` of the whole step but Adam's update
+(:class:`FusedStep`) where that computes the same step, else of the forward pass and the loss
+(:class:`CompiledObjective`). The first step takes the compile time (reported); later runs re-use
+inductor's cache (:func:`vaelab.compiling.cache_dir`). Where no compiler works the run goes on eagerly
+after one line saying why.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ class CompiledObjective:
     same batches as an eager one. The graph takes its noise as tensors (a generator cannot enter it):
     the shapes of a full batch's draws are noted once (:meth:`_record`), and every full batch draws
     them from the generator first (the same numbers an eager step would take) and hands them in. The
-    returned terms hold the per-datapoint reconstruction and the total KL (what the step reports). If compiling fails (no C++ compiler, an unsupported operation), ``say``
-    reports it in one line, the random generator is put back where it was, and every later step runs
-    eagerly."""
+    returned terms hold the per-datapoint reconstruction and the total KL (what the step reports). If
+    compiling fails (no C++ compiler, an unsupported operation), ``say`` reports it in one line, the
+    random generator is put back where it was, and every later step runs eagerly."""
 
     def __init__(self, objective: Objective, batch_size: int, say: Callable[[str], None] = print,
                  backend: str | Callable | None = None) -> None:
@@ -230,7 +231,7 @@ class FusedStep:
         ok = math.isfinite(loss_v) and math.isfinite(gnorm_v)
         if ok:
             self._adam([params[n] for n in self.names], grads)
-        if not self.reported and self.started is not None:
+        if not self.reported:
             self.reported = True
             self.say(f"torch.compile (the whole step): the first step took "
                      f"{time.perf_counter() - self.started:.1f} s (compiling; cache {self.cache})")
