@@ -296,6 +296,17 @@ def test_the_fused_step_computes_the_eager_step(clip, device):
     assert opt.state_dict()["state"].keys() == twin_opt.state_dict()["state"].keys()
 
 
+def test_the_fused_step_runs_the_networks_under_bf16_autocast_like_the_eager_step():
+    (model, opt), (twin, twin_opt) = _fused_pair()
+    fused = speed.FusedStep(twin, twin_opt, ELBOObjective(), 8, "bf16", None, say=lambda s: None)
+    batch = Batch(torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(0)), None, None)
+    fp32 = float(ELBOObjective()(twin, batch, generator=torch.Generator().manual_seed(3))[0])
+    bf16 = train_step(model, opt, ELBOObjective(), batch, 1.0, generator=torch.Generator().manual_seed(3),
+                      precision="bf16").loss
+    r = fused(batch, 1.0, generator=torch.Generator().manual_seed(3))
+    assert r is not None and abs(r.loss - bf16) < abs(r.loss - fp32) / 4, (r.loss, bf16, fp32)  # it ran in bf16
+
+
 def test_the_fused_step_skips_a_non_finite_step_and_leaves_unused_parameters_alone():
     (model, opt), _ = _fused_pair()
     model.register_parameter("unused", nn.Parameter(torch.ones(2)))  # gets no gradient: Adam leaves it alone
