@@ -60,6 +60,20 @@ def decide_shapes(model: nn.Module, batch_size: int, n_train: int, eval_batch_si
             linear.prepare(model, r * k)
 
 
+@contextlib.contextmanager
+def leaves_no_trace(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """A pass inside the block changes nothing a run keeps: the global random state (CPU, and
+    ``device``'s when a GPU) and the model's buffers (a batch norm's running statistics) are put back."""
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+
+
 def _scalar(beta: float, batch: Batch) -> torch.Tensor:
     """The KL weight as a 0-d tensor: a float would be a constant of the graph, and a warm-up that
     changes it at every step would recompile at every step."""
@@ -91,13 +105,9 @@ class CompiledObjective:
         """The draws one full batch takes, noted by a forward pass without gradients that changes
         nothing: its noise comes from a throwaway generator, the global random state is restored after
         it, and so are the model's buffers (a batch norm's running statistics)."""
-        device = batch.x.device
-        noise = NoiseRecorder(torch.Generator(device).manual_seed(0))
-        buffers = [b.detach().clone() for b in model.buffers()]
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        noise = NoiseRecorder(torch.Generator(batch.x.device).manual_seed(0))
+        with torch.no_grad(), leaves_no_trace(model, batch.x.device):
             self.objective(model, batch, generator=noise, beta=beta)  # type: ignore[arg-type]
-            for b, saved in zip(model.buffers(), buffers, strict=True):
-                b.copy_(saved)
         return noise
 
     def _forward(self, model: nn.Module, batch: Batch, noise: PreDrawn, beta: float):
@@ -197,14 +207,9 @@ class FusedStep:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         device = batch.x.device
         self.noise = NoiseRecorder(torch.Generator(device).manual_seed(0))
-        buffers = [b.detach().clone() for b in self.model.buffers()]
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                autocast(device, self.precision):
+        with leaves_no_trace(self.model, device), autocast(device, self.precision):
             loss, _ = self.objective(self.model, batch, generator=self.noise, beta=beta)  # type: ignore[arg-type]
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-        with torch.no_grad():
-            for b, saved in zip(self.model.buffers(), buffers, strict=True):
-                b.copy_(saved)
         self.names = [n for (n, _), g in zip(named, grads, strict=True) if g is not None]
 
     def __call__(self, batch: Batch, beta: float, *, generator: torch.Generator | None,
