@@ -148,9 +148,9 @@ class FusedStep:
     checkpoint, a resume, or an eager step in between see no difference) and the same draws.
 
     Used by ``--compile`` where it can be (:meth:`build`): one process, Adam from
-    :func:`~.session.make_optimizer` (fused, one parameter group), no fp16 loss scaling, and float32
-    products that the machine runs as fast with ATen as with oneDNN (the graph's products are ATen's;
-    where oneDNN was measured faster for this batch, :class:`CompiledObjective` keeps it instead).
+    :func:`~.session.make_optimizer` (fused, one parameter group), no fp16 loss scaling, and no float32
+    product of the batch sent to oneDNN (the graph's products are ATen's; where oneDNN was measured
+    clearly faster, :class:`CompiledObjective` keeps it instead).
     Like there, only full batches run compiled; the short last batch takes the eager step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batch_size: int,
