@@ -125,6 +125,16 @@ def _loaded(page, sel: str) -> bool:
     return page.eval_on_selector_all(sel, "es => es.length > 0 && es.every(e => e.complete && e.naturalWidth > 0)")
 
 
+
+def _stroke(page, canvas: str, start: tuple[int, int], end: tuple[int, int], steps: int) -> None:
+    """One mouse stroke on ``canvas`` from ``start`` to ``end`` (pixels from its top-left corner)."""
+    page.locator(canvas).scroll_into_view_if_needed()
+    box = page.locator(canvas).bounding_box()
+    page.mouse.move(box["x"] + start[0], box["y"] + start[1])
+    page.mouse.down()
+    page.mouse.move(box["x"] + end[0], box["y"] + end[1], steps=steps)
+    page.mouse.up()
+
 def test_explorer_pad_slider_and_upload(runs, page, tmp_path):
     srv = Server(runs["vae"])
     try:
@@ -170,12 +180,7 @@ def test_explorer_pad_slider_and_upload(runs, page, tmp_path):
         _wait(page, f"document.getElementById('decoded').src !== {before!r}")
 
         # draw on the canvas: encoded again when the stroke ends
-        page.locator("#draw").scroll_into_view_if_needed()
-        d = page.locator("#draw").bounding_box()
-        page.mouse.move(d["x"] + 30, d["y"] + 100)
-        page.mouse.down()
-        page.mouse.move(d["x"] + 190, d["y"] + 110, steps=6)
-        page.mouse.up()
+        _stroke(page, "#draw", (30, 100), (190, 110), steps=6)
         page.wait_for_selector("body[data-encoded='2']", timeout=10_000)
 
         # interpolation between test images 0 and 3
@@ -205,12 +210,7 @@ def test_explorer_completion_on_a_cvae(runs, page, tmp_path):
         page.click("#c-thumbs img[data-index='2']")
         # hide a stroke of the observed (left) half, then ask for 6 completions
         page.click("#c-hide")
-        page.locator("#cdraw").scroll_into_view_if_needed()
-        c = page.locator("#cdraw").bounding_box()
-        page.mouse.move(c["x"] + 20, c["y"] + 20)
-        page.mouse.down()
-        page.mouse.move(c["x"] + 90, c["y"] + 200, steps=5)
-        page.mouse.up()
+        _stroke(page, "#cdraw", (20, 20), (90, 200), steps=5)
         page.click("#complete")
         page.wait_for_selector("body[data-completed='1']", timeout=10_000)
         assert page.locator("#c-out img").count() == 6 and _loaded(page, "#c-out img") and _loaded(page, "#c-observed")
