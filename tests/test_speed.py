@@ -296,6 +296,33 @@ def test_the_fused_step_computes_the_eager_step(clip, device):
     assert opt.state_dict()["state"].keys() == twin_opt.state_dict()["state"].keys()
 
 
+def test_the_fused_step_skips_dynamos_guards_only_for_calls_like_one_it_compiled(monkeypatch):
+    # Past its first call of a kind, the step runs without dynamo's guard checks (~0.2 ms a step on a
+    # CPU). A call of another kind (here: a batch with a mask, then the model in eval mode) must not
+    # silently run a graph traced for the first kind; after torch._dynamo.reset() the step compiles again.
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    (model, opt), (twin, twin_opt) = _fused_pair()
+    for m in (model, twin):
+        m.encoder.net.insert(2, nn.Dropout(0.5))  # a layer that acts in training mode only
+    fused = speed.FusedStep(twin, twin_opt, ELBOObjective(), 8, "fp32", None, say=lambda s: None)
+    mask = (torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(9)) > 0.5).float()
+    kinds = [None, mask, None, "eval", "reset", mask]
+    g, g_twin = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for i, kind in enumerate(kinds):
+        if kind == "eval":
+            model.eval(), twin.eval()
+        if kind == "reset":
+            torch._dynamo.reset()
+        x = torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(i))
+        batch = Batch(x, None, kind if isinstance(kind, torch.Tensor) else None)
+        torch.manual_seed(i)  # dropout draws from the global generator
+        r = train_step(model, opt, ELBOObjective(), batch, 1.0, generator=g)
+        torch.manual_seed(i)
+        f = fused(batch, 1.0, generator=g_twin)
+        assert f is not None and math.isclose(f.loss, r.loss, rel_tol=1e-5), (i, kind, f.loss, r.loss)
+    assert len(fused.known) == 2 and fused.compiled is not None  # since the reset: eval without, with a mask
+
+
 def test_the_fused_step_runs_the_networks_under_bf16_autocast_like_the_eager_step():
     (model, opt), (twin, twin_opt) = _fused_pair()
     fused = speed.FusedStep(twin, twin_opt, ELBOObjective(), 8, "bf16", None, say=lambda s: None)

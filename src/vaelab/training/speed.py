@@ -162,6 +162,9 @@ class FusedStep:
         self.compiled: Callable | None = compiling.compiled(self._grads, backend)
         self.noise: NoiseRecorder | None = None
         self.names: list[str] = []  # the parameters that get a gradient (those an eager step updates)
+        self.params: list[nn.Parameter] = []  # those parameters (the optimizer's own objects)
+        self.known: set[tuple] = set()  # signatures (:meth:`_signature`) of calls that ran compiled
+        self.beta: tuple[float, torch.Tensor] | None = None
         self.started: float | None = None
         self.reported = False
 
@@ -211,6 +214,40 @@ class FusedStep:
             loss, _ = self.objective(self.model, batch, generator=self.noise, beta=beta)  # type: ignore[arg-type]
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         self.names = [n for (n, _), g in zip(named, grads, strict=True) if g is not None]
+        self.params = [p for (_, p), g in zip(named, grads, strict=True) if g is not None]
+
+    def _signature(self, batch: Batch) -> tuple:
+        """What the compiled graph of a call depends on that can change between calls: the shapes,
+        dtypes, devices and strides of its tensors, which optional parts the batch has, the parameters'
+        shapes and dtypes, and the modes (training, grad, deterministic algorithms). The rest is fixed
+        for the run: the noise's shapes (noted once), the objective and the network (frozen configs), the
+        precision and the clipping. A call whose signature ran compiled before skips dynamo's guards."""
+        return (self.model.training, torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
+                *((None if t is None else (t.shape, t.dtype, t.device, t.stride()))
+                  for t in (batch.x, batch.c, batch.mask)),
+                *((p.shape, p.dtype, p.device) for p in self.params))
+
+    def _beta(self, beta: float, batch: Batch) -> torch.Tensor:
+        """The KL weight as a tensor, made again only when it changes (a warm-up changes it each step)."""
+        if self.beta is None or self.beta[0] != beta:
+            self.beta = (beta, _scalar(beta, batch))
+        return self.beta[1]
+
+    def _graph(self, ps: list[torch.Tensor], batch: Batch, noise: PreDrawn, beta: torch.Tensor):
+        """The compiled call; without dynamo's guard checks when this signature ran compiled before (and
+        with them after all if that fails: the compiled code may have been dropped by
+        ``torch._dynamo.reset()``)."""
+        signature = self._signature(batch)
+        if signature in self.known:
+            try:
+                with compiling.guards_skipped():
+                    return self.compiled(ps, batch, noise, beta)  # type: ignore[misc]
+            except Exception:  # noqa: BLE001  (run it again with the guards; a real error shows there)
+                self.known.clear()
+                noise.i = 0
+        out = self.compiled(ps, batch, noise, beta)  # type: ignore[misc]
+        self.known.add(signature)
+        return out
 
     def __call__(self, batch: Batch, beta: float, *, generator: torch.Generator | None,
                  stop: Callable[[], bool] | None = None) -> StepResult | None:
@@ -220,12 +257,10 @@ class FusedStep:
             self._prepare(batch, beta)
         if self.started is None:
             self.started = time.perf_counter()
-        params = dict(self.model.named_parameters())
-        ps = [params[n].detach() for n in self.names]
+        ps = [p.detach() for p in self.params]
         state = None if generator is None else generator.get_state()
         try:
-            grads, out = self.compiled(ps, batch, self.noise.draw(generator),  # type: ignore[misc]
-                                       _scalar(beta, batch))
+            grads, out = self._graph(ps, batch, self.noise.draw(generator), self._beta(beta, batch))
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, said once)
             if generator is not None:
                 generator.set_state(state)
@@ -235,7 +270,7 @@ class FusedStep:
         loss_v, gnorm_v, rec_v, kl_v = out.tolist()
         ok = math.isfinite(loss_v) and math.isfinite(gnorm_v)
         if ok:
-            self._adam([params[n] for n in self.names], grads)
+            self._adam(self.params, grads)
         if not self.reported:
             self.reported = True
             self.say(f"torch.compile (the whole step): the first step took "
