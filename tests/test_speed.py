@@ -183,6 +183,28 @@ def test_compile_may_be_switched_on_when_resuming(data_dir, tmp_path, monkeypatc
 
 
 # ---------------------------------------------------------------- compiled steps take their noise as tensors
+def test_the_compiled_bernoulli_likelihood_is_the_eager_one_in_value_and_gradient(monkeypatch):
+    # inside a compiled graph the log-likelihood takes the softplus form (one exp, one log1p a pixel)
+    from vaelab.distributions.bernoulli import Bernoulli
+
+    monkeypatch.setattr(compiling, "BACKEND", "eager")  # dynamo traces it (is_compiling() is true there)
+    logits = torch.cat([torch.randn(3, 1, 4, 4) * 5, torch.tensor([-100.0, -30, -20.5, 0, 19.9, 20.1, 30, 100]
+                                                                  ).repeat(6).reshape(3, 1, 4, 4)])
+    x = torch.rand(6, 1, 4, 4).round()
+    mask = (torch.rand(6, 1, 4, 4) > 0.3).float()
+
+    def value_and_grad(lg, m):
+        lg = lg.clone().requires_grad_()
+        v = Bernoulli(lg).log_prob(x, m)
+        return v.detach(), torch.autograd.grad(v.sum(), lg)[0]
+
+    step = compiling.compiled(value_and_grad)
+    for m in (None, mask):
+        (v, g), (cv, cg) = value_and_grad(logits, m), step(logits, m)
+        torch.testing.assert_close(cv, v, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(cg, g, rtol=1e-6, atol=1e-7)
+
+
 def test_recorded_noise_is_drawn_again_as_the_same_numbers():
     rec = NoiseRecorder(torch.Generator().manual_seed(5))
     a, b = rec.randn((3, 2), torch.float32, torch.device("cpu")), rec.randn((4,), torch.float32, torch.device("cpu"))

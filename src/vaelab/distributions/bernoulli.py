@@ -8,6 +8,16 @@ import torch.nn.functional as F
 from .base import Distribution
 
 
+def _log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x·l − softplus(l) per element, computed stably: eagerly as ATen's fused -BCE with logits; inside
+    a compiled graph in the softplus form, which inductor computes with one exp and one log1p a pixel
+    (its decomposition of BCE takes two exps and a log): the same values to float rounding, the step's
+    likelihood pass and its gradient in ~half the time on a CPU."""
+    if torch.compiler.is_compiling():
+        return x * logits - F.softplus(logits)
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+
+
 class Bernoulli(Distribution):
     """Independent Bernoulli(sigmoid(logits)) per element. For x in [0,1] that is not binary,
     log_prob is the negative cross-entropy, a score but not a density of the data."""
@@ -16,8 +26,7 @@ class Bernoulli(Distribution):
         self.logits, self.event_dims = logits, event_dims
 
     def log_prob_elements(self, x: torch.Tensor) -> torch.Tensor:
-        # -BCE with logits: x*l - softplus(l), computed stably.
-        return -F.binary_cross_entropy_with_logits(self.logits, x.expand_as(self.logits), reduction="none")
+        return _log_prob(self.logits, x.expand_as(self.logits))
 
     def log_prob(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None and self.logits.shape == x.shape:
@@ -25,7 +34,7 @@ class Bernoulli(Distribution):
             # beyond what BCE needs.
             b = self.logits.shape[: self.logits.dim() - self.event_dims]
             lg = self.logits.reshape(*b, -1)
-            return -F.binary_cross_entropy_with_logits(lg, x.reshape(*b, -1), reduction="none").sum(-1)
+            return _log_prob(lg, x.reshape(*b, -1)).sum(-1)
         return super().log_prob(x, mask)
 
     @property
