@@ -3,8 +3,9 @@ vaelab's epochs, so both are timed on the same machine state."""
 
 from __future__ import annotations
 
+import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import vaelab
 
@@ -29,3 +30,9 @@ def train_interleaved(
     with tempfile.TemporaryDirectory() as tmp:
         res = vaelab.train(cfg, run or f"{tmp}/run", data=data, callbacks=[after_epoch])
     return res, ours, ref
+
+
+def steady_median(epochs: Sequence[float]) -> float:
+    """The median of the epochs after the first, which holds the warm-up (kernel decisions, a compiled
+    variant's compile time); of all of them when there are only two."""
+    return statistics.median(epochs[1:] if len(epochs) > 2 else epochs)

@@ -23,7 +23,7 @@ import time
 
 import torch
 from _floors import native_bf16
-from _interleave import train_interleaved
+from _interleave import steady_median, train_interleaved
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
@@ -120,18 +120,18 @@ def main() -> None:
         rows.append((name, ours, refs))
 
     ref_all = [t for _, _, refs in rows for t in refs]
-    med_ref = statistics.median(ref_all)
+    med_ref = statistics.median([steady_median(refs) for _, _, refs in rows])
     print(f"conv_throughput: {args.n} random 3x32x32 uint8 images, conv VAE hidden (32, 64), latent 32, "
           f"discretized logistic, batch 128, Adam 1e-3, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'':26s} {'median s/epoch':>15s} {'x ref':>6s} {'images/s':>10s} {'epochs (s)':>30s}")
     table = [("reference fp32", ref_all, med_ref)] + [(k, v, None) for k, v in extra.items()]
-    table += [(name, ours, statistics.median(refs)) for name, ours, refs in rows]
+    table += [(name, ours, steady_median(refs)) for name, ours, refs in rows]
     for name, ts, own_ref in table:
-        med = statistics.median(ts)
+        med = steady_median(ts) if name != "reference fp32" else med_ref
         print(f"{name:26s} {med:15.3f} {(own_ref or med_ref) / med:6.2f} {args.n / med:10.0f} "
               f"{' '.join(f'{t:.2f}' for t in ts[:8]):>30s}")
     print("x ref: against the reference epochs interleaved with that row; target: vaelab bf16 >= 1.5x the reference. "
-          "A compiled variant's first epoch includes its compile time (the median leaves it out).")
+          "Medians leave out each run's first epoch (warm-up; a compiled variant's compile time).")
 
 
 if __name__ == "__main__":
