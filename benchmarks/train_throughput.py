@@ -158,6 +158,7 @@ def main() -> None:
         ref = ReferenceVAE().to(device)
         ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
         loader = DataLoader(TensorDataset(x_train), batch_size=128, shuffle=True, pin_memory=device.type == "cuda")
+        at = len(floors["fp32 MKL"])  # this variant's floors: those measured after each of its epochs
         res, ours, refs = train_interleaved(
             cfg, data, lambda ref=ref, ref_opt=ref_opt, loader=loader: reference_epoch(ref, ref_opt, loader, device),
             between=measure_floors)
@@ -165,7 +166,7 @@ def main() -> None:
             "none", res.spec)), batch_size=1000).means()["elbo"]
         if ref_nelbo is None:
             ref_nelbo = reference_test_neg_elbo(ref, x_test)
-        rows.append((name, ours, refs, nelbo))
+        rows.append((name, ours, refs, nelbo, at))
 
     fl = {k: min(v) for k, v in floors.items() if v}
     fastest32 = min((v for k, v in fl.items() if k.startswith("fp32")), default=float("nan"))
@@ -174,16 +175,26 @@ def main() -> None:
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}")
     print("GEMM floors (the step's 4 forward + 7 backward products alone, s/epoch): "
           + ", ".join(f"{k} {v:.3f}" for k, v in fl.items()))
-    print(f"{'':24s} {'s/epoch':>8s} {'x ref':>6s} {'x floor':>8s}  {'epochs (s)':<28s} {'test -ELBO':>10s}")
-    print(f"{'reference (pytorch/examples)':24s} {statistics.median([steady_median(r) for _, _, r, _ in rows]):8.3f} "
-          f"{1.0:6.2f} {'':8s}  {' '.join(f'{t:.2f}' for t in rows[0][2][: args.epochs]):<28s} {ref_nelbo:10.2f}")
-    for name, ours, refs, nelbo in rows:
+    print(f"{'':24s} {'s/epoch':>8s} {'x ref':>6s} {'x floor':>8s} {'paired':>7s}  {'epochs (s)':<28s} "
+          f"{'test -ELBO':>10s}")
+    print(f"{'reference (pytorch/examples)':24s} {statistics.median([steady_median(r) for _, _, r, _, _ in rows]):8.3f} "
+          f"{1.0:6.2f} {'':8s} {'':7s}  {' '.join(f'{t:.2f}' for t in rows[0][2][: args.epochs]):<28s} "
+          f"{ref_nelbo:10.2f}")
+    for name, ours, refs, nelbo, at in rows:
         med = steady_median(ours)
         floor = fl.get("bf16 oneDNN") if "bf16" in name else fastest32
+        # paired: each epoch over the floor measured right after it (robust to a machine whose speed
+        # drifts during the run), median over the epochs after the first
+        kinds = ["bf16 oneDNN"] if "bf16" in name else [k for k in KERNELS if k.startswith("fp32")]
+        after = [min(floors[k][at + i] for k in kinds) for i in range(len(ours))] \
+            if device.type == "cpu" and all(len(floors[k]) >= at + len(ours) for k in kinds) else []
+        paired = steady_median([t / f for t, f in zip(ours, after, strict=True)]) if after else float("nan")
         # x ref: against the reference epochs run between this variant's own epochs
         print(f"{name:24s} {med:8.3f} {steady_median(refs) / med:6.2f} "
-              f"{med / floor if floor else float('nan'):8.2f}  {' '.join(f'{t:.2f}' for t in ours):<28s} {nelbo:10.2f}")
-    print("x floor: s/epoch over the GEMM floor of the kernels it uses (fp32: the fastest fp32 floor; bf16: bf16 oneDNN); "
+              f"{med / floor if floor else float('nan'):8.2f} {paired:7.2f}  {' '.join(f'{t:.2f}' for t in ours):<28s} "
+              f"{nelbo:10.2f}")
+    print("x floor: s/epoch over the GEMM floor of the kernels it uses (fp32: the fastest fp32 floor; bf16: bf16 oneDNN), "
+          "the floor's best measurement; paired: the median of each epoch over the floor measured right after it; "
           "targets: fp32 <= 1.7, bf16 <= 2.0 with -ELBO within 0.5 nats of fp32. s/epoch: the median of the epochs after "
           "the first, whose time holds the warm-up (a compiled variant's compile time).")
 
