@@ -345,6 +345,27 @@ def test_the_fused_step_skips_dynamos_guards_only_for_calls_like_one_it_compiled
     assert len(fused.known) == 2 and fused.compiled is not None  # since the reset: eval without, with a mask
 
 
+def test_a_compiled_linear_under_autocast_makes_autocasts_own_casts(monkeypatch):
+    # inside a graph the linear casts its inputs itself (so that inductor keeps each weight's gradient
+    # in the weight's layout): the same bf16 values and the same float32 gradients as eager autocast
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(16, 24, generator=gen), torch.randn(8, 24, generator=gen), torch.randn(8, generator=gen)
+
+    def value_and_grads(x, w, b):
+        w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            y = linear.linear(x, w, b)
+        gw, gb = torch.autograd.grad(y.float().square().sum(), [w, b])
+        return y, gw, gb
+
+    eager, traced = value_and_grads(x, w, b), compiling.compiled(value_and_grads)(x, w, b)
+    assert eager[0].dtype == traced[0].dtype == torch.bfloat16
+    assert traced[1].dtype == traced[2].dtype == torch.float32
+    for a, t in zip(eager, traced, strict=True):
+        assert torch.equal(a, t)
+
+
 def test_the_fused_step_runs_the_networks_under_bf16_autocast_like_the_eager_step():
     (model, opt), (twin, twin_opt) = _fused_pair()
     fused = speed.FusedStep(twin, twin_opt, ELBOObjective(), 8, "bf16", None, say=lambda s: None)
