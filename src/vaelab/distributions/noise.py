@@ -41,6 +41,12 @@ class NoiseRecorder:
         self.shapes.append((tuple(shape), dtype, torch.device(device)))
         return torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
 
+    @classmethod
+    def throwaway(cls, device: torch.device) -> NoiseRecorder:
+        """A recorder whose own numbers are thrown away (a seeded generator of its own on ``device``):
+        for the pass that only notes the shapes, leaving the run's generators untouched."""
+        return cls(torch.Generator(device).manual_seed(0))
+
     def draw(self, generator: torch.Generator | None) -> PreDrawn:
         """The same draws again, from ``generator``, for a compiled call."""
         return PreDrawn([torch.randn(s, generator=generator, dtype=d, device=dev) for s, d, dev in self.shapes])

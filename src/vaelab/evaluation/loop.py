@@ -250,7 +250,7 @@ class Passes:
             return _summaries(model, x, c, mask, m, g, self.names)
         shape = (x.shape[0], m)
         if shape not in self.noise:  # note the draws of this shape (throwaway numbers, no gradient here)
-            self.noise[shape] = NoiseRecorder(torch.Generator(x.device).manual_seed(0))
+            self.noise[shape] = NoiseRecorder.throwaway(x.device)
             _summaries(model, x, c, mask, m, self.noise[shape], self.names)
         state = g.get_state()
         try:

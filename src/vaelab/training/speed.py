@@ -105,7 +105,7 @@ class CompiledObjective:
         """The draws one full batch takes, noted by a forward pass without gradients that changes
         nothing: its noise comes from a throwaway generator, the global random state is restored after
         it, and so are the model's buffers (a batch norm's running statistics)."""
-        noise = NoiseRecorder(torch.Generator(batch.x.device).manual_seed(0))
+        noise = NoiseRecorder.throwaway(batch.x.device)
         with torch.no_grad(), leaves_no_trace(model, batch.x.device):
             self.objective(model, batch, generator=noise, beta=beta)  # type: ignore[arg-type]
         return noise
@@ -209,12 +209,12 @@ class FusedStep:
         no gradient kept)."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         device = batch.x.device
-        self.noise = NoiseRecorder(torch.Generator(device).manual_seed(0))
+        self.noise = NoiseRecorder.throwaway(device)
         with leaves_no_trace(self.model, device), autocast(device, self.precision):
             loss, _ = self.objective(self.model, batch, generator=self.noise, beta=beta)  # type: ignore[arg-type]
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-        self.names = [n for (n, _), g in zip(named, grads, strict=True) if g is not None]
-        self.params = [p for (_, p), g in zip(named, grads, strict=True) if g is not None]
+        kept = [(n, p) for (n, p), g in zip(named, grads, strict=True) if g is not None]
+        self.names, self.params = [n for n, _ in kept], [p for _, p in kept]
 
     def _signature(self, batch: Batch) -> tuple:
         """What the compiled graph of a call depends on that can change between calls: the shapes,
