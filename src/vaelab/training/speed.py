@@ -80,6 +80,14 @@ def _scalar(beta: float, batch: Batch) -> torch.Tensor:
     return torch.tensor(beta, dtype=torch.float32, device=batch.x.device)
 
 
+def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
+    """Σ g², summed row by row first: inductor sums a float reduction of more than 4096 elements in
+    cascades (an accuracy a gradient norm does not need), which took ~4x the time of row sums and then a
+    sum of the rows (the fused step on a CPU: ~0.15 ms a step less)."""
+    sq = g.square()
+    return (sq.reshape(g.shape[0], -1).sum(1) if g.dim() > 1 else sq).sum()
+
+
 class CompiledObjective:
     """An :class:`~vaelab.objectives.Objective` whose forward pass and loss run compiled.
 
@@ -197,7 +205,7 @@ class FusedStep:
         grads, (loss, sums) = torch.func.grad_and_value(self._loss, has_aux=True)(
             dict(zip(self.names, params, strict=True)), batch, noise, beta)
         gs = [grads[n] for n in self.names]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
+        norm = torch.stack([_sum_of_squares(g) for g in gs]).sum().sqrt()
         if self.grad_clip is not None:  # as torch.nn.utils.clip_grad_norm_
             scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
             gs = [g * scale for g in gs]
