@@ -145,11 +145,16 @@ def _key(rows: int, n_in: int, n_out: int) -> str:
     return f"{rows}x{n_in}x{n_out}"
 
 
-def _best(a, b, reps: int = 5, inner: int = 1) -> float:
-    """Seconds of ``b`` over seconds of ``a`` (each the best of ``reps`` rounds of ``inner`` calls)."""
+def _best(a, b, reps: int = 5, round_s: float = 1e-3) -> float:
+    """Seconds of ``b`` over seconds of ``a``, each the best of ``reps`` rounds of as many calls as take
+    ``a`` about ``round_s`` (single calls of a fraction of a millisecond are too noisy to rank two
+    kernels within 15 % of each other)."""
     ta, tb = [], []
     for f in (a, b):
         f()  # warm-up (oneDNN builds its primitive on the first call of a shape)
+    t0 = time.perf_counter()
+    a()
+    inner = max(1, min(64, round(round_s / max(time.perf_counter() - t0, 1e-7))))
     for _ in range(reps):  # interleaved, so both see the same machine state
         for f, ts in ((a, ta), (b, tb)):
             t0 = time.perf_counter()
@@ -212,6 +217,19 @@ def decisions(model: nn.Module | None = None) -> dict[str, int]:
         if v and len(rows_in_out) == 3 and (int(rows_in_out[1]), int(rows_in_out[2])) in mine:
             out[key] = v
     return out
+
+
+def onednn_share(model: nn.Module, rows: int) -> float:
+    """The fraction of the FLOPs of ``model``'s linear products at ``rows`` rows (each layer's forward,
+    dX and dW, which cost the same) that the decisions taken so far send to oneDNN. A function of the
+    decisions alone, which a checkpoint saves, so a resume makes the same choices from it."""
+    total = won = 0
+    for m in model.modules():
+        if isinstance(m, Linear):
+            size = m.in_features * m.out_features
+            total += 3 * size
+            won += _decisions.get(_key(rows, m.in_features, m.out_features), 0).bit_count() * size
+    return won / total if total else 0.0
 
 
 def preset(saved: Mapping[str, int], source: str = "checkpoint") -> None:

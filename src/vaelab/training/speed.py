@@ -74,6 +74,15 @@ def leaves_no_trace(model: nn.Module, device: torch.device) -> Iterator[None]:
                 b.copy_(saved)
 
 
+# The fused step (whose products are ATen's) is left for the compiled forward pass and loss with oneDNN's
+# products when oneDNN was measured faster for at least this share of the step's product FLOPs. On
+# machine A (docs/speed.md) the fused step took 17 % less time a step than the compiled objective with the
+# same products, and oneDNN's gain over a product is 15-45 % where it is chosen at all (its margin is
+# 0.85): a product or two (a near tie that timing noise decides either way) would not pay for losing
+# the fused step, most of them would.
+ONEDNN_SHARE = 2 / 3
+
+
 def _scalar(beta: float, batch: Batch) -> torch.Tensor:
     """The KL weight as a 0-d tensor: a float would be a constant of the graph, and a warm-up that
     changes it at every step would recompile at every step."""
@@ -156,9 +165,9 @@ class FusedStep:
     checkpoint, a resume, or an eager step in between see no difference) and the same draws.
 
     Used by ``--compile`` where it can be (:meth:`build`): one process, Adam from
-    :func:`~.session.make_optimizer` (fused, one parameter group), no fp16 loss scaling, and no float32
-    product of the batch sent to oneDNN (the graph's products are ATen's; where oneDNN was measured
-    clearly faster, :class:`CompiledObjective` keeps it instead).
+    :func:`~.session.make_optimizer` (fused, one parameter group), no fp16 loss scaling, and oneDNN
+    measured faster for less than :data:`ONEDNN_SHARE` of the batch's float32 product FLOPs (the graph's
+    products are ATen's; beyond that, :class:`CompiledObjective` keeps oneDNN's instead).
     Like there, only full batches run compiled; the short last batch takes the eager step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batch_size: int,
@@ -186,8 +195,7 @@ class FusedStep:
                 or not groups[0].get("fused") or groups[0].get("amsgrad") or groups[0].get("maximize")
                 or groups[0].get("decoupled_weight_decay")):
             return None
-        prefix = f"{batch_size}x"
-        if any(key.startswith(prefix) for key in linear.decisions(model)):  # oneDNN is faster here: keep it
+        if linear.onednn_share(model, batch_size) >= ONEDNN_SHARE:  # oneDNN is faster for most products
             return None
         return cls(model, optimizer, objective, batch_size, precision, grad_clip, say)
 
