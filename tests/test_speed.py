@@ -6,7 +6,9 @@ bf16 autocast with float32 reductions, and bf16 evaluation within the estimate's
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -269,6 +271,25 @@ def test_compiled_evaluation_falls_back_to_eager_in_one_line(monkeypatch, capsys
     assert torch.equal(fallback.lk, eager.lk)  # the failed attempt drew nothing
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "torch.compile" in ln]
     assert len(lines) == 1 and "no working C++ compiler found" in lines[0] and "evaluating eagerly" in lines[0]
+
+
+def test_a_models_later_evaluations_reuse_its_compiled_passes_and_do_not_keep_it_alive(monkeypatch):
+    # a compiled function of its own per evaluation was traced by dynamo again at every call
+    monkeypatch.setattr(compiling, "BACKEND", "eager")  # dynamo's tracing only: quick
+    model = build_model(ModelConfig(latent_dim=3, hidden=(16,)), DataSpec((1, 6, 6)))
+    images = torch.randint(0, 256, (6, 1, 6, 6), dtype=torch.uint8)
+    pipe = BatchPipeline(build_condition("none", model.spec))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    first = evaluate_batches(model, images, None, pipe, k=8, seed=1, compile=True)
+    again = evaluate_batches(model, images, None, pipe, k=8, seed=1, compile=True)
+    assert torch.equal(first.lk, again.lk)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    evaluate_batches(model, images, None, pipe, k=4, seed=1, compile=True)  # another kind of pass: its own
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
 
 
 def test_noting_the_draws_changes_no_random_state_and_no_buffer():

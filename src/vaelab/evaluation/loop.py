@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -229,6 +230,26 @@ def _summaries(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: 
                                  for layer, lt in zip(out.layers, t.layers, strict=True)]
 
 
+# Each model's compiled passes, kept as long as the model lives (weakly: they do not keep it alive)
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
+
+
+def _compiled_pass(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None,
+                   m: int) -> Callable:
+    """The compiled pass of ``model`` for this kind of call (shapes, optional parts, autocast), made at its
+    first use. A later evaluation of the same model re-uses its graph: a function of its own per
+    evaluation was traced by dynamo again each time (~0.5 s on a CPU, in every part of a benchmark and
+    every call of a notebook). One kind per function keeps each far below dynamo's limit of graphs per
+    code object (:func:`vaelab.compiling.compiled`)."""
+    kind = (x.device, x.dtype, tuple(x.shape), m, None if c is None else (c.dtype, tuple(c.shape)),
+            None if mask is None else (mask.dtype, tuple(mask.shape)), torch.is_autocast_enabled(x.device.type),
+            torch.get_autocast_dtype(x.device.type), torch.is_grad_enabled(), compiling.BACKEND)
+    mine = _COMPILED.setdefault(model, {})
+    if kind not in mine:
+        mine[kind] = compiling.compiled(_summaries)
+    return mine[kind]
+
+
 class Passes:
     """The forward passes of an evaluation, eager or (``compile``) by ``torch.compile``: one graph per
     shape of pass (datapoints x draws; an evaluation has one or two), its noise drawn from the batch's
@@ -239,14 +260,14 @@ class Passes:
     evaluation goes on eagerly."""
 
     def __init__(self, compile: bool = False, say: Callable[[str], None] = print) -> None:
-        self.compiled = compiling.compiled(_summaries) if compile else None
+        self.compile = compile
         self.say = say
         self.names: list[str] = []
         self.noise: dict[tuple[int, int], NoiseRecorder] = {}
 
     def __call__(self, model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None,
                  m: int, g: torch.Generator) -> Summaries:
-        if self.compiled is None:
+        if not self.compile:
             return _summaries(model, x, c, mask, m, g, self.names)
         shape = (x.shape[0], m)
         if shape not in self.noise:  # note the draws of this shape (throwaway numbers, no gradient here)
@@ -254,10 +275,10 @@ class Passes:
             _summaries(model, x, c, mask, m, self.noise[shape], self.names)
         state = g.get_state()
         try:
-            return self.compiled(model, x, c, mask, m, self.noise[shape].draw(g))
+            return _compiled_pass(model, x, c, mask, m)(model, x, c, mask, m, self.noise[shape].draw(g))
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, said once)
             g.set_state(state)
-            self.compiled = None
+            self.compile = False
             self.say(f"torch.compile is not available here ({compiling.root_cause(e)}); evaluating eagerly")
             return _summaries(model, x, c, mask, m, g, self.names)
 
