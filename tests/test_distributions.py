@@ -59,6 +59,11 @@ def test_bernoulli_matches_torch_and_cross_entropy():
     torch.testing.assert_close(
         Bernoulli(logits).log_prob(xg, mask), Bernoulli(logits).log_prob_elements(xg)[..., :2].sum((1, 2, 3))
     )
+    # one datapoint against many draws' logits (evaluation's k draws): broadcast, the same numbers
+    one = xg[:1]
+    torch.testing.assert_close(Bernoulli(logits).log_prob(one), (one * p.log() + (1 - one) * (1 - p).log()).sum((1, 2, 3)),
+                               atol=1e-4, rtol=1e-5)
+    assert torch.equal(Bernoulli(logits).log_prob(one), Bernoulli(logits).log_prob_elements(one).sum((1, 2, 3)))
 
 
 def test_rsample_is_reparameterised_and_seeded():

@@ -18,6 +18,14 @@ def _log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none")
 
 
+def _log_prob_sum(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dimension of :func:`_log_prob`; eagerly the sum of the cross-entropies is negated,
+    not each of them (a pass over the elements fewer, the same numbers)."""
+    if torch.compiler.is_compiling():
+        return (x * logits - F.softplus(logits)).sum(-1)
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+
+
 class Bernoulli(Distribution):
     """Independent Bernoulli(sigmoid(logits)) per element. For x in [0,1] that is not binary,
     log_prob is the negative cross-entropy, a score but not a density of the data."""
@@ -29,12 +37,12 @@ class Bernoulli(Distribution):
         return _log_prob(self.logits, x.expand_as(self.logits))
 
     def log_prob(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is None and self.logits.shape == x.shape:
-            # Fast path: one fused kernel per batch row, no elementwise tensor kept for backward
-            # beyond what BCE needs.
+        if mask is None and torch.broadcast_shapes(x.shape, self.logits.shape) == self.logits.shape:
+            # Fast path: one fused kernel per batch row, no elementwise tensor kept for backward beyond
+            # what BCE needs. A broadcast x (one datapoint's k draws, in evaluation) stays a view.
             b = self.logits.shape[: self.logits.dim() - self.event_dims]
             lg = self.logits.reshape(*b, -1)
-            return _log_prob(lg, x.reshape(*b, -1)).sum(-1)
+            return _log_prob_sum(lg, x.expand_as(self.logits).reshape(*b, -1))
         return super().log_prob(x, mask)
 
     @property
