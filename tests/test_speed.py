@@ -207,6 +207,28 @@ def test_the_compiled_bernoulli_likelihood_is_the_eager_one_in_value_and_gradien
         torch.testing.assert_close(cg, g, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("pixels", [(1, 28, 28), (1, 1, 67)])  # 784: 14 blocks of 56; 67: none, per element
+def test_the_compiled_bernoulli_likelihood_without_gradients_is_the_exact_one(monkeypatch, pixels):
+    # no gradient (evaluation's passes): softplus summed as Σ max(l, 0) + Σ_blocks log Π (1 + e^-|l|)
+    from vaelab.distributions.bernoulli import Bernoulli, _block
+
+    assert (_block(784), _block(67), _block(16)) == (56, None, 16)
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    g = torch.Generator().manual_seed(0)
+    for sign, x in ((1, torch.rand(1, *pixels, generator=g)), (-1, torch.zeros(1, *pixels))):
+        # one datapoint against 40 draws' logits; then all negative and x = 0 (a dark background), where
+        # log p is the products' logs alone, -Σ log(1 + e^l), and an error in them cannot hide
+        logits = torch.randn(40, *pixels, generator=g) * 8
+        logits = logits if sign > 0 else -logits.abs()
+        logits.view(40, -1)[:, :6] = torch.tensor([-100.0, -30, -17, -16, 0, 16.5 if sign > 0 else -1])
+        exact = Bernoulli(logits.double()).log_prob(x.double())
+        with torch.no_grad():
+            compiled = compiling.compiled(lambda lg, x=x: Bernoulli(lg).log_prob(x))(logits)
+            eager = Bernoulli(logits).log_prob(x)
+        tol = 5e-5 if sign < 0 else 1e-6 * exact.abs().max().item()  # float32 rounding of sums of 784 terms
+        assert (compiled.double() - exact).abs().max() < tol and (eager.double() - exact).abs().max() < tol
+
+
 def test_recorded_noise_is_drawn_again_as_the_same_numbers():
     rec = NoiseRecorder(torch.Generator().manual_seed(5))
     a, b = rec.randn((3, 2), torch.float32, torch.device("cpu")), rec.randn((4,), torch.float32, torch.device("cpu"))

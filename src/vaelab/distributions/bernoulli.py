@@ -18,12 +18,30 @@ def _log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none")
 
 
+def _block(d: int) -> int | None:
+    """The largest divisor of ``d`` from 16 to 64 (None if it has none): :func:`_log_prob_sum` multiplies
+    that many factors in (1, 2], at most 2^64, far inside float32's range."""
+    return next((b for b in range(min(d, 64), 15, -1) if d % b == 0), None)
+
+
 def _log_prob_sum(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Σ over the last dimension of :func:`_log_prob`; eagerly the sum of the cross-entropies is negated,
-    not each of them (a pass over the elements fewer, the same numbers)."""
-    if torch.compiler.is_compiling():
+    """Σ over the last dimension of :func:`_log_prob`.
+
+    Eagerly: the sum of ATen's cross-entropies, negated once (not each of them: a pass fewer, the same
+    numbers). Compiled: x·l − softplus(l) per element; and where no gradient is taken (evaluation's
+    decoder passes) with softplus(l) = max(l, 0) + log(1 + e^−|l|) summed as Σ max(l, 0) + Σ_blocks
+    log Π (1 + e^−|l|) over blocks of :func:`_block` elements: one exp per element and one log per block
+    instead of an exp and a log1p per element, ~half the time of the pass over the decoder's output on
+    a CPU. The product rounds each factor and product once: within ~1e-5 nats of the per-element sum
+    for 784 pixels, below the float32 rounding of the sum itself (~1e-4)."""
+    if not torch.compiler.is_compiling():
+        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    d = logits.shape[-1]
+    block = _block(d)
+    if block is None or (torch.is_grad_enabled() and logits.requires_grad):
         return (x * logits - F.softplus(logits)).sum(-1)
-    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    factors = (1 + torch.exp(-logits.abs())).unflatten(-1, (d // block, block))
+    return (x * logits - F.relu(logits)).sum(-1) - torch.log(factors.prod(-1)).sum(-1)
 
 
 class Bernoulli(Distribution):
