@@ -31,6 +31,8 @@ import vaelab
 from vaelab.data import to_float
 from vaelab.devices import resolve_device
 from vaelab.evaluation import evaluate_batches
+from vaelab.nets import linear
+from vaelab.training.speed import ONEDNN_SHARE
 
 
 class ReferenceVAE(nn.Module):
@@ -151,6 +153,7 @@ def main() -> None:
                 floors[k].append(floor_seconds(products, steps, k, reps=1))
 
     rows = []
+    forms: list[str] = []
     ref_nelbo = None
     for name in names:
         cfg = base.replace(train=dataclasses.replace(base.train, **VARIANTS[name]))
@@ -167,6 +170,11 @@ def main() -> None:
         if ref_nelbo is None:
             ref_nelbo = reference_test_neg_elbo(ref, x_test)
         rows.append((name, ours, refs, nelbo, at))
+        if "--compile" in name:  # what --compile compiled, by the loop's own rule (training/speed.py)
+            share = linear.onednn_share(res.model, 128)
+            whole = "bf16" in name or share < ONEDNN_SHARE
+            forms.append(f"{name}: {'the whole step' if whole else 'the forward pass and the loss'} "
+                         f"(oneDNN measured faster for {share:.0%} of the float32 products' FLOPs)")
 
     fl = {k: min(v) for k, v in floors.items() if v}
     fastest32 = min((v for k, v in fl.items() if k.startswith("fp32")), default=float("nan"))
@@ -197,6 +205,8 @@ def main() -> None:
           "the floor's best measurement; paired: the median of each epoch over the floor measured right after it; "
           "targets: fp32 <= 1.7, bf16 <= 2.0 with -ELBO within 0.5 nats of fp32. s/epoch: the median of the epochs after "
           "the first, whose time holds the warm-up (a compiled variant's compile time).")
+    if forms:
+        print("compiled: " + "; ".join(forms))
 
 
 if __name__ == "__main__":

@@ -453,6 +453,8 @@ def test_the_fused_step_is_used_only_where_it_computes_the_same_step(monkeypatch
     assert build() is not None  # 0.59 of the FLOPs
     monkeypatch.setitem(linear._decisions, "8x36x16", linear.FWD | linear.DX | linear.DW)
     assert linear.onednn_share(model, 8) > speed.ONEDNN_SHARE and build() is None
+    # float32 products only: under bf16 autocast every product is ATen's, and the step stays fused
+    assert speed.FusedStep.build(model, opt, ELBOObjective(), 8, "bf16", None, 1, None) is not None
 
 
 @pytest.mark.parametrize("fp32_linear", ["aten", pytest.param("onednn", marks=needs_onednn)])

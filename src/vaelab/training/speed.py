@@ -195,8 +195,8 @@ class FusedStep:
                 or not groups[0].get("fused") or groups[0].get("amsgrad") or groups[0].get("maximize")
                 or groups[0].get("decoupled_weight_decay")):
             return None
-        if linear.onednn_share(model, batch_size) >= ONEDNN_SHARE:  # oneDNN is faster for most products
-            return None
+        if precision == "fp32" and linear.onednn_share(model, batch_size) >= ONEDNN_SHARE:
+            return None  # oneDNN is faster for most products (under autocast every product is ATen's anyway)
         return cls(model, optimizer, objective, batch_size, precision, grad_clip, say)
 
     def takes(self, batch: Batch) -> bool:
