@@ -229,6 +229,21 @@ def test_the_compiled_bernoulli_likelihood_without_gradients_is_the_exact_one(mo
         assert (compiled.double() - exact).abs().max() < tol and (eager.double() - exact).abs().max() < tol
 
 
+def test_the_blocked_bernoulli_sum_is_left_out_where_a_gradient_is_taken(monkeypatch):
+    import vaelab.distributions.bernoulli as bernoulli
+
+    blocks = []
+    monkeypatch.setattr(bernoulli, "_block", lambda d: blocks.append(d) or 16)
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    (model, opt), _ = _fused_pair()
+    fused = speed.FusedStep(model, opt, ELBOObjective(), 8, "fp32", None, say=lambda s: None)
+    assert fused(Batch(torch.rand(8, 1, 6, 6), None, None), 1.0, generator=torch.Generator().manual_seed(0))
+    assert not blocks  # training: the per-element softplus, whose gradient is the sigmoid
+    with torch.no_grad():
+        compiling.compiled(lambda lg: bernoulli.Bernoulli(lg).log_prob(torch.rand(1, 1, 4, 4)))(torch.randn(3, 1, 4, 4))
+    assert blocks == [16]
+
+
 def test_recorded_noise_is_drawn_again_as_the_same_numbers():
     rec = NoiseRecorder(torch.Generator().manual_seed(5))
     a, b = rec.randn((3, 2), torch.float32, torch.device("cpu")), rec.randn((4,), torch.float32, torch.device("cpu"))

@@ -37,8 +37,8 @@ def _log_prob_sum(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if not torch.compiler.is_compiling():
         return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
     d = logits.shape[-1]
-    block = _block(d)
-    if block is None or (torch.is_grad_enabled() and logits.requires_grad):
+    block = None if torch.is_grad_enabled() and logits.requires_grad else _block(d)
+    if block is None:
         return (x * logits - F.softplus(logits)).sum(-1)
     factors = (1 + torch.exp(-logits.abs())).unflatten(-1, (d // block, block))
     return (x * logits - F.relu(logits)).sum(-1) - torch.log(factors.prod(-1)).sum(-1)
