@@ -154,13 +154,19 @@ def test_resume_is_bit_identical_in_bf16(data_dir, tmp_path):
     _resume_matches(tiny_cfg(data_dir, 2, 0, "--precision", "bf16"), tmp_path)
 
 
-def test_resume_is_bit_identical_compiled_with_an_eager_short_last_batch(data_dir, tmp_path, capsys):
-    # 160 images in batches of 24: six compiled batches and an eager one of 16 per epoch
+@pytest.mark.parametrize("fp32_linear", ["aten", pytest.param("onednn", marks=needs_onednn)])
+def test_resume_is_bit_identical_compiled_with_an_eager_short_last_batch(data_dir, tmp_path, capsys, monkeypatch,
+                                                                          fp32_linear):
+    # 160 images in batches of 24: six compiled batches and an eager one of 16 per epoch; onednn: every
+    # product on oneDNN, in the graph (where dynamo traces autograd.grad) and in the eager steps
+    monkeypatch.setenv(linear.ENV, fp32_linear)
     cfg = tiny_cfg(data_dir, 2, 0, "--compile", "--set", "train.batch_size=24")
     assert cfg.train.compile
     _resume_matches(cfg, tmp_path, stops=(5,))
     out = capsys.readouterr()
-    assert "torch.compile (the whole step): the first step took" in out.out + out.err
+    whole = fp32_linear == "aten" or compiling.traces_autograd()
+    assert f"torch.compile (the {'whole step' if whole else 'forward pass and the loss'}): the first step took" \
+        in out.out + out.err
     assert "not available" not in out.out + out.err
 
 
@@ -355,9 +361,18 @@ def _fused_pair(device="cpu", **adam):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("clip", [None, 0.5])
-def test_the_fused_step_computes_the_eager_step(clip, device):
+@pytest.mark.parametrize("fp32_linear", ["aten", pytest.param("onednn", marks=needs_onednn)])
+def test_the_fused_step_computes_the_eager_step(clip, device, fp32_linear, monkeypatch):
+    # onednn: every product of the batch decided for oneDNN, which the graph keeps (gradients by
+    # torch.autograd.grad traced into it); the eager step takes the same products
+    monkeypatch.setenv(linear.ENV, fp32_linear)
+    onednn = fp32_linear == "onednn" and device == "cpu"
+    if onednn and not compiling.traces_autograd():
+        pytest.skip("this torch's dynamo cannot trace torch.autograd.grad")
     (model, opt), (twin, twin_opt) = _fused_pair(device, weight_decay=1e-3)
-    fused = speed.FusedStep(twin, twin_opt, ELBOObjective(), 8, "fp32", clip, say=lambda s: None)
+    linear.prepare(model, 8)
+    fused = speed.FusedStep.build(twin, twin_opt, ELBOObjective(), 8, "fp32", clip, 1, None, say=lambda s: None)
+    assert fused is not None and fused.onednn == onednn
     g, g_twin = torch.Generator(device).manual_seed(3), torch.Generator(device).manual_seed(3)
     for i in range(4):
         x = torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(i)).to(device)
@@ -458,8 +473,10 @@ def test_the_fused_step_is_used_only_where_it_computes_the_same_step(monkeypatch
     assert build(world=2) is None and build(scaler=object()) is None
     assert build(torch.optim.Adam(model.parameters())) is None  # not fused: another kernel
     assert build(torch.optim.SGD(model.parameters(), lr=0.1)) is None
-    # one product on oneDNN (a near tie that timing noise can decide either way) does not pay for losing the
-    # fused step; most of the step's product FLOPs on oneDNN do. Layers 36-16, 16-6, 3-16, 16-36.
+    # where dynamo cannot trace torch.autograd.grad the graph's products are ATen's: one product on oneDNN
+    # (a near tie that timing noise can decide either way) does not pay for losing the fused step; most of
+    # the step's product FLOPs on oneDNN do. Layers 36-16, 16-6, 3-16, 16-36.
+    monkeypatch.setattr(compiling, "traces_autograd", lambda: False)
     monkeypatch.setitem(linear._decisions, "8x36x16", linear.FWD)
     monkeypatch.setitem(linear._decisions, "4x16x36", linear.FWD | linear.DX | linear.DW)  # another batch size
     assert linear.onednn_share(model, 8) == pytest.approx(576 / (3 * (576 + 96 + 48 + 576)))
@@ -469,13 +486,19 @@ def test_the_fused_step_is_used_only_where_it_computes_the_same_step(monkeypatch
     monkeypatch.setitem(linear._decisions, "8x36x16", linear.FWD | linear.DX | linear.DW)
     assert linear.onednn_share(model, 8) > speed.ONEDNN_SHARE and build() is None
     # float32 products only: under bf16 autocast every product is ATen's, and the step stays fused
-    assert speed.FusedStep.build(model, opt, ELBOObjective(), 8, "bf16", None, 1, None) is not None
+    bf16 = speed.FusedStep.build(model, opt, ELBOObjective(), 8, "bf16", None, 1, None)
+    assert bf16 is not None and not bf16.onednn
+    # where dynamo traces torch.autograd.grad the graph keeps oneDNN's products, however many
+    monkeypatch.setattr(compiling, "traces_autograd", lambda: True)
+    assert build().onednn and not speed.FusedStep.build(model, opt, ELBOObjective(), 8, "bf16", None, 1, None).onednn
+    linear._decisions.clear()
+    assert not build().onednn
 
 
 @pytest.mark.parametrize("fp32_linear", ["aten", pytest.param("onednn", marks=needs_onednn)])
 def test_a_kl_warm_up_does_not_recompile_the_step(data_dir, tmp_path, monkeypatch, fp32_linear):
     # the KL weight changes at every step of a warm-up: as a constant of the graph it recompiled each time
-    monkeypatch.setenv(linear.ENV, fp32_linear)  # aten: the fused step; onednn: the compiled objective
+    monkeypatch.setenv(linear.ENV, fp32_linear)  # aten: the fused step; onednn: oneDNN products, fused or not
     monkeypatch.setattr(compiling, "BACKEND", "eager")  # dynamo's tracing only: quick
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     train(tiny_cfg(data_dir, 2, 0, "--compile", "--set", "train.warmup_epochs=2"), tmp_path / "run")

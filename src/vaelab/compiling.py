@@ -90,3 +90,19 @@ def guards_skipped() -> contextlib.AbstractContextManager:
         return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
     except (ImportError, AttributeError, TypeError):  # torch < 2.6, or a set_stance without the flag
         return contextlib.nullcontext()
+
+
+def traces_autograd() -> bool:
+    """Whether dynamo here can trace ``torch.autograd.grad`` into a graph (its
+    ``trace_autograd_ops`` option, torch >= 2.10 or so); elsewhere such a call breaks the graph."""
+    import torch._dynamo.config as config
+
+    return hasattr(config, "trace_autograd_ops")
+
+
+def autograd_traced() -> contextlib.AbstractContextManager:
+    """Inside the block dynamo traces ``torch.autograd.grad`` into the graph (for this process's
+    compiles in the block only; the option is off again after it)."""
+    import torch._dynamo.config as config
+
+    return config.patch(trace_autograd_ops=True) if traces_autograd() else contextlib.nullcontext()

@@ -74,8 +74,9 @@ def leaves_no_trace(model: nn.Module, device: torch.device) -> Iterator[None]:
                 b.copy_(saved)
 
 
-# The fused step (whose products are ATen's) is left for the compiled forward pass and loss with oneDNN's
-# products when oneDNN was measured faster for at least this share of the step's product FLOPs. On
+# Where dynamo cannot trace torch.autograd.grad, the fused step's products are ATen's, and it is left for
+# the compiled forward pass and loss with oneDNN's products when oneDNN was measured faster for at least
+# this share of the step's product FLOPs. On
 # machine A (docs/speed.md) the fused step took 17 % less time a step than the compiled objective with the
 # same products, and oneDNN's gain over a product is 15-45 % where it is chosen at all (its margin is
 # 0.85): a product or two (a near tie that timing noise decides either way) would not pay for losing
@@ -165,18 +166,21 @@ class FusedStep:
     checkpoint, a resume, or an eager step in between see no difference) and the same draws.
 
     Used by ``--compile`` where it can be (:meth:`build`): one process, Adam from
-    :func:`~.session.make_optimizer` (fused, one parameter group), no fp16 loss scaling, and oneDNN
-    measured faster for less than :data:`ONEDNN_SHARE` of the batch's float32 product FLOPs (the graph's
-    products are ATen's; beyond that, :class:`CompiledObjective` keeps oneDNN's instead).
+    :func:`~.session.make_optimizer` (fused, one parameter group), no fp16 loss scaling. Where some of
+    the batch's float32 products were decided for oneDNN (:mod:`vaelab.nets.linear`), the graph keeps
+    them (``onednn``: gradients by ``torch.autograd.grad`` traced into the graph, where this torch's
+    dynamo can; elsewhere the products are ATen's, and where oneDNN won at least :data:`ONEDNN_SHARE`
+    of their FLOPs, :class:`CompiledObjective` keeps oneDNN's instead).
     Like there, only full batches run compiled; the short last batch takes the eager step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batch_size: int,
                  precision: str, grad_clip: float | None, say: Callable[[str], None] = print,
-                 backend: str | Callable | None = None) -> None:
+                 backend: str | Callable | None = None, onednn: bool = False) -> None:
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.batch_size, self.precision, self.grad_clip, self.say = batch_size, precision, grad_clip, say
+        self.onednn = onednn  # the linear layers' own products (oneDNN where decided): gradients by autograd
         self.cache = compiling.cache_dir()
-        self.compiled: Callable | None = compiling.compiled(self._grads, backend)
+        self.compiled: Callable | None = compiling.compiled(self._grads_autograd if onednn else self._grads, backend)
         self.noise: NoiseRecorder | None = None
         self.names: list[str] = []  # the parameters that get a gradient (those an eager step updates)
         self.params: list[nn.Parameter] = []  # those parameters (the optimizer's own objects)
@@ -195,9 +199,12 @@ class FusedStep:
                 or not groups[0].get("fused") or groups[0].get("amsgrad") or groups[0].get("maximize")
                 or groups[0].get("decoupled_weight_decay")):
             return None
-        if precision == "fp32" and linear.onednn_share(model, batch_size) >= ONEDNN_SHARE:
-            return None  # oneDNN is faster for most products (under autocast every product is ATen's anyway)
-        return cls(model, optimizer, objective, batch_size, precision, grad_clip, say)
+        share = linear.onednn_share(model, batch_size) if precision == "fp32" else 0.0  # autocast: ATen's
+        if share > 0 and not compiling.traces_autograd():  # the graph's products can only be ATen's
+            if share >= ONEDNN_SHARE:
+                return None  # oneDNN is faster for most products: the compiled objective keeps them
+            share = 0.0
+        return cls(model, optimizer, objective, batch_size, precision, grad_clip, say, onednn=share > 0)
 
     def takes(self, batch: Batch) -> bool:
         return self.compiled is not None and batch.x.shape[0] == self.batch_size
@@ -212,7 +219,23 @@ class FusedStep:
         """(gradients, after clipping; [loss, gradient norm before clipping, Σ rec, Σ KL])."""
         grads, (loss, sums) = torch.func.grad_and_value(self._loss, has_aux=True)(
             dict(zip(self.names, params, strict=True)), batch, noise, beta)
-        gs = [grads[n] for n in self.names]
+        return self._finish([grads[n] for n in self.names], loss, sums)
+
+    def _grads_autograd(self, params: list[torch.Tensor], batch: Batch, noise: PreDrawn, beta: float):
+        """:meth:`_grads` with the linear layers' own products (oneDNN where it was decided faster):
+        ``torch.func`` cannot differentiate their operator, so the gradients come from
+        ``torch.autograd.grad``, which dynamo traces into the same one graph
+        (:func:`vaelab.compiling.autograd_traced`)."""
+        ps = [p.detach().requires_grad_() for p in params]
+        with torch.enable_grad(), torch.nn.utils.stateless._reparametrize_module(
+                self.model, dict(zip(self.names, ps, strict=True))), autocast(batch.x.device, self.precision):
+            loss, terms = self.objective(self.model, batch, generator=noise, beta=beta)  # type: ignore[arg-type]
+            grads = list(torch.autograd.grad(loss, ps))
+        sums = torch.stack([terms.log_px_z.detach().sum(), terms.kl.detach().sum()])
+        return self._finish(grads, loss.detach(), sums)
+
+    def _finish(self, gs: list[torch.Tensor], loss: torch.Tensor, sums: torch.Tensor):
+        """The gradient norm and the clipping: (gradients, [loss, norm before clipping, Σ rec, Σ KL])."""
         norm = torch.stack([_sum_of_squares(g) for g in gs]).sum().sqrt()
         if self.grad_clip is not None:  # as torch.nn.utils.clip_grad_norm_
             scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
@@ -261,7 +284,8 @@ class FusedStep:
             except Exception:  # noqa: BLE001  (run it again with the guards; a real error shows there)
                 self.known.clear()
                 noise.i = 0
-        out = self.compiled(ps, batch, noise, beta)  # type: ignore[misc]
+        with compiling.autograd_traced() if self.onednn else contextlib.nullcontext():  # a call that may trace
+            out = self.compiled(ps, batch, noise, beta)  # type: ignore[misc]
         self.known.add(signature)
         return out
 
