@@ -485,6 +485,7 @@ def test_the_fused_step_is_used_only_where_it_computes_the_same_step(monkeypatch
     assert build() is not None  # 0.59 of the FLOPs
     monkeypatch.setitem(linear._decisions, "8x36x16", linear.FWD | linear.DX | linear.DW)
     assert linear.onednn_share(model, 8) > speed.ONEDNN_SHARE and build() is None
+    assert linear.onednn_share(copy.deepcopy(model).double(), 8) == 0  # products in float64: ATen's
     # float32 products only: under bf16 autocast every product is ATen's, and the step stays fused
     bf16 = speed.FusedStep.build(model, opt, ELBOObjective(), 8, "bf16", None, 1, None)
     assert bf16 is not None and not bf16.onednn

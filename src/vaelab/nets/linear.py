@@ -220,12 +220,13 @@ def decisions(model: nn.Module | None = None) -> dict[str, int]:
 
 
 def onednn_share(model: nn.Module, rows: int) -> float:
-    """The fraction of the FLOPs of ``model``'s linear products at ``rows`` rows (each layer's forward,
-    dX and dW, which cost the same) that the decisions taken so far send to oneDNN. A function of the
-    decisions alone, which a checkpoint saves, so a resume makes the same choices from it."""
+    """The fraction of the FLOPs of ``model``'s float32 CPU linear products at ``rows`` rows (each
+    layer's forward, dX and dW, which cost the same) that the decisions taken so far send to oneDNN. A
+    function of the decisions alone, which a checkpoint saves, so a resume makes the same choices from
+    it. Layers elsewhere (a GPU) or in another dtype count for nothing: their products are ATen's."""
     total = won = 0
     for m in model.modules():
-        if isinstance(m, Linear):
+        if isinstance(m, Linear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
             size = m.in_features * m.out_features
             total += 3 * size
             won += _decisions.get(_key(rows, m.in_features, m.out_features), 0).bit_count() * size
