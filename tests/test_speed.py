@@ -391,15 +391,23 @@ def test_the_fused_step_computes_the_eager_step(clip, device, fp32_linear, monke
     assert opt.state_dict()["state"].keys() == twin_opt.state_dict()["state"].keys()
 
 
-def test_the_fused_step_skips_dynamos_guards_only_for_calls_like_one_it_compiled(monkeypatch):
+@pytest.mark.parametrize("fp32_linear", ["aten", pytest.param("onednn", marks=needs_onednn)])
+def test_the_fused_step_skips_dynamos_guards_only_for_calls_like_one_it_compiled(monkeypatch, fp32_linear):
     # Past its first call of a kind, the step runs without dynamo's guard checks (~0.2 ms a step on a
     # CPU). A call of another kind (here: a batch with a mask, then the model in eval mode) must not
-    # silently run a graph traced for the first kind; after torch._dynamo.reset() the step compiles again.
+    # silently run a graph traced for the first kind; after torch._dynamo.reset() the step compiles again,
+    # its oneDNN form with its gradients in the graph (no graph break at torch.autograd.grad).
+    if fp32_linear == "onednn" and not compiling.traces_autograd():
+        pytest.skip("this torch's dynamo cannot trace torch.autograd.grad")
+    monkeypatch.setenv(linear.ENV, fp32_linear)
     monkeypatch.setattr(compiling, "BACKEND", "eager")
     (model, opt), (twin, twin_opt) = _fused_pair()
     for m in (model, twin):
         m.encoder.net.insert(2, nn.Dropout(0.5))  # a layer that acts in training mode only
-    fused = speed.FusedStep(twin, twin_opt, ELBOObjective(), 8, "fp32", None, say=lambda s: None)
+    linear.prepare(model, 8)
+    fused = speed.FusedStep.build(twin, twin_opt, ELBOObjective(), 8, "fp32", None, 1, None, say=lambda s: None)
+    assert fused is not None and fused.onednn == (fp32_linear == "onednn")
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     mask = (torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(9)) > 0.5).float()
     kinds = [None, mask, None, "eval", "reset", mask]
     g, g_twin = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -416,6 +424,7 @@ def test_the_fused_step_skips_dynamos_guards_only_for_calls_like_one_it_compiled
         f = fused(batch, 1.0, generator=g_twin)
         assert f is not None and math.isclose(f.loss, r.loss, rel_tol=1e-5), (i, kind, f.loss, r.loss)
     assert len(fused.known) == 2 and fused.compiled is not None  # since the reset: eval without, with a mask
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks
 
 
 def test_a_compiled_linear_under_autocast_makes_autocasts_own_casts(monkeypatch):

@@ -277,14 +277,17 @@ class FusedStep:
         with them after all if that fails: the compiled code may have been dropped by
         ``torch._dynamo.reset()``)."""
         signature = self._signature(batch)
+        # any call may trace (after ``torch._dynamo.reset()``, even one that skips the guards); the oneDNN
+        # form's gradients must then be traced too, not left to an eager autograd.grad between graphs
+        traced = compiling.autograd_traced if self.onednn else contextlib.nullcontext
         if signature in self.known:
             try:
-                with compiling.guards_skipped():
+                with compiling.guards_skipped(), traced():
                     return self.compiled(ps, batch, noise, beta)  # type: ignore[misc]
             except Exception:  # noqa: BLE001  (run it again with the guards; a real error shows there)
                 self.known.clear()
                 noise.i = 0
-        with compiling.autograd_traced() if self.onednn else contextlib.nullcontext():  # a call that may trace
+        with traced():
             out = self.compiled(ps, batch, noise, beta)  # type: ignore[misc]
         self.known.add(signature)
         return out
