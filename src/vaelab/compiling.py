@@ -93,8 +93,8 @@ def guards_skipped() -> contextlib.AbstractContextManager:
 
 
 def traces_autograd() -> bool:
-    """Whether dynamo here can trace ``torch.autograd.grad`` into a graph (its
-    ``trace_autograd_ops`` option, torch >= 2.10 or so); elsewhere such a call breaks the graph."""
+    """Whether dynamo here can trace ``torch.autograd.grad`` into a graph (its ``trace_autograd_ops``
+    option, which torch 2.13 has; older ones lack it); elsewhere such a call breaks the graph."""
     import torch._dynamo.config as config
 
     return hasattr(config, "trace_autograd_ops")

@@ -76,11 +76,10 @@ def leaves_no_trace(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 # Where dynamo cannot trace torch.autograd.grad, the fused step's products are ATen's, and it is left for
 # the compiled forward pass and loss with oneDNN's products when oneDNN was measured faster for at least
-# this share of the step's product FLOPs. On
-# machine A (docs/speed.md) the fused step took 17 % less time a step than the compiled objective with the
-# same products, and oneDNN's gain over a product is 15-45 % where it is chosen at all (its margin is
-# 0.85): a product or two (a near tie that timing noise decides either way) would not pay for losing
-# the fused step, most of them would.
+# this share of the step's product FLOPs. On machine A (docs/speed.md) the fused step took 17 % less time
+# a step than the compiled objective with the same products, and oneDNN's gain over a product is 15-45 %
+# where it is chosen at all (its margin is 0.85): a product or two (a near tie that timing noise decides
+# either way) would not pay for losing the fused step, most of them would.
 ONEDNN_SHARE = 2 / 3
 
 
