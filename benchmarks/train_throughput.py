@@ -28,12 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
-from vaelab import compiling
 from vaelab.data import to_float
 from vaelab.devices import resolve_device
 from vaelab.evaluation import evaluate_batches
 from vaelab.nets import linear
-from vaelab.training.speed import ONEDNN_SHARE
+from vaelab.training.speed import fused_products
 
 
 class ReferenceVAE(nn.Module):
@@ -171,12 +170,11 @@ def main() -> None:
         if ref_nelbo is None:
             ref_nelbo = reference_test_neg_elbo(ref, x_test)
         rows.append((name, ours, refs, nelbo, at))
-        if "--compile" in name:  # what --compile compiled, by the loop's own rule (training/speed.py)
-            share = 0.0 if "bf16" in name else linear.onednn_share(res.model, 128)
-            keeps = share > 0 and compiling.traces_autograd()  # the fused step keeps oneDNN's products
-            form = "the forward pass and the loss" if share >= ONEDNN_SHARE and not keeps else \
-                "the whole step" + (", oneDNN's products in it" if keeps else ", ATen's products")
-            forms.append(f"{name}: {form} (oneDNN measured faster for {share:.0%} of the float32 products' FLOPs)")
+        if "--compile" in name:  # what --compile compiled, by the loop's own rule
+            products = fused_products(res.model, 128, cfg.train.precision)
+            form = "the forward pass and the loss" if products is None else f"the whole step, {products} products"
+            forms.append(f"{name}: {form} (oneDNN measured faster for "
+                         f"{linear.onednn_share(res.model, 128):.0%} of the float32 products' FLOPs)")
 
     fl = {k: min(v) for k, v in floors.items() if v}
     fastest32 = min((v for k, v in fl.items() if k.startswith("fp32")), default=float("nan"))

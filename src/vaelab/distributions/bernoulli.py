@@ -39,7 +39,7 @@ def _log_prob_sum(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     d = logits.shape[-1]
     block = None if torch.is_grad_enabled() and logits.requires_grad else _block(d)
     if block is None:
-        return (x * logits - F.softplus(logits)).sum(-1)
+        return _log_prob(logits, x).sum(-1)
     factors = (1 + torch.exp(-logits.abs())).unflatten(-1, (d // block, block))
     return (x * logits - F.relu(logits)).sum(-1) - torch.log(factors.prod(-1)).sum(-1)
 

@@ -97,6 +97,19 @@ def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     return (sq.reshape(g.shape[0], -1).sum(1) if g.dim() > 1 else sq).sum()
 
 
+def fused_products(model: nn.Module, batch_size: int, precision: str) -> str | None:
+    """Whose matrix products a fused step of this run computes: "onednn" (the linear layers' own,
+    where some were decided for oneDNN and dynamo can trace ``torch.autograd.grad``), "aten", or None
+    where oneDNN won at least :data:`ONEDNN_SHARE` of them and the graph could not keep them (then the
+    compiled objective does). A function of the saved decisions, so a resume chooses the same."""
+    share = linear.onednn_share(model, batch_size) if precision == "fp32" else 0.0  # autocast: ATen's
+    if share == 0:
+        return "aten"
+    if compiling.traces_autograd():
+        return "onednn"
+    return None if share >= ONEDNN_SHARE else "aten"
+
+
 class CompiledObjective:
     """An :class:`~vaelab.objectives.Objective` whose forward pass and loss run compiled.
 
@@ -198,26 +211,26 @@ class FusedStep:
                 or not groups[0].get("fused") or groups[0].get("amsgrad") or groups[0].get("maximize")
                 or groups[0].get("decoupled_weight_decay")):
             return None
-        share = linear.onednn_share(model, batch_size) if precision == "fp32" else 0.0  # autocast: ATen's
-        if share > 0 and not compiling.traces_autograd():  # the graph's products can only be ATen's
-            if share >= ONEDNN_SHARE:
-                return None  # oneDNN is faster for most products: the compiled objective keeps them
-            share = 0.0
-        return cls(model, optimizer, objective, batch_size, precision, grad_clip, say, onednn=share > 0)
+        products = fused_products(model, batch_size, precision)
+        if products is None:
+            return None
+        return cls(model, optimizer, objective, batch_size, precision, grad_clip, say, onednn=products == "onednn")
 
     def takes(self, batch: Batch) -> bool:
         return self.compiled is not None and batch.x.shape[0] == self.batch_size
 
     def _loss(self, params: dict[str, torch.Tensor], batch: Batch, noise: PreDrawn, beta: float):
-        with torch.nn.utils.stateless._reparametrize_module(self.model, params), linear.aten_only(), \
+        """(loss, [Σ rec, Σ KL]) with the model's parameters replaced by ``params``."""
+        with torch.nn.utils.stateless._reparametrize_module(self.model, params), \
                 autocast(batch.x.device, self.precision):
             loss, terms = self.objective(self.model, batch, generator=noise, beta=beta)  # type: ignore[arg-type]
         return loss, torch.stack([terms.log_px_z.detach().sum(), terms.kl.detach().sum()])
 
     def _grads(self, params: list[torch.Tensor], batch: Batch, noise: PreDrawn, beta: float):
         """(gradients, after clipping; [loss, gradient norm before clipping, Σ rec, Σ KL])."""
-        grads, (loss, sums) = torch.func.grad_and_value(self._loss, has_aux=True)(
-            dict(zip(self.names, params, strict=True)), batch, noise, beta)
+        with linear.aten_only():
+            grads, (loss, sums) = torch.func.grad_and_value(self._loss, has_aux=True)(
+                dict(zip(self.names, params, strict=True)), batch, noise, beta)
         return self._finish([grads[n] for n in self.names], loss, sums)
 
     def _grads_autograd(self, params: list[torch.Tensor], batch: Batch, noise: PreDrawn, beta: float):
@@ -226,11 +239,9 @@ class FusedStep:
         ``torch.autograd.grad``, which dynamo traces into the same one graph
         (:func:`vaelab.compiling.autograd_traced`)."""
         ps = [p.detach().requires_grad_() for p in params]
-        with torch.enable_grad(), torch.nn.utils.stateless._reparametrize_module(
-                self.model, dict(zip(self.names, ps, strict=True))), autocast(batch.x.device, self.precision):
-            loss, terms = self.objective(self.model, batch, generator=noise, beta=beta)  # type: ignore[arg-type]
+        with torch.enable_grad():
+            loss, sums = self._loss(dict(zip(self.names, ps, strict=True)), batch, noise, beta)
             grads = list(torch.autograd.grad(loss, ps))
-        sums = torch.stack([terms.log_px_z.detach().sum(), terms.kl.detach().sum()])
         return self._finish(grads, loss.detach(), sums)
 
     def _finish(self, gs: list[torch.Tensor], loss: torch.Tensor, sums: torch.Tensor):
