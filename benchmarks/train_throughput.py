@@ -171,8 +171,8 @@ def main() -> None:
             ref_nelbo = reference_test_neg_elbo(ref, x_test)
         rows.append((name, ours, refs, nelbo, at))
         if "--compile" in name:  # what --compile compiled, by the loop's own rule
-            products = fused_products(res.model, 128, cfg.train.precision)
-            form = "the forward pass and the loss" if products is None else f"the whole step, {products} products"
+            whose = fused_products(res.model, 128, cfg.train.precision)  # not `products`: the floors' workload
+            form = "the forward pass and the loss" if whose is None else f"the whole step, {whose} products"
             forms.append(f"{name}: {form} (oneDNN measured faster for "
                          f"{linear.onednn_share(res.model, 128):.0%} of the float32 products' FLOPs)")
 
