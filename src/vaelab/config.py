@@ -14,6 +14,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -328,87 +329,135 @@ def to_dict(obj: Any) -> Any:
 
 
 def _coerce(tp: Any, value: Any, where: str, strict: bool = False) -> Any:
-    """Convert a JSON/TOML value to the annotated type ``tp`` (tuples, optionals, nested configs).
+    """Convert a JSON/TOML/command-line value to the annotated type ``tp`` (tuples, optionals, nested
+    configs), by the converter for the annotation's kind (:func:`_converter`).
     ``strict``: a value given in Python (no strings for numbers or booleans; configs as they are)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and strict:
+    return _converter(tp)(tp, value, where, strict)
+
+
+def _converter(tp: Any) -> Callable[[Any, Any, str, bool], Any]:
+    """The converter for an annotation's kind: a config, a union, a tuple, a scalar, or anything else
+    (taken as it is)."""
+    if dataclasses.is_dataclass(tp):
+        return _to_config
+    kind = _KINDS.get(typing.get_origin(tp))
+    if kind is not None:
+        return kind
+    return _to_scalar if tp in _SCALARS else _as_is
+
+
+def _as_is(tp: Any, value: Any, where: str, strict: bool) -> Any:
+    return value
+
+
+def _to_config(tp: Any, value: Any, where: str, strict: bool) -> Any:
+    """A nested config: from Python, an instance as it is; from a file, a table of its settings."""
+    if strict:
         if not isinstance(value, tp):
             raise ConfigError(f"{where}: expected a {tp.__name__}, got {_show(value)}")
         return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table/object, got {_show(value)}")
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{where}: may not be null")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, where, strict)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            out = tuple(_coerce(args[0], v, where, strict) for v in value)
-        elif len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        else:
-            out = tuple(_coerce(a, v, where, strict) for a, v in zip(args, value, strict=True))
-        return value if isinstance(value, tuple) and all(a is b for a, b in zip(out, value, strict=True)) else out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if not strict and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true/false, got {_show(value)}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, numbers.Integral):  # numpy integers
-            return int(value)
-        if not strict and isinstance(value, float) and value.is_integer():
-            return int(value)
-        if not strict and isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
-        if isinstance(value, float):
-            return value
-        if isinstance(value, numbers.Real) and not isinstance(value, int):  # numpy floats
-            return float(value)
-        if isinstance(value, numbers.Integral):
-            try:
-                return float(value)
-            except OverflowError:
-                raise ConfigError(f"{where}: {_show(value)} is too large a number") from None
-        if not strict and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {_show(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {_show(value)}")
-    return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table/object, got {_show(value)}")
+    return from_dict(tp, value, where)
+
+
+def _to_union(tp: Any, value: Any, where: str, strict: bool) -> Any:
+    """``X | Y | None``: null where None is allowed, else the first member that takes the value (the
+    first member's error when none does)."""
+    members = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None:
+        if len(members) < len(typing.get_args(tp)):
+            return None
+        raise ConfigError(f"{where}: may not be null")
+    errors = []
+    for a in members:
+        try:
+            return _coerce(a, value, where, strict)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0])
+
+
+def _to_tuple(tp: Any, value: Any, where: str, strict: bool) -> Any:
+    """``tuple[X, ...]`` (any length) or ``tuple[X, Y]`` (that many values): the same tuple object
+    when every value is already of its type, else a new tuple."""
+    args = typing.get_args(tp)
+    items = _items(value, where, strict)
+    if len(args) == 2 and args[1] is Ellipsis:
+        args = (args[0],) * len(items)
+    elif len(args) != len(items):
+        raise ConfigError(f"{where}: expected {len(args)} values, got {len(items)}")
+    out = tuple(_coerce(a, v, where, strict) for a, v in zip(args, items, strict=True))
+    return value if isinstance(value, tuple) and all(a is b for a, b in zip(out, value, strict=True)) else out
+
+
+def _items(value: Any, where: str, strict: bool) -> Sequence[Any]:
+    """The values of a list or tuple; not strict, also those of text ``"200,200"`` (as ``--hidden``
+    takes them, so ``--set model.hidden=200,200`` works) and a lone number (a list of one)."""
+    if isinstance(value, (list, tuple)):
+        return value
+    if not strict and isinstance(value, str):
+        return [v for v in value.split(",") if v.strip()]
+    if not strict and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return [value]
+    raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+
+
+class _Scalar(typing.NamedTuple):
+    """How a scalar annotation takes values: ``kind``, the Python values it takes (converted to the
+    annotated type); not strict, also ``loose`` values read by ``parse`` (a ValueError: not taken)."""
+
+    what: str  # what the error says is expected
+    kind: type | tuple[type, ...]
+    loose: type | tuple[type, ...]
+    parse: Callable[[Any], Any]
+
+
+def _parse_bool(text: str) -> bool:
+    word = text.lower()
+    if word not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return word in ("true", "1", "yes")
+
+
+def _parse_int(value: str | float) -> int:
+    """Text, or a whole float (``3.0`` in a JSON file)."""
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return int(value)
+
+
+_SCALARS = {
+    bool: _Scalar("true/false", bool, str, _parse_bool),
+    int: _Scalar("an integer", numbers.Integral, (str, float), _parse_int),  # numpy integers too
+    float: _Scalar("a number", numbers.Real, str, float),  # numpy floats and integers too
+    str: _Scalar("a string", str, (), str),
+}
+
+
+def _to_scalar(tp: type, value: Any, where: str, strict: bool) -> Any:
+    """bool, int, float or str (see :data:`_SCALARS`); a bool is never a number."""
+    s = _SCALARS[tp]
+    if isinstance(value, s.kind) and (tp is bool or not isinstance(value, bool)):
+        return value if isinstance(value, tp) else _convert(tp, value, where)
+    if not strict and isinstance(value, s.loose):
+        try:
+            return s.parse(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected {s.what}, got {_show(value)}")
+
+
+def _convert(tp: type, value: Any, where: str) -> Any:
+    try:
+        return tp(value)
+    except OverflowError:
+        raise ConfigError(f"{where}: {_show(value)} is too large a number") from None
+
+
+_KINDS: dict[Any, Callable[[Any, Any, str, bool], Any]] = {
+    typing.Union: _to_union, types.UnionType: _to_union, tuple: _to_tuple,
+}
 
 
 def from_dict(cls: type[C], d: dict[str, Any], where: str = "config") -> C:
