@@ -239,28 +239,28 @@ def test_onnx_matches_pytorch_for_every_model_and_likelihood(name, likelihood, n
     assert set(diffs) == set(graphs) and all(d < 1e-4 for d in diffs.values()), diffs
 
 
-def test_onnx_graphs_are_plain_when_the_linear_layers_run_on_onednn(monkeypatch, tmp_path):
-    """With every Linear forced onto oneDNN (vaelab.nets.linear), the exported graphs still hold
+def test_onnx_graphs_are_plain_when_the_linear_layers_run_on_onednn(tmp_path):
+    """With every Linear on oneDNN (vaelab.accel's plan "onednn"), the exported graphs still hold
     plain ONNX operators (no custom op), and agree with PyTorch on a batch large enough for oneDNN."""
     import onnx
 
-    from vaelab.nets import linear
+    from vaelab.accel import Accelerator, kernels
 
-    monkeypatch.setenv(linear.ENV, "onednn")
-    linear.reset()
-    try:
-        model = vaelab.build_model(ModelConfig(latent_dim=3, hidden=(256,)), vaelab.DataSpec((1, 28, 28))).eval()
-        with torch.no_grad():
-            model(torch.rand(300, 1, 28, 28))  # the products at 300 rows: decided (forced) onto oneDNN
-        assert any(v for v in linear.decisions().values()) or not linear.AVAILABLE
-        export_onnx(model, tmp_path)
-        for role in ("encoder", "decoder"):
-            domains = {n.domain for n in onnx.load(str(tmp_path / f"{role}.onnx")).graph.node}
-            assert domains <= {"", "ai.onnx"}, domains
-        diffs = _compare(model, tmp_path, batch=300)
-        assert all(d < 1e-4 for d in diffs.values()), diffs
-    finally:
-        linear.reset()
+    model = vaelab.build_model(ModelConfig(latent_dim=3, hidden=(256,)), vaelab.DataSpec((1, 28, 28))).eval()
+    Accelerator.for_model("onednn", model, rows=300).prepare(model)
+    assert any(isinstance(m, kernels.FastLinear) for m in model.modules()) or not kernels_available()
+    export_onnx(model, tmp_path)
+    for role in ("encoder", "decoder"):
+        domains = {n.domain for n in onnx.load(str(tmp_path / f"{role}.onnx")).graph.node}
+        assert domains <= {"", "ai.onnx"}, domains
+    diffs = _compare(model, tmp_path, batch=300)
+    assert all(d < 1e-4 for d in diffs.values()), diffs
+
+
+def kernels_available() -> bool:
+    from vaelab.accel import compiler
+
+    return compiler.has("onednn_linear")
 
 
 def test_onnx_of_a_label_conditioned_model_takes_the_condition(tmp_path):

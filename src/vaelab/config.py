@@ -43,6 +43,12 @@ def resumable(default: Any) -> Any:
     return field(default=default, metadata={"resumable": True})
 
 
+def recorded(default: Any) -> Any:
+    """A setting a run resolves when it starts and records in its config (``auto`` becomes what was
+    chosen): re-running it with the default keeps the recorded value, any other value must match it."""
+    return field(default=default, metadata={"recorded": True})
+
+
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -238,6 +244,9 @@ class TrainConfig:
     device: str = resumable("auto")  # auto | cpu | cuda | cuda:N | mps (auto: a GPU when one is visible)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, float32 master weights and reductions)
     compile: bool = resumable(False)  # torch.compile the forward pass and loss (pays off on long runs; docs/speed.md)
+    # which float32 linear products run on oneDNN: auto (this machine's persisted decisions, recorded here
+    # as the plan taken), aten, onednn, or a recorded plan such as 784x400=7,400x20=0 (docs/reliability.md)
+    kernels: str = recorded("auto")
     checkpoint_every: int = resumable(0)  # also checkpoint every N steps (0: at each epoch's end only)
     eval_batch_size: int = 1000
     threads: int | None = resumable(None)  # torch intra-op threads (None: torch's default)
@@ -311,6 +320,8 @@ class RunConfig:
                 a, b = getattr(mine, f.name), getattr(theirs, f.name)
                 if f.metadata.get("resumable"):
                     changes[f.name] = b
+                elif f.metadata.get("recorded") and b == f.default:
+                    changes[f.name] = a
                 elif a != b:
                     diffs.append(f"{sec.name}.{f.name}: run has {to_dict(a)!r}, now {to_dict(b)!r}")
             sections[sec.name] = dataclasses.replace(mine, **changes)

@@ -1,6 +1,6 @@
 """Distribution objects: the posterior, the prior and the decoder likelihoods."""
 
-from .base import Distribution
+from .base import Distribution, Noise, NoiseSource, standard_normal
 from .bernoulli import Bernoulli
 from .gaussian import Gaussian
 from .kl import KL, kl_divergence, monte_carlo_kl, register_kl
@@ -20,9 +20,12 @@ __all__ = [
     "Gaussian",
     "GaussianMixture",
     "LikelihoodHead",
+    "Noise",
+    "NoiseSource",
     "StandardNormal",
     "build_likelihood",
     "kl_divergence",
     "monte_carlo_kl",
     "register_kl",
+    "standard_normal",
 ]

@@ -9,8 +9,28 @@ e.g. to the unobserved pixels of a conditional model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class NoiseSource(Protocol):
+    """Where a reparameterised draw may take its standard-normal noise from besides a
+    ``torch.Generator``: any object that hands out N(0, I) tensors of the shapes asked for (e.g. noise
+    drawn beforehand, or common random numbers shared between two models)."""
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor: ...
+
+
+Noise = torch.Generator | NoiseSource | None
+
+
+def standard_normal(shape: tuple[int, ...], noise: Noise, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """N(0, I) of ``shape`` from a generator (None: the global one) or from a :class:`NoiseSource`."""
+    if noise is None or isinstance(noise, torch.Generator):
+        return torch.randn(shape, generator=noise, dtype=dtype, device=device)
+    return noise.randn(shape, dtype, device)
 
 
 class Distribution(ABC):

@@ -7,9 +7,8 @@ import math
 
 import torch
 
-from .base import Distribution, sum_event
+from .base import Distribution, Noise, standard_normal, sum_event
 from .kl import register_kl
-from .noise import Noise, standard_normal
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -31,7 +30,7 @@ class DiagonalGaussian(Distribution):
 
     def rsample(self, generator: Noise = None, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         """Reparameterised draw z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, Sec. 2.4);
-        eps from ``generator`` or, in a compiled step, pre-drawn (:mod:`.noise`)."""
+        eps from ``generator`` (a ``torch.Generator`` or a :class:`~.base.NoiseSource`)."""
         shape = sample_shape + torch.broadcast_shapes(self.mu.shape, self.logvar.shape)
         eps = standard_normal(shape, generator, self.mu.dtype, self.mu.device)
         return self.mu + self.std * eps

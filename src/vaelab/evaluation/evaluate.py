@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from ..accel import Accelerator
 from ..conditioning import Condition
 from ..config import RunConfig, check_count, check_seed
 from ..data import ImageSet
@@ -27,6 +28,10 @@ from ..safeio import dumps_json
 from .loop import evaluate_batches
 
 LN2 = math.log(2.0)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -127,7 +132,7 @@ def evaluate_model(
                           f"{pipeline.condition.name!r} gives {pipeline.condition.dim}")
     ev = evaluate_batches(model, data.images, data.labels, pipeline, k=k, batch_size=batch_size, seed=seed,
                           progress=progress and rank == 0, rank=rank, world=world, precision=precision,
-                          compile=compile)
+                          passes=Accelerator(compile=compile, say=_say).passes())
     n = ev.n
     e, lk = ev.elbo, ev.lk
     dims = ev.scored / max(n, 1)
@@ -219,6 +224,9 @@ def evaluate_run(
     if progress and rank == 0:  # what was loaded, before a possibly long computation
         print(f"evaluating {run.checkpoint} (epoch {run.state.get('epoch')}) on {len(data)} {split} images; "
               f"data {run.splits.describe()}", file=sys.stderr, flush=True)
+    # the kernels the run was trained with (its config's plan; auto: this machine's decisions)
+    Accelerator.for_model(run.config.train.kernels, run.model, rows=run.config.train.batch_size,
+                          say=_say).prepare(run.model)
     with peer_failures(dist_timeout, lambda: "nothing was written; re-run the same command"):
         res = evaluate_model(
             run.model, data, pipeline=run.pipeline, k=k, batch_size=batch_size, seed=seed, exact=exact,

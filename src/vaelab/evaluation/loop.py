@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,12 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import compiling
 from ..devices import autocast
 from ..distributed import all_sum, all_sum_tensor
-from ..distributions.noise import Noise, NoiseRecorder
-from ..models import device_of, generator_for
-from ..objectives import elbo_terms
+from ..distributions import Noise
+from ..models import device_of, fixed_weights, generator_for
+from ..objectives import elbo_terms, iwae_estimate
 from ..pipeline import BatchPipeline
 from ..progress import Progress, duration
 
@@ -125,7 +122,7 @@ def evaluate_batches(
     rank: int = 0,
     world: int = 1,
     precision: str = "fp32",
-    compile: bool = False,
+    passes: Pass | None = None,
 ) -> Evaluation:
     """Evaluate ``model`` on uint8 ``images`` (N, C, H, W) with k draws per datapoint: the ELBO's terms
     per layer (its reconstruction term averaged over the k draws), posterior means and L_k. The
@@ -135,14 +132,15 @@ def evaluate_batches(
     do not depend on the batches before it nor on the process that evaluates it. With ``world`` > 1
     (torch.distributed initialised; every rank calls this) rank r evaluates batches r, r + world, ...
     and the per-datapoint results are summed over the ranks into every rank's result, the same
-    (on one device kind and thread count) as one process evaluating all of them. ``compile`` runs the
-    forward passes by ``torch.compile`` (:class:`Passes`): the same draws, the same estimate up to
-    rounding, faster for long evaluations (a large k) once compiled."""
+    (on one device kind and thread count) as one process evaluating all of them. ``passes`` computes
+    one forward pass's summaries (default :func:`summaries`, eagerly); :mod:`vaelab.accel` offers a
+    faster one that takes the same draws."""
     device = device_of(model)
     amp = autocast(device, precision)  # checked before any work; entered around each forward pass
     budget = budget or (GPU_BUDGET if device.type == "cuda" else BUDGET)
     n = images.shape[0]
-    per_row = _floats_per_datapoint(model, images, labels, pipeline) if k > 1 and n else 0
+    per_row, names = _probe(model, images, labels, pipeline) if n else (0, [])
+    per_row = per_row if k > 1 else 0
     draws = k if per_row == 0 else max(1, min(k, budget // per_row))  # draws per call
     draws = -(-k // -(-k // draws))  # the same number in each call: 5000 = 2500 + 2500, not 4011 + 989
     rows = max(1, budget // (draws * per_row)) if per_row else batch_size  # datapoints per call
@@ -151,8 +149,8 @@ def evaluate_batches(
     offsets: list[int] = []  # index of each group's first datapoint
     scored = 0.0
     bar = Progress(len(starts), f"evaluate (k={k}, {n} images)", enabled=progress)
-    passes = Passes(compile, say=lambda msg: bar.note(msg) if progress else print(msg, file=sys.stderr, flush=True))
-    with eval_mode(model), bar:
+    passes = passes or summaries
+    with eval_mode(model), fixed_weights(model), bar:
         for done, i in enumerate(starts):
             g = batch_generator(model, seed, i // batch_size)
             b = pipeline(images[i : i + batch_size].to(device),
@@ -161,21 +159,21 @@ def evaluate_batches(
                 x, c = b.x[j : j + rows], None if b.c is None else b.c[j : j + rows]
                 mask = None if b.mask is None or b.mask.shape[0] == 1 else b.mask[j : j + rows]  # or broadcast
                 with amp:
-                    groups.append(_draws(model, x, c, mask, k, draws, g, passes))
+                    groups.append(_draws(model, x, c, mask, k, draws, g, names, passes))
                 offsets.append(i + j)
             scored += float(b.x[0].numel() * b.x.shape[0] if b.mask is None
                             else torch.broadcast_to(b.mask, b.x.shape).sum())
             bar.update()
             if done == 0 and bar.estimate() > ESTIMATE_AFTER:
                 bar.note(f"evaluate: k={k} draws for each of {n} images will take about {duration(bar.estimate())} "
-                         f"(measured on the first batch{', compiling included' if compile else ''}); "
+                         "(measured on the first batch); "
                          "a smaller -k or --limit is quicker")
     if world <= 1:
         return _concat(groups, k, scored)
     if not groups and n:  # no batch for this rank: learn the layers' shapes from one throwaway draw
         b = pipeline(images[:1].to(device), None if labels is None else labels[:1].to(device), generator_for(model, 0))
         with eval_mode(model):
-            template = _concat([_draws(model, b.x, b.c, b.mask, 1, 1, generator_for(model, 0))], k, 0.0)
+            template = _concat([_draws(model, b.x, b.c, b.mask, 1, 1, generator_for(model, 0), names)], k, 0.0)
         return _sum_over_ranks(template, [], n, world)
     return _sum_over_ranks(_concat(groups, k, scored), offsets, n, world, [g.n for g in groups])
 
@@ -214,80 +212,26 @@ def _sum_over_ranks(local: Evaluation, offsets: list[int], n: int, world: int,
 
 
 Summaries = tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]]
+#: one forward pass of m draws: (model, x, c, mask, m, noise) -> its summaries (:func:`summaries`)
+Pass = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", int, Noise], Summaries]
 
 
-def _summaries(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, m: int,
-               noise: Noise, names: list[str] | None = None) -> Summaries:
+def summaries(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, m: int,
+              noise: Noise) -> Summaries:
     """One forward pass of ``m`` draws: log-weights (m, B), the reconstruction term (B,) and per layer
-    (KL (B,), KL per dimension or None, posterior mean (B, L)); ``names``, when empty, gets the
-    layers' names (eager calls only)."""
+    (KL (B,), KL per dimension or None, posterior mean (B, L))."""
     out = model(x, c, generator=noise, k=m)
     t = elbo_terms(out, x, mask, weights=True)
     assert t.log_w is not None
-    if names is not None and not names:
-        names.extend(lt.name for lt in t.layers)
     return t.log_w, t.log_px_z, [(lt.kl, lt.kl_per_dim, _posterior_mean(layer.q, layer.z))
                                  for layer, lt in zip(out.layers, t.layers, strict=True)]
 
 
-# Each model's compiled passes, kept as long as the model lives (weakly: they do not keep it alive)
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
-
-
-def _compiled_pass(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None,
-                   m: int) -> Callable:
-    """The compiled pass of ``model`` for this kind of call (shapes, optional parts, autocast), made at its
-    first use. A later evaluation of the same model re-uses its graph: a function of its own per
-    evaluation was traced by dynamo again each time (~0.5 s on a CPU, in every part of a benchmark and
-    every call of a notebook). One kind per function keeps each far below dynamo's limit of graphs per
-    code object (:func:`vaelab.compiling.compiled`)."""
-    kind = (x.device, x.dtype, tuple(x.shape), m, None if c is None else (c.dtype, tuple(c.shape)),
-            None if mask is None else (mask.dtype, tuple(mask.shape)), torch.is_autocast_enabled(x.device.type),
-            torch.get_autocast_dtype(x.device.type), torch.is_grad_enabled(), compiling.BACKEND)
-    mine = _COMPILED.setdefault(model, {})
-    if kind not in mine:
-        mine[kind] = compiling.compiled(_summaries)
-    return mine[kind]
-
-
-class Passes:
-    """The forward passes of an evaluation, eager or (``compile``) by ``torch.compile``: one graph per
-    shape of pass (datapoints x draws; an evaluation has one or two), its noise drawn from the batch's
-    generator in the eager order and handed in as tensors (:mod:`vaelab.distributions.noise`), so a
-    compiled evaluation takes the same draws as an eager one and differs only by rounding. The
-    likelihood's elementwise work (e.g. the Bernoulli's softplus) and its sum over pixels then run as
-    one pass over the decoder's output. A compiler that fails is reported in one line (``say``) and the
-    evaluation goes on eagerly."""
-
-    def __init__(self, compile: bool = False, say: Callable[[str], None] = print) -> None:
-        self.compile = compile
-        self.say = say
-        self.names: list[str] = []
-        self.noise: dict[tuple[int, int], NoiseRecorder] = {}
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None,
-                 m: int, g: torch.Generator) -> Summaries:
-        if not self.compile:
-            return _summaries(model, x, c, mask, m, g, self.names)
-        shape = (x.shape[0], m)
-        if shape not in self.noise:  # note the draws of this shape (throwaway numbers, no gradient here)
-            self.noise[shape] = NoiseRecorder.throwaway(x.device)
-            _summaries(model, x, c, mask, m, self.noise[shape], self.names)
-        state = g.get_state()
-        try:
-            return _compiled_pass(model, x, c, mask, m)(model, x, c, mask, m, self.noise[shape].draw(g))
-        except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, said once)
-            g.set_state(state)
-            self.compile = False
-            self.say(f"torch.compile is not available here ({compiling.root_cause(e)}); evaluating eagerly")
-            return _summaries(model, x, c, mask, m, g, self.names)
-
-
 def _draws(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, k: int,
-           draws: int, g: torch.Generator, passes: Passes | None = None) -> Evaluation:
+           draws: int, g: torch.Generator, names: list[str], passes: Pass = summaries) -> Evaluation:
     """k draws for a group of datapoints, ``draws`` per forward pass; only small per-datapoint
-    summaries of each pass are kept (never its likelihood's parameters)."""
-    passes = passes or Passes()
+    summaries of each pass are kept (never its likelihood's parameters). L_k is the objective's own
+    :func:`~vaelab.objectives.iwae_estimate` of the passes' log-weights."""
     log_w, rec, layers = [], 0.0, None
     for done in range(0, k, draws):
         m = min(draws, k - done)
@@ -295,10 +239,9 @@ def _draws(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, mask: torc
         log_w.append(lw)
         rec = rec + log_px_z * (m / k)
         now = [LayerStats(name, kl * (m / k), None if per_dim is None else per_dim * (m / k), mean * (m / k))
-               for name, (kl, per_dim, mean) in zip(passes.names, per_layer, strict=True)]
+               for name, (kl, per_dim, mean) in zip(names, per_layer, strict=True)]
         layers = now if layers is None else [a + b for a, b in zip(layers, now, strict=True)]
-    lk = torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
-    return Evaluation(torch.as_tensor(rec), lk, layers or [], k)
+    return Evaluation(torch.as_tensor(rec), iwae_estimate(log_w), layers or [], k)
 
 
 def _posterior_mean(q, z: torch.Tensor) -> torch.Tensor:
@@ -321,11 +264,12 @@ def _concat(groups: list[Evaluation], k: int, scored: float) -> Evaluation:
                       scored)
 
 
-def _floats_per_datapoint(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
-                          pipeline: BatchPipeline) -> int:
-    """Numbers the likelihood holds per datapoint and draw, measured on one datapoint (a throwaway
-    generator, so the evaluation's own draws do not depend on it)."""
+def _probe(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
+           pipeline: BatchPipeline) -> tuple[int, list[str]]:
+    """Numbers the likelihood holds per datapoint and draw, and the stochastic layers' names, from one
+    datapoint's pass (a throwaway generator, so the evaluation's own draws do not depend on it)."""
     g, device = generator_for(model, 0), device_of(model)
     with eval_mode(model):
         b = pipeline(images[:1].to(device), None if labels is None else labels[:1].to(device), g)
-        return max(1, model(b.x, b.c, generator=g, k=1).likelihood.numel())
+        out = model(b.x, b.c, generator=g, k=1)
+        return max(1, out.likelihood.numel()), [layer.name for layer in out.layers]

@@ -13,6 +13,7 @@ from .base import (
     generator_for,
     repeat_rows,
 )
+from .priors import fixed_weights
 from .regressor import Regressor
 from .vae import CVAE, VAE
 
@@ -27,6 +28,7 @@ __all__ = [
     "StochasticLayer",
     "build_model",
     "device_of",
+    "fixed_weights",
     "flat_draws",
     "full_precision",
     "generator_for",

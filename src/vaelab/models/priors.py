@@ -19,7 +19,8 @@ run the model's own encoder on its pseudo-inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,7 +74,7 @@ class VampPrior(nn.Module):
         self.pseudo_conditions = (nn.Parameter(torch.randn(k, spec.cond_dim) * std + mean)
                                   if spec.cond_dim else None)  # (K, cond_dim)
         self.register_buffer("uniform", torch.zeros(k), persistent=False)  # log-weights, normalised later
-        self._cached: tuple[tuple, Distribution] | None = None
+        self._cache: dict[bool, Distribution] | None = None  # set inside fixed_weights()
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pseudo-inputs (and pseudo-conditions) as the encoder sees them: in [0, 1]."""
@@ -81,21 +82,33 @@ class VampPrior(nn.Module):
         return F.hardtanh(self.pseudo_inputs, 0.0, 1.0), None if c is None else F.hardtanh(c, 0.0, 1.0)
 
     def forward(self, model: VAE) -> Distribution:
-        # Evaluation calls the model once per chunk of draws (thousands of times for -L_5000), and with
-        # no gradient and fixed weights the prior is the same each time: it is computed once per state
-        # of the weights (their storage and in-place version counters), not once per call. (Not inside
-        # a compiled graph, which cannot compare storages: there it is part of the graph.)
-        key = None
-        if not torch.is_grad_enabled() and not model.training and not torch.compiler.is_compiling():
-            key = (torch.is_autocast_enabled(self.uniform.device.type),
-                   *((p.data_ptr(), p._version) for p in model.parameters()))
-            if self._cached is not None and self._cached[0] == key:
-                return self._cached[1]
+        # Evaluation calls the model once per chunk of draws (thousands of times for -L_5000) with fixed
+        # weights, where the prior is the same each time: inside fixed_weights(model) it is computed once
+        # (per autocast state: the encoder may run in bf16), not once per call.
+        key = torch.is_autocast_enabled(self.uniform.device.type)
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
         u, c = self.inputs()
         q = model.top_posterior(u, c)  # batch (K,), event (L_top,)
         prior = GaussianMixture(self.uniform, q.mu, q.logvar)
-        self._cached = None if key is None else (key, prior)
+        if self._cache is not None:
+            self._cache[key] = prior
         return prior
+
+
+@contextlib.contextmanager
+def fixed_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block ``model``'s weights do not change (an evaluation without gradients): a prior
+    that depends only on them (the VampPrior's mixture at its pseudo-inputs) is computed at its first
+    use and re-used after it. Leaving the block forgets it."""
+    priors = [m for m in model.modules() if isinstance(m, VampPrior)]
+    for p in priors:
+        p._cache = {}
+    try:
+        yield model
+    finally:
+        for p in priors:
+            p._cache = None
 
 
 #: name -> prior module class taking (ModelConfig, DataSpec, top latent size)

@@ -9,15 +9,13 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import ACTIVATIONS, DECODERS, ENCODERS
-from .linear import Linear
 
 
 def mlp(sizes: list[int], activation: str) -> nn.Sequential:
-    """Linear layers with ``activation`` between them (none after the last). The layers are
-    :class:`~.linear.Linear`: ``nn.Linear`` whose float32 CPU products take the faster of MKL and oneDNN."""
+    """``nn.Linear`` layers with ``activation`` between them (none after the last)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(Linear(a, b))
+        layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(ACTIVATIONS.get(activation)())
     return nn.Sequential(*layers)

@@ -8,6 +8,7 @@ from .elbo import (
     elbo,
     elbo_terms,
     iwae_bound,
+    iwae_estimate,
     iwae_loss,
     log_importance_weights,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "elbo",
     "elbo_terms",
     "iwae_bound",
+    "iwae_estimate",
     "iwae_loss",
     "log_importance_weights",
 ]

@@ -22,6 +22,7 @@ yourself (mean), and report nats per datapoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -91,8 +92,7 @@ class ELBOTerms:
         With k > 1 draws the loss is the IWAE objective -L_k instead (Burda et al. 2016), where beta
         and free bits have no meaning."""
         if self.log_w is not None and self.log_w.shape[0] > 1:
-            k = self.log_w.shape[0]
-            return -(torch.logsumexp(self.log_w, dim=0) - math.log(k)).mean()
+            return -iwae_estimate([self.log_w]).mean()
         if not self.layers:
             return -self.log_px_z.mean()
         kl = self._penalised_kl(self.layers[0], free_bits)
@@ -165,6 +165,19 @@ def log_importance_weights(
     return log_w
 
 
+def iwae_estimate(log_w: Iterable[torch.Tensor]) -> torch.Tensor:
+    """L_k = log (1/k) sum_i w_i per datapoint (B,) from the log importance weights of k draws, given
+    in chunks (m_j, B) with sum_j m_j = k: a streaming logsumexp that holds one chunk at a time. The one
+    computation of L_k: training's IWAE objective, :func:`iwae_bound` and ``vaelab evaluate`` use it."""
+    acc, k = None, 0
+    for lw in log_w:
+        part = torch.logsumexp(lw, dim=0)
+        acc, k = part if acc is None else torch.logaddexp(acc, part), k + lw.shape[0]
+    if acc is None:
+        raise ValueError("L_k needs at least one draw")
+    return acc - math.log(k)
+
+
 @torch.no_grad()
 def iwae_bound(
     model: nn.Module,
@@ -176,16 +189,10 @@ def iwae_bound(
     generator: torch.Generator | None = None,
     chunk: int = 512,
 ) -> torch.Tensor:
-    """L_k per datapoint (B,), computed in chunks of ``chunk`` draws with a streaming logsumexp, so
-    memory stays bounded for k in the thousands."""
-    acc = torch.full((x.shape[0],), -math.inf, device=x.device)
-    done = 0
-    while done < k:
-        m = min(chunk, k - done)
-        lw = log_importance_weights(model, x, m, c, mask=mask, generator=generator)
-        acc = torch.logaddexp(acc, torch.logsumexp(lw, dim=0))
-        done += m
-    return acc - math.log(k)
+    """L_k per datapoint (B,), drawn in chunks of ``chunk`` draws (memory stays bounded for k in the
+    thousands)."""
+    return iwae_estimate(log_importance_weights(model, x, min(chunk, k - done), c, mask=mask, generator=generator)
+                         for done in range(0, k, chunk))
 
 
 def iwae_loss(

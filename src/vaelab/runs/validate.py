@@ -5,7 +5,7 @@ random number generator states and the training counters. Every problem is a
 :class:`CheckpointError` that names the file and the entry.
 
 Why before: ``Optimizer.load_state_dict`` copies buffers without comparing their shapes to the
-parameters', and the fused Adam kernel then reads and writes past the end of a buffer that is too
+parameters', and Adam's single-kernel update then reads and writes past the end of a buffer that is too
 small (a segmentation fault, or silent heap corruption)."""
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def check_train_state(st: Any, source: str) -> dict[str, Any]:
     if not isinstance(st, Mapping):
         raise CheckpointError(f"{source}: corrupted training state (not a JSON object)")
     known = set(TrainState.__dataclass_fields__) | {"rng_meta", "world_size", "device", "grad_scaler", "data_fingerprint",
-                                                    "gemm"}
+                                                    "accel", "gemm"}  # gemm: the kernels of checkpoints before accel
     unknown = sorted(set(st) - known)
     if unknown:
         raise CheckpointError(f"{source}: corrupted training state: unknown entries {unknown}")

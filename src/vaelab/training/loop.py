@@ -16,7 +16,7 @@ import os
 import shlex
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,7 @@ from .feed import make_feed
 from .schedules import SCHEDULES
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
-from .speed import CompiledObjective, FusedStep, decide_shapes, flush_denormal
-from .step import Meters, TrainState, guard_nonfinite, train_step
+from .step import Meters, StepResult, TrainState, guard_nonfinite, train_step
 
 EpochCallback = Callable[[dict[str, Any]], None]  # the older form of a callback (see .callbacks)
 
@@ -121,7 +120,7 @@ def train(
         history = run.read_metrics() if rank == 0 else []
         # The signal handlers stay in place while a failure is reported (torchrun sends SIGTERM to the
         # survivors of a dead rank): the report is not cut short.
-        with StopSignals(announce=rank == 0) as stop, peer_failures(cfg.train.dist_timeout, hint), flush_denormal():
+        with StopSignals(announce=rank == 0) as stop, peer_failures(cfg.train.dist_timeout, hint), s.accel.training():
             fit(s, objective or ELBOObjective.from_config(s.cfg.train), cbs, max_steps, history,
                 distributed, stop)
             if distributed:
@@ -166,86 +165,104 @@ def _interrupted(s: Session, stop: StopSignals) -> Interrupted:
 
 def fit(s: Session, objective: Objective, callbacks: Sequence[CallbackLike] | CallbackList, max_steps: int | None,
         history: list[dict[str, Any]], distributed: bool, stop: StopSignals | None = None) -> None:
-    """The loop: steps until ``train.epochs`` epochs are done (or ``max_steps`` steps). A signal
+    """The loop: epochs of steps until ``train.epochs`` epochs are done (or ``max_steps`` steps). A signal
     recorded by ``stop`` ends it at the next step boundary with a checkpoint and :class:`Interrupted`."""
     t, state = s.cfg.train, s.state
     callbacks = as_callback_list(callbacks)
     if not callbacks.started:
         callbacks.start(RunInfo(s.run.root, s.cfg, s.spec, s.model, state.step, state.epoch, s.rank, s.world))
     stop = stop or StopSignals()
-    model = nn.parallel.DistributedDataParallel(s.model) if distributed else s.model
-    # the training split in memory (batching is indexing), or a Dataset streamed batch by batch
-    feed = make_feed(s.data.train, s.device, s.cfg.model.likelihood, s.data.train.source or s.data.name)
-    # Every rank takes the same number of examples (the few beyond a multiple of the world size are
-    # left out of that epoch's order), so all ranks take the same steps and DDP's collectives match.
-    n = len(feed)
-    usable = n - n % s.world
-    steps_per_epoch = math.ceil(usable // s.world / t.batch_size)
-    schedule = SCHEDULES.get(t.schedule)
-    decide_shapes(s.model, t.batch_size, usable // s.world, t.eval_batch_size,
-                  len(s.data.val.images), t.iwae_k)
-    fused = None
-    if t.compile:  # the whole step compiled where it can be, else the forward pass and the loss
-        fused = FusedStep.build(s.model, s.optimizer, objective, t.batch_size, t.precision, t.grad_clip, s.world,
-                                s.scaler, s.say)
-        objective = objective if fused is not None else CompiledObjective(objective, t.batch_size, s.say)
-    model.train()
+    step = _Stepper(s, objective, distributed, stop)
     while state.epoch < t.epochs:
-        epoch = state.epoch
-        order = epoch_order(n, t.seed, epoch)[:usable][s.rank :: s.world]
-        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", initial=state.step_in_epoch,
-                       enabled=t.progress and s.rank == 0)
-        meters = Meters(state.sums)
-        t0 = time.perf_counter()
-        signalled = False
-        batches = feed.epoch(order, state.step_in_epoch, t.batch_size)
-        for i in range(state.step_in_epoch, steps_per_epoch):
-            x, y = next(batches)
-            batch = s.pipeline(x, y, s.noise, train=True)
-            lr = schedule(t, epoch + i / steps_per_epoch)  # a pure function of the position: resumes exactly
-            for group in s.optimizer.param_groups:
-                group["lr"] = lr
-            beta = beta_at(t, epoch + i / steps_per_epoch)
-            r = fused(batch, beta, generator=s.noise, stop=lambda: stop.requested) \
-                if fused is not None and fused.takes(batch) else None
-            if r is None:
-                r = train_step(model, s.optimizer, objective, batch, beta, generator=s.noise, grad_clip=t.grad_clip,
-                               world=s.world, precision=t.precision, scaler=s.scaler, stop=lambda: stop.requested)
-            meters.add(r)
-            guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
-            state.step, state.step_in_epoch = state.step + 1, i + 1
-            if callbacks.wants_steps:  # numbers the step already brought to the host: no added sync
-                callbacks.on_step(StepInfo(state.step, epoch, i + 1, beta,
-                                           s.optimizer.param_groups[0]["lr"], r))
-            if i % 20 == 0 and meters.sums["n"]:
-                bar.set_postfix(f"loss {meters.loss:.2f}")
-            bar.update(1)
-            signalled = r.stop  # agreed by every process in the step's collective
-            halt = signalled or (max_steps is not None and state.step >= max_steps)
-            if i + 1 < steps_per_epoch and (halt or (t.checkpoint_every and state.step % t.checkpoint_every == 0)):
-                state.sums, state.elapsed = dict(meters.sums), state.elapsed + time.perf_counter() - t0
-                t0 = time.perf_counter()
-                # Mid-epoch (an epoch's end is saved after validation). No checkpoint while steps are being
-                # skipped: the weights may already be diverging, and "the last good checkpoint" must be
-                # good. Resuming replays these steps exactly.
-                if state.nonfinite_run == 0:
-                    s.save([s.run.latest])
-                    callbacks.on_checkpoint(CheckpointInfo((s.run.latest,), state.step, state.epoch, False))
-            if halt:
-                break
-        bar.close()
-        state.elapsed += time.perf_counter() - t0
-        state.sums = dict(meters.sums)
-        if state.step_in_epoch < steps_per_epoch:
+        meters, signalled = _epoch(s, step, callbacks, max_steps)
+        if state.step_in_epoch < step.steps_per_epoch:
             if signalled:
                 raise _interrupted(s, stop)
-            return  # stopped mid-epoch by max_steps (saved above)
+            return  # stopped mid-epoch by max_steps (saved in _epoch)
         _end_epoch(s, meters, callbacks, history)
         # A signal during the epoch's last step or its validation: the epoch's checkpoint is written
         if state.epoch < t.epochs and (signalled or all_any([stop.requested], s.world)[0]):
             raise _interrupted(s, stop)
         if max_steps is not None and state.step >= max_steps:
             return
+
+
+class _Stepper:
+    """One training step at a position of the run (epochs, fractional): the batch from the pipeline,
+    the schedule's learning rate and KL weight (pure functions of the position, so a resume is exact),
+    and :func:`~.step.train_step` with the objective and gradient pass the run's accelerator chose."""
+
+    def __init__(self, s: Session, objective: Objective, distributed: bool, stop: StopSignals) -> None:
+        t = s.cfg.train
+        self.s, self.stop, self.beta = s, stop, 0.0
+        self.model = nn.parallel.DistributedDataParallel(s.model) if distributed else s.model
+        # the training split in memory (batching is indexing), or a Dataset streamed batch by batch
+        self.feed = make_feed(s.data.train, s.device, s.cfg.model.likelihood, s.data.train.source or s.data.name)
+        # Every rank takes the same number of examples (the few beyond a multiple of the world size are
+        # left out of that epoch's order), so all ranks take the same steps and DDP's collectives match.
+        self.usable = len(self.feed) - len(self.feed) % s.world
+        self.steps_per_epoch = math.ceil(self.usable // s.world / t.batch_size)
+        self.schedule = SCHEDULES.get(t.schedule)
+        self.objective, self.gradient_pass = s.accel.step_parts(
+            s.model, s.optimizer, objective, batch_size=t.batch_size, precision=t.precision, grad_clip=t.grad_clip,
+            world=s.world, scaler=s.scaler)
+        self.model.train()
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """This rank's batches of ``epoch`` from batch ``start`` on (the order depends on (seed, epoch) alone)."""
+        s = self.s
+        order = epoch_order(len(self.feed), s.cfg.train.seed, epoch)[: self.usable][s.rank :: s.world]
+        return self.feed.epoch(order, start, s.cfg.train.batch_size)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, position: float) -> StepResult:
+        s, t = self.s, self.s.cfg.train
+        batch = s.pipeline(x, y, s.noise, train=True)
+        for group in s.optimizer.param_groups:
+            group["lr"] = self.schedule(t, position)
+        self.beta = beta_at(t, position)
+        return train_step(self.model, s.optimizer, self.objective, batch, self.beta, generator=s.noise,
+                          grad_clip=t.grad_clip, world=s.world, precision=t.precision, scaler=s.scaler,
+                          stop=lambda: self.stop.requested, gradient_pass=self.gradient_pass)
+
+
+def _epoch(s: Session, step: _Stepper, callbacks: CallbackList, max_steps: int | None) -> tuple[Meters, bool]:
+    """The steps of the current epoch from where it stands; stops early at ``max_steps`` or a signal
+    (with a checkpoint). Returns the epoch's meters and whether a signal stopped it."""
+    t, state, epoch, n = s.cfg.train, s.state, s.state.epoch, step.steps_per_epoch
+    bar = Progress(n, f"epoch {epoch + 1}/{t.epochs}", initial=state.step_in_epoch, enabled=t.progress and s.rank == 0)
+    meters, t0, signalled = Meters(state.sums), time.perf_counter(), False
+    batches = step.batches(epoch, state.step_in_epoch)
+    for i in range(state.step_in_epoch, n):
+        r = step(*next(batches), epoch + i / n)
+        meters.add(r)
+        guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
+        state.step, state.step_in_epoch = state.step + 1, i + 1
+        if callbacks.wants_steps:  # numbers the step already brought to the host: no added sync
+            callbacks.on_step(StepInfo(state.step, epoch, i + 1, step.beta, s.optimizer.param_groups[0]["lr"], r))
+        if i % 20 == 0 and meters.sums["n"]:
+            bar.set_postfix(f"loss {meters.loss:.2f}")
+        bar.update(1)
+        signalled = r.stop  # agreed by every process in the step's collective
+        halt = signalled or (max_steps is not None and state.step >= max_steps)
+        if i + 1 < n and (halt or (t.checkpoint_every and state.step % t.checkpoint_every == 0)):
+            state.sums, state.elapsed = dict(meters.sums), state.elapsed + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _save_mid_epoch(s, callbacks)
+        if halt:
+            break
+    bar.close()
+    state.elapsed += time.perf_counter() - t0
+    state.sums = dict(meters.sums)
+    return meters, signalled
+
+
+def _save_mid_epoch(s: Session, callbacks: CallbackList) -> None:
+    """A mid-epoch checkpoint (an epoch's end is saved after validation). None while steps are being
+    skipped: the weights may already be diverging, and "the last good checkpoint" must be good.
+    Resuming replays the steps since exactly."""
+    if s.state.nonfinite_run == 0:
+        s.save([s.run.latest])
+        callbacks.on_checkpoint(CheckpointInfo((s.run.latest,), s.state.step, s.state.epoch, False))
 
 
 def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: list[dict[str, Any]]) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..accel import Accelerator
 from ..conditioning import build_condition, describe_data
 from ..config import DataSpec, RunConfig
 from ..data import DataSplits, load_data
@@ -28,7 +29,6 @@ from ..distributed import all_gather, unwrap
 from ..errors import CheckpointError, NonFiniteError
 from ..models import build_model
 from ..models.priors import PRIORS
-from ..nets import linear
 from ..pipeline import BatchPipeline
 from ..runs.checkpoint import (
     Checkpoint,
@@ -73,11 +73,11 @@ class Session:
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     scaler: torch.amp.GradScaler | None = None  # fp16 only: the loss scale, saved with the run
+    accel: Accelerator = field(default_factory=Accelerator)  # the run's speed tricks (vaelab.accel)
 
     def say(self, msg: str) -> None:
         """Print on rank 0 only (through tqdm, so progress bars stay intact)."""
-        if self.rank == 0:
-            tqdm.write(msg)
+        _say(self.rank)(msg)
 
     def last_good(self) -> str:
         return str(self.run.latest) if self.run.latest.exists() else "(none yet)"
@@ -91,7 +91,7 @@ class Session:
             return
         rng.update({f"noise/{r}": s for r, s in enumerate(states)})
         st = {**dataclasses.asdict(self.state), "rng_meta": rng_meta, "world_size": self.world,
-              "device": self.device.type, "gemm": linear.decisions(unwrap(self.model))}
+              "device": self.device.type, "accel": self.accel.state()}
         if self.data.info.get("fingerprint"):  # data given from Python: resuming needs the same again
             st["data_fingerprint"] = self.data.info["fingerprint"]
         if self.scaler is not None:
@@ -127,6 +127,11 @@ class Session:
         self.save([self.run.best, self.run.latest] if improved else [self.run.latest])
 
 
+def _say(rank: int) -> Callable[[str], None]:
+    """Print on rank 0 only (through tqdm, so progress bars stay intact)."""
+    return tqdm.write if rank == 0 else (lambda msg: None)
+
+
 def _to_cpu(sd: dict[str, Any]) -> dict[str, Any]:
     """An optimizer state dict with its tensors on the CPU (checkpoints are device-free)."""
     state = {pid: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
@@ -155,7 +160,8 @@ def _restore(s: Session, ckpt: Checkpoint) -> None:
     saved_device = st.pop("device", "cpu")
     scaler_state = st.pop("grad_scaler", None)
     st.pop("data_fingerprint", None)  # compared in open_session
-    linear.preset(st.pop("gemm", {}), source)  # the kernels the run computed with (bit-identical resume)
+    Accelerator.check_state(st.pop("accel", {}), source)  # its kernels are the config's train.kernels
+    st.pop("gemm", None)  # written before vaelab.accel: the config's plan (auto) decides now
     if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
         raise CheckpointError(f"{source}: corrupted training state: world_size must be a whole number >= 1")
     if ckpt.optimizer is not None:
@@ -226,11 +232,15 @@ def open_session(
     np.random.seed(t.seed % 2**32)
     random.seed(t.seed)
     model = build_model(cfg.model, spec).to(device)
+    # the kernels: this machine's persisted decisions (train.kernels auto), recorded in the config
+    accel = Accelerator.for_model(t.kernels, model, rows=t.batch_size, compile=t.compile, say=_say(rank))
+    cfg = cfg.replace(train=dataclasses.replace(t, kernels=accel.kernels))
+    accel.prepare(model)
     pipeline = BatchPipeline(build_condition(cfg.model.condition, spec), cfg.data.binarize)
     noise = torch.Generator(device=device).manual_seed(t.seed + 7919 * rank)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     s = Session(run, cfg, spec, data, model, make_optimizer(model, cfg), noise, TrainState(), pipeline, rank, world,
-                device, scaler)
+                device, scaler, accel)
     if device.type != "cpu" or t.precision != "fp32":
         s.say(f"device {device}, precision {t.precision}")
     s.say(f"data {data.describe()}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from ..conditioning import Batch
 from ..devices import autocast
 from ..distributed import all_any, all_sum
 from ..errors import NonFiniteError
-from ..objectives import Objective
+from ..objectives import ELBOTerms, Objective
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,44 @@ def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What gradients of global norm ``norm`` are multiplied by to clip them to ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` does: min(1, max_norm / (norm + 1e-6))."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+def step_report(loss: torch.Tensor, gnorm: torch.Tensor, terms: ELBOTerms) -> torch.Tensor:
+    """What a step reports, as one tensor the host reads at once: [loss, gradient norm before clipping,
+    Σ over the batch of log P(X|z), Σ over the batch of Σ_l KL_l]."""
+    return torch.stack([loss.detach(), gnorm.detach().reshape(()), terms.log_px_z.detach().sum(),
+                        terms.kl.detach().sum()])
+
+
+class GradientPass(Protocol):
+    """The first part of a step: the gradients of ``objective`` on ``batch`` left in the parameters'
+    ``.grad`` (clipped), and the step's report (:func:`step_report`)."""
+
+    def __call__(self, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batch: Batch,
+                 beta: float, *, generator: torch.Generator | None, grad_clip: float | None, precision: str,
+                 scaler: torch.amp.GradScaler | None) -> torch.Tensor: ...
+
+
+def backward_pass(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batch: Batch,
+                  beta: float, *, generator: torch.Generator | None, grad_clip: float | None, precision: str,
+                  scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """The eager :class:`GradientPass`: the forward pass under autocast (``precision``), the loss, its
+    backward pass (scaled by ``scaler``, then unscaled), the gradient norm and the clipping."""
+    with autocast(batch.x.device, precision):
+        loss, terms = objective(model, batch, generator=generator, beta=beta)
+    optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else grad_norm(params)
+    return step_report(loss, gnorm, terms)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -49,25 +88,20 @@ def train_step(
     world: int = 1,
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
+    gradient_pass: GradientPass = backward_pass,
 ) -> StepResult:
     """Minimise ``objective`` on ``batch`` by one optimizer step. A non-finite loss or gradient on any
     process skips the update everywhere (the gradients are dropped), as vdvae's step does.
     ``precision`` bf16/fp16 runs the forward pass under autocast (float32 master weights); ``scaler``
-    (fp16) scales the loss, and the gradients are unscaled before they are measured or clipped."""
-    with autocast(batch.x.device, precision):
-        loss, terms = objective(model, batch, generator=generator, beta=beta)
-    optimizer.zero_grad(set_to_none=True)
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip is not None else grad_norm(params)
+    (fp16) scales the loss, and the gradients are unscaled before they are measured or clipped.
+    ``gradient_pass`` computes the gradients (default :func:`backward_pass`; :mod:`vaelab.accel` may give
+    a faster one of the same maths); the guard, the update and the report are this function's."""
+    report = gradient_pass(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip,
+                           precision=precision, scaler=scaler)
     # One synchronisation per step: the loss, the gradient norm and the batch's sums; then one
     # collective for what every process must agree on: skip the update (non-finite somewhere)? stop
     # after this step (``stop()``: this process was signalled, so far; StepResult.stop: some process was)?
-    loss_v, gnorm_v, rec_v, kl_v = torch.stack(
-        [loss.detach(), gnorm, terms.log_px_z.detach().sum(), terms.kl.detach().sum()]
-    ).tolist()
+    loss_v, gnorm_v, rec_v, kl_v = report.tolist()
     bad, halt = all_any([not (math.isfinite(loss_v) and math.isfinite(gnorm_v)), stop is not None and stop()], world)
     ok = not bad
     if ok:

@@ -1,6 +1,6 @@
-"""Where a reparameterised draw takes its standard-normal noise from.
+"""Noise drawn before a compiled call, handed to the model as a :class:`~vaelab.distributions.NoiseSource`.
 
-Eagerly that is a ``torch.Generator`` (or the global one). A compiled step cannot take a generator
+Eagerly a draw takes its noise from a ``torch.Generator`` (or the global one). A compiled step cannot take a generator
 into its graph (``torch.compile`` does not trace ``torch.randn(..., generator=g)``; it would break the
 graph at every draw and fuse nothing), so it takes the noise as tensors instead: :class:`NoiseRecorder`
 notes the shapes one eager call draws, :meth:`NoiseRecorder.draw` draws exactly those from the
@@ -51,12 +51,3 @@ class NoiseRecorder:
         """The same draws again, from ``generator``, for a compiled call."""
         return PreDrawn([torch.randn(s, generator=generator, dtype=d, device=dev) for s, d, dev in self.shapes])
 
-
-Noise = torch.Generator | PreDrawn | NoiseRecorder | None
-
-
-def standard_normal(shape: tuple[int, ...], noise: Noise, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """N(0, I) of ``shape``, from a generator (None: the global one) or from pre-drawn noise."""
-    if isinstance(noise, PreDrawn | NoiseRecorder):
-        return noise.randn(shape, dtype, device)
-    return torch.randn(shape, generator=noise, dtype=dtype, device=device)
