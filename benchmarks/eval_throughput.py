@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from _floors import KERNELS, floor_seconds, native_bf16
 
 import vaelab
+from vaelab.accel import Accelerator
 from vaelab.data import to_float
 from vaelab.devices import resolve_device
 from vaelab.evaluation import evaluate_batches
@@ -97,7 +98,8 @@ def main() -> None:
         for comp in (False, True):
             name = f"vaelab evaluate {prec}" + (" --compile" if comp else "")
             run = lambda s, e, p, prec=prec, comp=comp: evaluate_batches(  # noqa: E731
-                model, images[s:e], None, pipe, k=args.k, seed=p, precision=prec, compile=comp).lk.float()
+                model, images[s:e], None, pipe, k=args.k, seed=p, precision=prec,
+                passes=Accelerator(compile=comp).passes()).lk.float()
             if comp:  # compiled on one batch's pass shapes (its groups and the last one); later calls re-use them
                 t0 = time.perf_counter()
                 run(0, min(100, len(x)), 99)

@@ -28,11 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
+from vaelab.accel import KernelPlan, compiler
 from vaelab.data import to_float
 from vaelab.devices import resolve_device
 from vaelab.evaluation import evaluate_batches
-from vaelab.nets import linear
-from vaelab.training.speed import fused_products
 
 
 class ReferenceVAE(nn.Module):
@@ -170,11 +169,11 @@ def main() -> None:
         if ref_nelbo is None:
             ref_nelbo = reference_test_neg_elbo(ref, x_test)
         rows.append((name, ours, refs, nelbo, at))
-        if "--compile" in name:  # what --compile compiled, by the loop's own rule
-            whose = fused_products(res.model, 128, cfg.train.precision)  # not `products`: the floors' workload
-            form = "the forward pass and the loss" if whose is None else f"the whole step, {whose} products"
-            forms.append(f"{name}: {form} (oneDNN measured faster for "
-                         f"{linear.onednn_share(res.model, 128):.0%} of the float32 products' FLOPs)")
+        if "--compile" in name:  # what --compile compiled, by the accelerator's own rule
+            form = "the whole step" if compiler.has("trace_autograd") else "the forward pass and the loss"
+            plan = KernelPlan.parse(res.config.train.kernels) if res.config.train.kernels != "onednn" else None
+            on = "every layer" if plan is None else f"{sum(b > 0 for b in plan.bits.values())} of {len(plan.bits)} layers"
+            forms.append(f"{name}: {form}, oneDNN products in {on} (train.kernels {res.config.train.kernels})")
 
     fl = {k: min(v) for k, v in floors.items() if v}
     fastest32 = min((v for k, v in fl.items() if k.startswith("fp32")), default=float("nan"))

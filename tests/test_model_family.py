@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import vaelab
+from vaelab.accel import Accelerator
 from vaelab.config import DataSpec, ModelConfig, TrainConfig
 from vaelab.distributions import GaussianMixture, StandardNormal
 from vaelab.errors import ConfigError
@@ -131,12 +132,15 @@ def test_resume_is_bit_identical_and_checkpoints_round_trip(mnist_root, tmp_path
     assert sorted(ta) == sorted(tb) and not [k for k in ta if not torch.equal(ta[k], tb[k])]
     # save/load round trip: the run rebuilt from its checkpoint computes what the trained model did
     run = vaelab.load_run(tmp_path / "whole", "latest", device="cpu")
-    assert run.config == cfg.replace(data=replace(cfg.data, data_dir=str(mnist_root)))
+    assert run.config.train.kernels not in ("auto", "")  # the kernel plan the run took, recorded
+    assert run.config == cfg.replace(data=replace(cfg.data, data_dir=str(mnist_root)),
+                                     train=replace(cfg.train, kernels=run.config.train.kernels))
     assert run.model.config == cfg.model and load_checkpoint(RunDir.of(tmp_path / "whole").latest).state["step"] == 10
     x = torch.rand(6, 1, 28, 28)
     c = run.pipeline(torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8), None,
                      torch.Generator().manual_seed(0)).c
     whole.model.eval()
+    Accelerator().prepare(whole.model)  # plain nn.Linear again, as a loaded run's model computes
     with torch.no_grad():
         a = iwae_bound(whole.model, x, 7, c, generator=torch.Generator().manual_seed(1))
         b = iwae_bound(run.model, x, 7, c, generator=torch.Generator().manual_seed(1))
@@ -416,21 +420,26 @@ def test_unknown_schedule_is_one_line_before_any_data_is_read(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_vamp_prior_is_computed_once_per_state_of_the_weights_in_evaluation():
+def test_vamp_prior_is_computed_once_inside_fixed_weights_and_afresh_outside():
+    from vaelab.models import fixed_weights
+
     model, _ = _built("vae", "vamp", 2)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), fixed_weights(model):
         a, b = model.prior(), model.prior()
+        with torch.autocast("cpu", torch.bfloat16):
+            assert model.prior() is not a  # another autocast state: its own
     assert a is b  # evaluation: the pseudo-inputs are encoded once, not per call
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
     loss = -elbo(model, torch.rand(4, 1, 8, 8), generator=torch.Generator().manual_seed(0)).elbo.mean()
     loss.backward()
-    opt.step()  # in-place update of every weight: the cached prior is stale
+    opt.step()  # in-place update of every weight: a prior cached across it would be stale
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), fixed_weights(model):
         c = model.prior()
         u, _ = model.top_prior.inputs()
         fresh = model.top_posterior(u)
     assert c is not a and torch.equal(c.mu, fresh.mu) and torch.equal(c.logvar, fresh.logvar)
-    assert model.prior() is not model.prior()  # with gradients enabled it is recomputed every call
+    with torch.no_grad():
+        assert model.prior() is not model.prior()  # outside the block it is computed at every call

@@ -193,3 +193,61 @@ def test_training_with_iwae_k(tiny_cfg, tmp_path):
     assert row["train_loss"] < -(row["train_rec"] - row["train_kl"])
     with pytest.raises(vaelab.ConfigError, match="IWAE"):
         vaelab.TrainConfig(iwae_k=5, beta=0.5)
+
+
+def _exact_posterior_ppca(d: int = 6, latent: int = 2, sigma: float = 0.3, seed: int = 0):
+    """A PPCA model whose encoder is its exact posterior: W with orthogonal columns makes
+    M = WᵀW + σ²I diagonal, so q(z|x) = N(M⁻¹Wᵀ(x − b), σ²M⁻¹) is a diagonal Gaussian linear in x.
+    Every importance weight is then p(x) itself: L_k = ELBO = log p(x) exactly, for every k."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, latent, generator=g))
+    W = q * torch.tensor([1.5, 0.7])[:latent]  # (D, L), orthogonal columns
+    b = 0.5 + 0.1 * torch.randn(d, generator=g)
+    model = _ppca_model(d, latent)
+    m = (W * W).sum(0) + sigma**2  # diag(M)
+    enc, dec = model.encoder.net[0], model.decoder.net[0]
+    with torch.no_grad():
+        dec.weight.copy_(W)
+        dec.bias.copy_(b)
+        model.likelihood.log_sigma.fill_(math.log(sigma))
+        enc.weight.zero_()
+        enc.weight[:latent] = W.T / m[:, None]
+        enc.bias[:latent] = -(W.T @ b) / m
+        enc.bias[latent:] = torch.log(sigma**2 / m)
+    return model.eval()
+
+
+def test_the_lk_that_evaluate_prints_is_the_closed_form_with_the_exact_posterior():
+    # the number `vaelab evaluate` prints (evaluate_model -> the evaluation loop -> iwae_estimate), not a
+    # copy of it: with the exact posterior every log-weight is log p(x), so L_k equals the closed form
+    # to float rounding, whatever k, the draws per pass and the datapoints per call
+    from vaelab.data import ImageSet, to_float
+    from vaelab.evaluation import evaluate_model
+    from vaelab.evaluation.loop import evaluate_batches
+    from vaelab.pipeline import BatchPipeline, condition_of
+
+    model = _exact_posterior_ppca()
+    images = torch.randint(60, 200, (40, 1, 1, 6), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    exact = exact_log_px(model, to_float(images)).detach()
+    for k in (1, 64):
+        res = evaluate_model(model, ImageSet(images), k=k, batch_size=16, progress=False)
+        assert abs(-res.nll - exact.mean().item()) < 1e-5, (k, -res.nll, exact.mean().item())
+    for budget in (None, 6 * 10):  # all 64 draws in one pass; 10 a pass, in equal chunks (8 x 8)
+        ev = evaluate_batches(model, images, None, BatchPipeline(condition_of(model)), k=64, batch_size=16,
+                              budget=budget)
+        torch.testing.assert_close(ev.lk, exact, rtol=0, atol=1e-5)
+
+
+def test_the_lk_that_evaluate_prints_matches_the_ppca_likelihood_within_its_noise():
+    # an encoder off the exact posterior: L_5000 is a Monte Carlo estimate below log p(x), within its noise
+    from vaelab.data import ImageSet, to_float
+    from vaelab.evaluation import evaluate_model
+
+    model = _exact_posterior_ppca()
+    with torch.no_grad():
+        model.encoder.net[0].bias[2:] += 0.8  # posterior variances too wide by e^0.8
+    images = torch.randint(60, 200, (40, 1, 1, 6), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    exact = exact_log_px(model, to_float(images)).mean().item()
+    res = evaluate_model(model, ImageSet(images), k=5000, batch_size=20, progress=False)
+    assert -res.neg_elbo < exact - 0.05  # the ELBO is clearly below ...
+    assert abs(-res.nll - exact) < 0.02  # ... L_5000 all but closes the gap

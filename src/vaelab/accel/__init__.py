@@ -68,6 +68,13 @@ class Accelerator:
         plan = _plan(setting, model, rows, say)
         return cls(plan, compile, say, str(plan) if setting == "auto" else setting)
 
+    @staticmethod
+    def check_setting(setting: str) -> None:
+        """A one-line :class:`~vaelab.errors.ConfigError` for a ``train.kernels`` that is neither a
+        setting nor a plan (said before any data is read)."""
+        if setting not in kernels.SETTINGS:
+            KernelPlan.parse(setting)
+
     @property
     def kernels(self) -> str:
         """What to record in ``train.kernels``: the plan ``auto`` resolved to here, else the setting

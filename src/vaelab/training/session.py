@@ -211,6 +211,7 @@ def open_session(
     t = cfg.train
     SCHEDULES.get(t.schedule)  # unknown names are one-line errors before any data is read
     PRIORS.get(cfg.model.prior)
+    Accelerator.check_setting(t.kernels)
     device = resolve_device(t.device)  # a device or precision that is not there: said before any work
     autocast(device, t.precision)
     if t.threads:

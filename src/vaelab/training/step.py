@@ -34,7 +34,7 @@ def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch.nn.utils.get_total_norm(grads)
 
 
 def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
