@@ -248,7 +248,7 @@ def test_onnx_graphs_are_plain_when_the_linear_layers_run_on_onednn(tmp_path):
 
     model = vaelab.build_model(ModelConfig(latent_dim=3, hidden=(256,)), vaelab.DataSpec((1, 28, 28))).eval()
     Accelerator.for_model("onednn", model, rows=300).prepare(model)
-    assert any(isinstance(m, kernels.FastLinear) for m in model.modules()) or not kernels_available()
+    assert any(getattr(m, "bits", 0) for m in model.modules()) or not kernels_available()
     export_onnx(model, tmp_path)
     for role in ("encoder", "decoder"):
         domains = {n.domain for n in onnx.load(str(tmp_path / f"{role}.onnx")).graph.node}

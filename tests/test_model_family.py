@@ -140,7 +140,7 @@ def test_resume_is_bit_identical_and_checkpoints_round_trip(mnist_root, tmp_path
     c = run.pipeline(torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8), None,
                      torch.Generator().manual_seed(0)).c
     whole.model.eval()
-    Accelerator().prepare(whole.model)  # plain nn.Linear again, as a loaded run's model computes
+    Accelerator().prepare(whole.model)  # every product ATen's again, as a loaded run's model computes
     with torch.no_grad():
         a = iwae_bound(whole.model, x, 7, c, generator=torch.Generator().manual_seed(1))
         b = iwae_bound(run.model, x, 7, c, generator=torch.Generator().manual_seed(1))

@@ -174,18 +174,15 @@ class FastLinear(nn.Linear):
 
 
 def swap_linears(model: nn.Module, plan: KernelPlan) -> int:
-    """Compute every ``nn.Linear`` of ``model`` whose shape the plan sends to oneDNN by :class:`FastLinear`
-    (the same module object, so parameters, optimizer state and hooks stay as they were); the others
-    back to ``nn.Linear``. Returns how many layers take oneDNN."""
+    """Compute every ``nn.Linear`` of ``model`` by :class:`FastLinear` with its shape's bits from the plan
+    (the same module object, so parameters, optimizer state and hooks stay as they were; bits 0 is plain
+    ``F.linear``, but for autocast's casts inside a compiled graph). Returns how many layers take oneDNN."""
     n = 0
     for m in model.modules():
         if type(m) in (nn.Linear, FastLinear):
-            bits = plan.of(m.in_features, m.out_features)
-            m.__class__ = FastLinear if bits else nn.Linear
-            if bits:
-                m.bits, n = bits, n + 1
-            elif "bits" in vars(m):
-                del m.bits
+            m.__class__ = FastLinear
+            m.bits = plan.of(m.in_features, m.out_features)
+            n += m.bits > 0
     return n
 
 

@@ -256,6 +256,7 @@ class FusedGradients(_Compiled):
         if self.noise is None:
             self._prepare(batch, beta)
         self._timed()
+        optimizer.zero_grad(set_to_none=True)  # the last step's gradients freed before the graph allocates its own
         state = None if generator is None else generator.get_state()
         try:
             grads, report = self._graph([p.detach() for p in self.params], batch, self.noise.draw(generator),
@@ -264,7 +265,6 @@ class FusedGradients(_Compiled):
             self._failed(e, generator, state)
             return backward_pass(model, optimizer, objective, batch, beta, generator=generator,
                                  grad_clip=grad_clip, precision=precision, scaler=scaler)
-        optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
         return report
