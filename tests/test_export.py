@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -163,6 +164,20 @@ def test_export_options_are_checked(trained, tmp_path):
         vaelab.export_run(trained, tmp_path / "e", dtype="int8")
     with pytest.raises(ConfigError, match="dtype must be one of"):
         vaelab.from_pretrained(vaelab.export_run(trained, tmp_path / "e").path, dtype="float64")
+
+
+def test_onnx_without_the_onnx_extra_is_one_line_before_anything_is_written(trained, tmp_path, capsys, monkeypatch):
+    """Asked-for ONNX files that cannot be written are an error, not a warning after a success line."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the onnx extra were not installed
+    out = tmp_path / "exp"
+    assert main(["export", str(trained), str(out), "--onnx"]) == 2
+    res = capsys.readouterr()
+    assert res.out == "" and res.err.count("\n") == 1, res
+    assert "(--onnx) needs the onnx package" in res.err and "pip install 'vaelab[onnx]'" in res.err
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing written, no temporary folder
+    with pytest.raises(ConfigError, match=r"pip install 'vaelab\[onnx\]'"):
+        vaelab.export_run(trained, out, onnx=True)
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- ONNX

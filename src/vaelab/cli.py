@@ -298,7 +298,10 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
+    from .export.onnx import require_onnx
 
+    if args.onnx:  # before the run is read or anything is written
+        require_onnx(args.onnx_exporter)
     res = export_run(args.run, args.dir, dtype=args.dtype, onnx=args.onnx, force=args.force, which=_which(args),
                      seed=args.seed, exporter=args.onnx_exporter)
     print(res.describe())

@@ -44,7 +44,7 @@ from ..distributions.bernoulli import Bernoulli
 from ..distributions.gaussian import Gaussian
 from ..distributions.logistic import DiscretizedLogistic, DiscretizedLogisticMixture
 from ..distributions.normal import DiagonalGaussian
-from ..errors import VaelabError
+from ..errors import ConfigError, VaelabError
 
 EXPORTERS = ("torchscript", "dynamo")
 EXPORT_BATCH = 2  # the example batch the graphs are traced with (any batch size runs them)
@@ -52,6 +52,19 @@ EXPORT_BATCH = 2  # the example batch the graphs are traced with (any batch size
 
 class OnnxUnsupported(VaelabError):
     """A part of a model that ONNX export cannot express (the message names it)."""
+
+
+def require_onnx(exporter: str = "torchscript") -> None:
+    """A one-line :class:`ConfigError` saying how to install what writing ONNX files needs (the
+    ``onnx`` package; ``onnxscript`` too for the dynamo exporter), raised before any work."""
+    import importlib
+
+    for mod in ("onnx", *(("onnxscript",) if exporter == "dynamo" else ())):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            raise ConfigError(f"writing ONNX files (--onnx) needs the {mod} package, which is not installed: "
+                              f"pip install 'vaelab[onnx]' (or export without --onnx)") from None
 
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -194,6 +207,7 @@ def export_onnx(model: nn.Module, folder: str | Path, *, exporter: str = "torchs
 
     if exporter not in EXPORTERS:
         raise OnnxUnsupported(f"unknown ONNX exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
+    require_onnx(exporter)  # a missing package is an error for every graph, not a skipped one
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = model.float().cpu().eval()
