@@ -285,3 +285,27 @@ def test_the_pad_and_random_draws_follow_the_models_own_prior(clients, runs):
     assert len(a) == 2 and a == b and a != c
     assert clients["vamp2"].post("/api/prior", json={"seed": -1}).status_code == 400
     assert clients["reg"].post("/api/prior", json={}).status_code in (400, 409)  # no latent variables
+
+
+def test_numbers_past_pythons_digit_limit_or_not_ascii_are_400s_not_500s(clients):
+    """A 5,000-digit integer (past Python's int-string conversion limit), a 400-digit one (past what a
+    float holds), and digits that are not ASCII ("²".isdigit() is true but int() refuses it) are each
+    a 400 with a one-line message, in a JSON body, in a query string and in Content-Length."""
+    c = clients["vae"]
+    huge, big = "9" * 5000, "9" * 400
+    js = {"content-type": "application/json"}
+    for body in (f'{{"z": [{huge}, 0, 0, 0]}}', f'{{"z": [0, 0, 0, 0], "seed": {huge}}}',
+                 f'{{"z": [{big}, 0, 0, 0]}}', f'{{"z": [-{big}, 0, 0, 0]}}'):
+        _refused(c.post("/api/decode", content=body.encode(), headers=js), 400, "")
+    for route, body in (("samples", f'{{"temperature": {big}}}'), ("samples", f'{{"n": {huge}}}'),
+                        ("interpolate", f'{{"a": {huge}, "b": 0}}'), ("encode", f'{{"test": {big}}}'),
+                        ("prior", f'{{"seed": {big}}}'), ("samples", f'{{"temperature": 1{"0" * 400}.5}}')):
+        _refused(c.post(f"/api/{route}", content=body.encode(), headers=js), 400, "")
+    _refused(c.post("/api/decode", content=f'{{"z": [0, 0, 0, 0], "seed": {huge}}}'.encode(), headers=js), 400,
+             "digits")
+    for q in ("start=%C2%B2", "count=%C2%B2", "start=%D9%A3", "start=" + huge, "count=" + big, "start=+1",
+              "start=%201", "start="):
+        _refused(c.get(f"/api/tests?{q}"), 400, "'start'" if q.startswith("start") else "'count'")
+    for length in ("²", huge, "+2", "2 "):
+        _refused(c.post("/api/decode", content=b"{}", headers={**js, "content-length": length.encode("latin-1")}), 400,
+                 "Content-Length")

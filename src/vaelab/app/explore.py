@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -65,22 +66,54 @@ class BadRequest(Exception):
 
 
 # ---------------------------------------------------------------- validation of request values
+MAX_DIGITS = 30  # digits in an integer of a request (every value the explorer takes has far fewer)
+_ASCII_DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
+
+
+def need_number(v: Any, key: str, lo: float, hi: float, integer: bool) -> int | float:
+    """``v`` checked to be a number (an integer when ``integer``) in ``lo..hi``; anything else, however
+    large or odd, is a :class:`BadRequest` naming ``key`` (never an OverflowError or ValueError)."""
+    what = f"an integer in {lo}..{hi}" if integer else f"a finite number in {lo}..{hi}"
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise BadRequest(f"{key!r} must be {what}, got {_short(v)!r}")
+    try:
+        ok = math.isfinite(v) and lo <= v <= hi
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        raise BadRequest(f"{key!r} = {_short(v)} is out of range {lo}..{hi}")
+    return v if integer else float(v)
+
+
+def _short(v: Any) -> str:
+    """At most 40 characters of ``v`` for a message (str() of an int past 4300 digits raises)."""
+    try:
+        return str(v)[:40]
+    except ValueError:
+        return "(a number too long to show)"
+
+
 def need_int(d: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
     v = d.get(key, default)
     if v is None:
         raise BadRequest(f"{key!r} is required (an integer in {lo}..{hi})")
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise BadRequest(f"{key!r} must be an integer in {lo}..{hi}, got {str(v)[:40]!r}")
-    if not lo <= v <= hi:
-        raise BadRequest(f"{key!r} = {v} is out of range {lo}..{hi}")
-    return v
+    return int(need_number(v, key, lo, hi, integer=True))
 
 
 def need_float(d: dict[str, Any], key: str, lo: float, hi: float, default: float) -> float:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise BadRequest(f"{key!r} must be a finite number in {lo}..{hi}, got {str(v)[:40]!r}")
-    return float(v)
+    return float(need_number(d.get(key, default), key, lo, hi, integer=False))
+
+
+def parse_uint(text: str | None, key: str, lo: int, hi: int, default: int | None = None) -> int:
+    """A non-negative integer written in ASCII digits (a query parameter, a header) in ``lo..hi``:
+    ``"\u00b2"`` (which ``str.isdigit`` accepts), signs, spaces and thousands of digits are refused."""
+    if text is None:
+        if default is None:
+            raise BadRequest(f"{key!r} is required (an integer in {lo}..{hi})")
+        return default
+    if not _ASCII_DIGITS.fullmatch(text):
+        raise BadRequest(f"{key!r} must be an integer in {lo}..{hi} written in digits 0-9, got {text[:40]!r}")
+    return int(need_number(int(text), key, lo, hi, integer=True))
 
 
 def need_z(d: dict[str, Any], dim: int) -> torch.Tensor:
@@ -92,9 +125,13 @@ def need_z(d: dict[str, Any], dim: int) -> torch.Tensor:
         raise BadRequest(f"'z' has {len(z)} values, this model's top latent layer has {dim}")
     for i, v in enumerate(z):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise BadRequest(f"z[{i}] is not a number: {str(v)[:40]!r}")
-        if not math.isfinite(v) or abs(v) > Z_MAX:
-            raise BadRequest(f"z[{i}] = {v} must be finite with |z| <= {Z_MAX:g}")
+            raise BadRequest(f"z[{i}] is not a number: {_short(v)!r}")
+        try:
+            ok = math.isfinite(v) and abs(v) <= Z_MAX
+        except OverflowError:  # an int too large for a float
+            ok = False
+        if not ok:
+            raise BadRequest(f"z[{i}] = {_short(v)} must be finite with |z| <= {Z_MAX:g}")
     return torch.tensor([z], dtype=torch.float32)
 
 
@@ -102,8 +139,14 @@ def parse_json(body: bytes) -> dict[str, Any]:
     def no_constants(name: str) -> Any:
         raise BadRequest(f"{name} is not a number JSON allows")
 
+    def bounded_int(text: str) -> int:  # before int(): past 4300 digits it raises ValueError
+        if len(text.lstrip("-")) > MAX_DIGITS:
+            raise BadRequest(f"a number of {len(text.lstrip('-'))} digits is past the {MAX_DIGITS} digits "
+                             "the explorer accepts")
+        return int(text)
+
     try:
-        d = json.loads(body.decode("utf-8"), parse_constant=no_constants)
+        d = json.loads(body.decode("utf-8"), parse_constant=no_constants, parse_int=bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BadRequest(f"the body is not valid JSON ({str(e)[:80]})") from None
     if not isinstance(d, dict):
@@ -408,8 +451,8 @@ async def read_body(request: Any, limit: int = MAX_BODY) -> bytes:
     not get past)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest("invalid Content-Length header")
+        if not _ASCII_DIGITS.fullmatch(declared):
+            raise BadRequest("invalid Content-Length header (digits 0-9 expected)")
         if int(declared) > limit:
             raise BadRequest(f"the request body is {int(declared)} bytes, the limit is {limit}", 413)
     buf = bytearray()
@@ -494,15 +537,8 @@ def make_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None, max_
         return JSONResponse(await run_in_threadpool(explorer.info))
 
     async def tests(request: Request) -> Response:
-        q = {}
-        for key in ("start", "count"):
-            v = request.query_params.get(key)
-            if v is not None:
-                if not v.isdigit() or len(v) > 9:
-                    raise BadRequest(f"{key!r} must be a non-negative integer")
-                q[key] = int(v)
-        start = need_int(q, "start", 0, 10**9, 0)
-        count = need_int(q, "count", 1, MAX_THUMBS, 24)
+        start = parse_uint(request.query_params.get("start"), "start", 0, 10**9, 0)
+        count = parse_uint(request.query_params.get("count"), "count", 1, MAX_THUMBS, 24)
         return JSONResponse(await run_in_threadpool(explorer.test_images, start, count))
 
     def error(message: str, status: int) -> Response:
