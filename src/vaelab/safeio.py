@@ -29,6 +29,10 @@ DEFAULT_MAX_BYTES = 4 << 30  # the most bytes one file may hold, or decompress t
 DEFAULT_MAX_RATIO = 100  # beyond RATIO_FREE bytes, decompressed / compressed may not exceed this
 RATIO_FREE = 64 << 20  # small outputs are never refused for their ratio (a blank test image compresses 1000x)
 CHUNK = 1 << 20
+#: the most bytes of a JSON or TOML file vaelab reads (an export's config.json, a config file, an
+#: evaluation result: a few KB each); the suffix decides, so no caller can forget it
+MAX_JSON_BYTES = 1 << 20
+JSON_SUFFIXES = frozenset({".json", ".toml"})
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
@@ -99,12 +103,27 @@ def too_big(name: str, size: int, what: str = "holds") -> str:
             "(set VAELAB_MAX_BYTES, e.g. VAELAB_MAX_BYTES=16G, to allow more)")
 
 
-def open_regular(path: str | os.PathLike[str], error: type[VaelabError], what: str = "file") -> tuple[BinaryIO, int]:
+def _size_error(p: Path, size: int, max_bytes: int | None) -> str | None:
+    """Why a file of ``size`` bytes at ``p`` is not read, or None: past ``max_bytes`` when given, else
+    past :data:`MAX_JSON_BYTES` for a .json/.toml file, else past :func:`limits`'s ``max_bytes``."""
+    if max_bytes is None and p.suffix.lower() in JSON_SUFFIXES:
+        max_bytes = MAX_JSON_BYTES
+    if max_bytes is not None:
+        if size <= max_bytes:
+            return None
+        kind = p.suffix.lstrip(".").upper() or "such a"
+        return f"{p}: holds {human(size)}, more than the {human(max_bytes)} vaelab reads from a {kind} file"
+    return too_big(str(p), size) if size > limits().max_bytes else None
+
+
+def open_regular(path: str | os.PathLike[str], error: type[VaelabError], what: str = "file",
+                 max_bytes: int | None = None) -> tuple[BinaryIO, int]:
     """Open ``path`` for reading if it is a regular file within the size limit: (file object, size).
 
-    The file is stat'ed before it is opened (opening a FIFO for reading blocks until a writer comes),
-    opened non-blocking, and stat'ed again through the descriptor, so a file swapped in between is
-    refused too. Errors are ``error`` (DataError, CheckpointError, ...) naming the file."""
+    The limit is ``max_bytes`` when given, :data:`MAX_JSON_BYTES` for a .json or .toml file, else
+    :func:`limits`'s. The file is stat'ed before it is opened (opening a FIFO for reading blocks until
+    a writer comes), opened non-blocking, and stat'ed again through the descriptor, so a file swapped
+    in between is refused too. Errors are ``error`` (DataError, CheckpointError, ...) naming the file."""
     p = Path(path)
     try:
         st = os.stat(p)
@@ -112,8 +131,8 @@ def open_regular(path: str | os.PathLike[str], error: type[VaelabError], what: s
         raise error(f"{p}: cannot read {what}: {e.strerror or e}") from None
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{p}: is {_kind(st.st_mode)}, not a regular file; vaelab reads {what}s only from regular files")
-    if st.st_size > limits().max_bytes:
-        raise error(too_big(str(p), st.st_size))
+    if (why := _size_error(p, st.st_size, max_bytes)) is not None:
+        raise error(why)
     try:
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
@@ -122,8 +141,8 @@ def open_regular(path: str | os.PathLike[str], error: type[VaelabError], what: s
         st2 = os.fstat(fd)
         if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
             raise error(f"{p}: changed while it was being opened; not reading it")
-        if st2.st_size > limits().max_bytes:
-            raise error(too_big(str(p), st2.st_size))
+        if (why := _size_error(p, st2.st_size, max_bytes)) is not None:
+            raise error(why)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return open(fd, "rb", closefd=True), st2.st_size
@@ -132,9 +151,10 @@ def open_regular(path: str | os.PathLike[str], error: type[VaelabError], what: s
         raise
 
 
-def read_regular(path: str | os.PathLike[str], error: type[VaelabError], what: str = "file") -> bytes:
+def read_regular(path: str | os.PathLike[str], error: type[VaelabError], what: str = "file",
+                 max_bytes: int | None = None) -> bytes:
     """The bytes of a regular file within the size limit (see :func:`open_regular`)."""
-    fh, size = open_regular(path, error, what)
+    fh, size = open_regular(path, error, what, max_bytes)
     with fh:
         try:
             return read_exactly(fh, size, allow_short=True)
