@@ -27,7 +27,7 @@ from vaelab.data import load_data, write_idx
 from vaelab.errors import CheckpointError, DataError, VaelabError
 from vaelab.models import build_model
 from vaelab.runs import RunDir, load_checkpoint, load_run
-from vaelab.runs.checkpoint import load_model_state, read_metadata
+from vaelab.runs.checkpoint import load_model_state, read_config, read_metadata
 from vaelab.training import train
 
 MARKER_NAME = "PWNED"
@@ -246,6 +246,35 @@ def test_corrupted_training_state_is_refused_on_resume(trained, tmp_path):
     _resave(RunDir.of(run).latest, dst, edit_meta=lambda m: m.__setitem__("state", '{"epoch": 1, "bogus": 2}'))
     with pytest.raises(CheckpointError, match=re.escape(f"{dst}: corrupted training state: unknown entries ['bogus']")):
         train(load_checkpoint(dst).config, tmp_path / "run")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("README.md", b"# vaelab\n\nVariational autoencoders on images. See docs/quickstart.md.\n"),
+    ("notes.txt", b"no full stop at the end"),
+    ("picture.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4),
+    ("model.safetensors", b"hello, this is not a checkpoint."),
+])
+def test_a_file_that_is_no_checkpoint_at_all_is_named_plainly(tmp_path, capsys, name, content):
+    """A text file or picture given as RUN is "not a vaelab run or checkpoint", not a corrupted header
+    or a pickle (README.md ends with a full stop, which once read as a pickle's STOP)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    for load in (load_checkpoint, read_config):
+        with pytest.raises(CheckpointError) as e:
+            load(path)
+        assert str(e.value).startswith(f"{path}: not a vaelab run or checkpoint") and "pickle" not in str(e.value)
+    for argv in (["evaluate", str(path), "-k", "2", "--no-progress"], ["sample", str(path)]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err == f"vaelab: error: {path}: not a vaelab run or checkpoint (not a safetensors file)\n", err
+
+
+def test_a_protocol_0_pickle_is_still_refused_as_a_pickle(tmp_path, marker):
+    path = tmp_path / "weights"
+    path.write_bytes(_payloads(marker)["protocol0"])
+    for load in (load_checkpoint, read_config):
+        with pytest.raises(CheckpointError, match="refusing to load a pickle"):
+            load(path)
 
 
 def test_every_truncation_of_a_checkpoint_is_a_checkpoint_error(trained, tmp_path):

@@ -8,8 +8,10 @@ good checkpoint intact.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickletools
 import random
 import tempfile
 from dataclasses import dataclass, field
@@ -219,10 +221,39 @@ def refuse_unsafe(path: Path, head: bytes) -> None:
     or anywhere else in vaelab; this only makes the error say what the file is."""
     pickled = head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"  # pickle protocol >= 2, torch's zip
     if path.suffix.lower() in PICKLE_SUFFIXES or (pickled and not looks_like_safetensors(head)):
-        raise CheckpointError(
-            f"{path}: refusing to load a pickle/PyTorch .pt file (unpickling can execute arbitrary code). "
-            "vaelab checkpoints are .safetensors files with a JSON config."
-        )
+        raise _pickle_error(path)
+
+
+def _pickle_error(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: refusing to load a pickle/PyTorch .pt file (unpickling can execute arbitrary code). "
+        "vaelab checkpoints are .safetensors files with a JSON config."
+    )
+
+
+FOREIGN_SCAN = 1 << 20  # bytes of a file that is not safetensors read to tell a text pickle from other files
+
+
+def _is_pickle(data: bytes) -> bool:
+    """Whether ``data`` parses as a whole pickle (opcodes up to STOP; read by pickletools, never run)."""
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except Exception:  # an unknown opcode, a truncated argument, no STOP: not a pickle
+        return False
+    return True
+
+
+def refuse_foreign(path: Path, head: bytes) -> None:
+    """A file of 9 bytes or more that does not start as a safetensors file is no vaelab checkpoint at
+    all (a README, a picture, ...): say so, rather than that its header is corrupted; a text
+    (protocol 0/1) pickle is refused as one. ``head``: the file's first bytes (up to FOREIGN_SCAN)."""
+    if len(head) < 9 or looks_like_safetensors(head):
+        return
+    refuse_unsafe(path, head)
+    if _is_pickle(head):
+        raise _pickle_error(path)
+    raise CheckpointError(f"{path}: not a vaelab run or checkpoint (not a safetensors file)")
 
 
 def _json_field(p: Path, meta: dict[str, str], key: str, kind: type, default: Any = None) -> Any:
@@ -244,6 +275,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     p = Path(path)
     raw = read_regular(p, CheckpointError, "checkpoint")
     refuse_unsafe(p, raw[:16])
+    refuse_foreign(p, raw[:FOREIGN_SCAN])
     meta = read_metadata(p, raw)
     try:
         tensors = st_load(raw)
@@ -325,6 +357,9 @@ def read_config(path: str | os.PathLike[str]) -> RunConfig:
         with fh:
             head = fh.read(16)
             refuse_unsafe(p, head)
+            if not looks_like_safetensors(head):
+                fh.seek(0)
+                refuse_foreign(p, fh.read(FOREIGN_SCAN))
             n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
             _check_header_size(p, n, size)
             fh.seek(0)
