@@ -10,6 +10,8 @@ Rules (see docs/data.md):
   square, so images of mixed sizes and aspect ratios become one size; EXIF orientation is applied;
 * channels: grey (one channel) when ``data.grayscale`` or when every image is grey, else RGB
   (palette and alpha images are converted; alpha is dropped);
+* huge images: one with more pixels than :func:`pixel_limit` allows for the requested size (read
+  from its header, before any pixel is decoded) is skipped with a warning naming it;
 * test split: a seeded 10% hold-out (``data.seed``); the validation split is then taken from the
   rest as for every data set (``data.val_size``).
 """
@@ -31,6 +33,9 @@ from .registry import SOURCES
 
 DEFAULT_SIZE = 64
 TEST_FRACTION = 0.1
+MAX_PIXELS = 64_000_000  # never decode more pixels than this from one image (an 8000 x 8000 photo)
+MIN_PIXEL_LIMIT = 24_000_000  # whatever the size asked for, a 24-megapixel camera photo is read
+PIXELS_PER_OUTPUT = 1024  # beyond the floor: up to 32x the requested side, in both directions
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
@@ -41,6 +46,13 @@ def holdout(images: ImageSet, fraction: float, seed: int) -> dict[str, ImageSet]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(7_331 + seed))
     test_idx, train_idx = perm[:n_test].sort().values, perm[n_test:].sort().values
     return {"train": images.subset(train_idx), "test": images.subset(test_idx)}
+
+
+def pixel_limit(size: int) -> int:
+    """The most pixels an image may have to be decoded for ``size`` x ``size`` output: a generous
+    multiple of the output, at least :data:`MIN_PIXEL_LIMIT`, at most :data:`MAX_PIXELS` (always
+    below Pillow's own decompression-bomb threshold, so its warning never fires for images read)."""
+    return min(MAX_PIXELS, max(MIN_PIXEL_LIMIT, PIXELS_PER_OUTPUT * size * size))
 
 
 def resize_crop(img: Image.Image, size: int) -> Image.Image:
@@ -77,17 +89,32 @@ def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool
         raise DataError(f"{root}: the folder is empty (no files, searched recursively)")
     size = image_size or DEFAULT_SIZE
 
-    # Pass 1: headers only (lazy open), to skip non-images and decide grey vs colour before decoding.
+    # Pass 1: headers only (lazy open), to skip non-images and images too large to decode, and to
+    # decide grey vs colour, before decoding anything. Pillow's own bomb warning is replaced by ours.
     images: list[Path] = []
     modes: list[str] = []
     skipped: list[Path] = []
+    limit = pixel_limit(size)
     for p in files:
         try:
-            with Image.open(p) as im:
-                modes.append(im.mode)
-            images.append(p)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    w, h = im.size
+                    mode = im.mode
+        except Image.DecompressionBombError:
+            _too_large(p, limit, size)
             skipped.append(p)
+            continue
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+            skipped.append(p)
+            continue
+        if w * h > limit:
+            _too_large(p, limit, size, w, h)
+            skipped.append(p)
+            continue
+        modes.append(mode)
+        images.append(p)
     if not images:
         raise DataError(f"{root}: none of its {len(files)} files is an image Pillow can read "
                         f"(e.g. {skipped[0].relative_to(root)})")
@@ -100,7 +127,10 @@ def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool
     for i, p in enumerate(tqdm(images, desc=f"read {root.name}", disable=not progress or len(images) < 2000,
                                leave=False)):
         try:
-            with Image.open(p) as im:
+            with warnings.catch_warnings(), Image.open(p) as im:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                if im.size[0] * im.size[1] > limit:  # changed since pass 1
+                    raise ValueError(f"{im.size[0]}x{im.size[1]} pixels")
                 im.draft("RGB" if not grey else "L", (size, size))
                 img = _to_mode(ImageOps.exif_transpose(im), grey)
                 arr = np.asarray(resize_crop(img, size))
@@ -126,6 +156,14 @@ def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool
         index = {c: i for i, c in enumerate(classes)}
         labels, num_classes = np.array([index[r[0]] for r in rel], dtype=np.int64), len(classes)
     return ImageSet.from_numpy(out, labels, source=str(root), num_classes=num_classes)
+
+
+def _too_large(p: Path, limit: int, size: int, w: int | None = None, h: int | None = None) -> None:
+    """One line for an image skipped for its pixel count (``w``, ``h`` None: Pillow refused its header)."""
+    what = (f"{w}x{h} ({w * h / 1e6:.3g} megapixels)" if w is not None and h is not None
+            else "its header declares too many pixels")
+    warnings.warn(f"{p}: skipped: {what}; images are decoded up to {limit / 1e6:.3g} megapixels for "
+                  f"{size}x{size} data", VaelabWarning, stacklevel=3)
 
 
 def load_folder(arg: str, cfg: DataConfig) -> dict[str, ImageSet]:
