@@ -157,6 +157,32 @@ def test_grid_shows_any_channel_count(tmp_path):
         assert img.mode == mode and img.size == (3 * 8 + 2, 2 * 8 + 2)
 
 
+def test_train_refuses_a_folder_of_other_things_and_resumes_a_run_or_an_unstarted_one(mnist_dir, tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("precious")
+    assert main(_train_args(mnist_dir, user, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert err == f"vaelab: error: {user}: is not empty and holds no vaelab run (no config.json or checkpoints/); " \
+                  "choose a new or empty folder for the run (--run)\n", err
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]  # nothing written into it
+    with pytest.raises(vaelab.ConfigError, match="holds no vaelab run"):
+        vaelab.train(vaelab.RunConfig(), user)
+    # what an earlier start that failed may leave (a lock, an empty checkpoints/) is a run to start
+    for leftover in ("lock", "checkpoints"):
+        run = tmp_path / leftover
+        run.mkdir()
+        (run / ".lock").touch()
+        if leftover == "checkpoints":
+            (run / "checkpoints").mkdir()
+        assert main(_train_args(mnist_dir, run, "--epochs", "1")) == 0, capsys.readouterr().err
+        assert (run / "checkpoints" / "latest.safetensors").exists()
+    # a run with the user's own files beside it resumes
+    (run / "notes.txt").write_text("mine")
+    assert main(_train_args(mnist_dir, run, "--epochs", "2")) == 0
+    assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_a_run_that_fails_before_starting_leaves_no_folder(tmp_path):
     run = tmp_path / "never"
     assert main(["train", "--data", "kmnist", "--no-download", "--run", str(run), "--no-progress"]) == 2

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..safeio import dumps_json
-from .checkpoint import atomic_write
+from .checkpoint import TMP_SUFFIX, atomic_write
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,17 @@ class RunDir:
             current = None
         if current != text:
             atomic_write(self.metrics, text.encode())
+
+
+def check_run_target(root: str | os.PathLike[str]) -> None:
+    """Refuse, before any work, to train into a non-empty folder of other things (as ``vaelab export``
+    refuses for its folder). A run (config.json, metrics.jsonl or checkpoints/ in it, the user's own
+    files beside them) or what a start that failed before training leaves (``.lock``, a temporary
+    file) is taken."""
+    root = Path(root)
+    if not root.is_dir() or any((root / m).exists() for m in ("config.json", "metrics.jsonl", "checkpoints")):
+        return
+    started = lambda name: name == ".lock" or (name.startswith(".") and name.endswith(TMP_SUFFIX))  # noqa: E731
+    if not all(started(p.name) for p in root.iterdir()):  # (a file being written by rank 0 of a torchrun job)
+        raise ConfigError(f"{root}: is not empty and holds no vaelab run (no config.json or checkpoints/); "
+                          "choose a new or empty folder for the run (--run)")

@@ -35,7 +35,7 @@ from ..evaluation.loop import evaluate_batches
 from ..objectives import ELBOObjective, Objective
 from ..progress import Progress
 from ..runs.lock import RunLock
-from ..runs.rundir import RunDir
+from ..runs.rundir import RunDir, check_run_target
 from .callbacks import CallbackLike, CallbackList, CheckpointInfo, RunInfo, StepInfo, as_callback_list
 from .feed import make_feed
 from .schedules import SCHEDULES
@@ -100,6 +100,7 @@ def train(
         data, data_cfg = python_splits(data, cfg.data)
         cfg = cfg.replace(data=data_cfg)
     run = RunDir.of(run_dir)
+    check_run_target(run.root)  # a folder of other things is never written into
     if data is None and resume is not False:
         check_python_run(run.latest)  # a run trained on data from Python resumes only with that data
     distributed = setup_distributed(cfg.train.dist_timeout, resolve_device(cfg.train.device))
