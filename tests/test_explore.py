@@ -309,3 +309,25 @@ def test_numbers_past_pythons_digit_limit_or_not_ascii_are_400s_not_500s(clients
     for length in ("²", huge, "+2", "2 "):
         _refused(c.post("/api/decode", content=b"{}", headers={**js, "content-length": length.encode("latin-1")}), 400,
                  "Content-Length")
+
+
+def test_uploads_decoded_at_once_are_bounded_by_a_pixel_budget(clients, monkeypatch):
+    """Past DECODE_BUDGET pixels being decoded across requests, an upload is answered 503 (not queued,
+    not decoded); the budget is given back after every request, failed ones included."""
+    from vaelab.app import explore
+
+    c = clients["vae"]
+    monkeypatch.setattr(explore, "DECODE_BUDGET", 50 * 50)
+    small, big = _png_b64(np.zeros((40, 40), np.uint8)), _png_b64(np.zeros((60, 60), np.uint8))
+    assert c.post("/api/encode", json={"image": small}).status_code == 200
+    _refused(c.post("/api/encode", json={"image": big}), 503, "try again")
+    held = explore._decoding.acquire(1000)  # another request decoding a 1000-pixel image right now
+    try:
+        _refused(c.post("/api/encode", json={"image": small}), 503, "try again")
+        _refused(clients["half"].post("/api/complete", json={"image": small}), 503, "try again")
+    finally:
+        explore._decoding.release(held)
+    bad = base64.b64encode(base64.b64decode(small)[:40]).decode()  # header fine, pixel data cut short
+    _refused(c.post("/api/encode", json={"image": bad}), 400, "not a readable image")
+    assert explore._decoding.in_flight == 0
+    assert c.post("/api/encode", json={"image": small}).status_code == 200

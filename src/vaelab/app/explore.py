@@ -49,6 +49,7 @@ MAX_BODY = 1 << 20  # bytes in one request body (a 28x28 drawing as PNG is ~1 KB
 MAX_SIDE = 4096  # pixels on either side of an uploaded image (checked from its header, before decoding)
 MAX_PIXELS = 8_000_000  # pixels in an uploaded image
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
+DECODE_BUDGET = 4 * MAX_PIXELS  # pixels of uploaded images being decoded at once, all requests together
 Z_MAX = 1e4  # |z| beyond this is no point of the latent space anyone explores (and could overflow)
 MAX_SAMPLES = 16  # samples / completions per request
 MAX_GRID = 64  # images in one sample grid
@@ -154,6 +155,32 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return d
 
 
+class PixelBudget:
+    """Pixels of uploaded images decoded at full size at once, across all requests: past
+    :data:`DECODE_BUDGET` (read at each request) a request is answered 503 instead of waiting or
+    piling up memory (uvicorn admits 64 connections; 64 images of 8 M pixels would be GBs)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.in_flight = 0
+
+    def acquire(self, pixels: int) -> int:
+        with self.lock:
+            if self.in_flight + pixels > DECODE_BUDGET:
+                raise BadRequest(f"the server is decoding other images ({self.in_flight} of {DECODE_BUDGET} "
+                                 "pixels in flight); try again in a moment", 503)
+            self.in_flight += pixels
+        return pixels
+
+    def release(self, pixels: int) -> None:
+        if pixels:
+            with self.lock:
+                self.in_flight -= pixels
+
+
+_decoding = PixelBudget()
+
+
 def decode_image(data: Any, spec: DataSpec, key: str = "image", invert: bool = False) -> torch.Tensor:
     """An image given as base64 (optionally a ``data:image/...;base64,`` URI) -> (1, C, H, W) in [0, 1]
     at the model's size (centre-cropped to its aspect, resized). Format and size are checked from the
@@ -170,30 +197,36 @@ def decode_image(data: Any, spec: DataSpec, key: str = "image", invert: bool = F
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"{key!r} is not valid base64") from None
+    held = 0
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.format not in IMAGE_FORMATS:
-                raise BadRequest(f"{key!r}: {im.format} images are not accepted; send "
-                                 f"{', '.join(IMAGE_FORMATS)}", 415)
-            w, h = im.size
-            if w < 1 or h < 1 or w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
-                raise BadRequest(f"{key!r}: a {w}x{h} image is too large (at most {MAX_SIDE} pixels a side "
-                                 f"and {MAX_PIXELS} in all)", 413)
-            im.seek(0)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")  # transparent = no ink: composite over black
-                im2 = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-            else:
-                im2 = im.copy()
-    except BadRequest:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
-        raise BadRequest(f"{key!r} is not a readable image ({type(e).__name__}: {str(e)[:80]})") from None
-    c, hh, ww = spec.shape
-    im2 = im2.convert("L" if c == 1 else "RGB")
-    if invert:
-        im2 = ImageOps.invert(im2)
-    im2 = ImageOps.fit(im2, (ww, hh), Image.LANCZOS)
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                if im.format not in IMAGE_FORMATS:
+                    raise BadRequest(f"{key!r}: {im.format} images are not accepted; send "
+                                     f"{', '.join(IMAGE_FORMATS)}", 415)
+                w, h = im.size
+                if w < 1 or h < 1 or w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
+                    raise BadRequest(f"{key!r}: a {w}x{h} image is too large (at most {MAX_SIDE} pixels a "
+                                     f"side and {MAX_PIXELS} in all)", 413)
+                held = _decoding.acquire(w * h)  # until it is shrunk to the model's size
+                im.seek(0)
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    rgba = im.convert("RGBA")  # transparent = no ink: composite over black
+                    im2 = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+                else:
+                    im2 = im.copy()
+        except BadRequest:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                EOFError) as e:
+            raise BadRequest(f"{key!r} is not a readable image ({type(e).__name__}: {str(e)[:80]})") from None
+        c, hh, ww = spec.shape
+        im2 = im2.convert("L" if c == 1 else "RGB")
+        if invert:
+            im2 = ImageOps.invert(im2)
+        im2 = ImageOps.fit(im2, (ww, hh), Image.LANCZOS)
+    finally:
+        _decoding.release(held)
     t = torch.frombuffer(bytearray(im2.tobytes()), dtype=torch.uint8).reshape(hh, ww, -1).permute(2, 0, 1)
     if t.shape[0] != c:  # e.g. RGB for a 4-channel model: repeat what there is
         t = t[:1].expand(c, -1, -1) if c != 3 else t[:3]
