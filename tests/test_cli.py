@@ -183,6 +183,34 @@ def test_train_refuses_a_folder_of_other_things_and_resumes_a_run_or_an_unstarte
     assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.parametrize("given", ["missing", "empty", "other-data"])
+def test_an_explicit_data_dir_without_the_data_set_is_an_error_naming_it(mnist_dir, tmp_path, monkeypatch, capsys,
+                                                                         given):
+    """--data-dir is where the data set is: not found there is an error, never a silent fall-back to
+    another copy (here a system copy in /usr/share/datasets/mnist, simulated)."""
+    import vaelab.data.sources as sources
+
+    monkeypatch.setattr(sources, "SYSTEM_ROOT", mnist_dir)  # it holds mnist/
+    folder = tmp_path / "nonexistent"
+    if given != "missing":
+        folder.mkdir()
+        if given == "other-data":
+            (folder / "train-images-idx3-ubyte.gz").write_bytes(b"")  # some but not all of the files
+    args = _train_args(mnist_dir, tmp_path / "run", "--epochs", "1")
+    args[args.index("--data-dir") + 1] = str(folder)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"vaelab: error: --data-dir {folder}: "), err
+    assert ("no such folder" if given == "missing" else "holds no 'mnist' data set") in err, err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(vaelab.DatasetNotFoundError, match=re.escape(str(folder))):
+        vaelab.load_data(vaelab.DataConfig(name="mnist", data_dir=str(folder), download=True))
+    # without --data-dir the usual places are searched, the system copy among them
+    args = _train_args(mnist_dir, tmp_path / "run", "--epochs", "1")
+    i = args.index("--data-dir")
+    assert main(args[:i] + args[i + 2:]) == 0, capsys.readouterr().err
+
+
 def test_a_run_that_fails_before_starting_leaves_no_folder(tmp_path):
     run = tmp_path / "never"
     assert main(["train", "--data", "kmnist", "--no-download", "--run", str(run), "--no-progress"]) == 2

@@ -93,12 +93,16 @@ def test_resolution_order(tmp_path, monkeypatch):
 def test_offline_error_lists_every_place(tmp_path, monkeypatch):
     monkeypatch.setenv("VAELAB_DATA", str(tmp_path / "env"))
     with pytest.raises(DatasetNotFoundError) as e:
-        load_data(DataConfig(name="kmnist", data_dir=str(tmp_path / "mine"), download=False))
+        load_data(DataConfig(name="kmnist", download=False))
     msg = str(e.value)
-    for place in (tmp_path / "mine", tmp_path / "env" / "kmnist", Path("/usr/share/datasets/kmnist"),
+    for place in (tmp_path / "env", tmp_path / "env" / "kmnist", Path("/usr/share/datasets/kmnist"),
                   sources_mod.cache_root() / "kmnist"):
         assert str(place) in msg
     assert "download: disabled" in msg
+    # an explicit --data-dir is the one place searched: the error names it alone, on one line
+    with pytest.raises(DatasetNotFoundError, match=f"^--data-dir {tmp_path / 'mine'}: no such folder") as e:
+        load_data(DataConfig(name="kmnist", data_dir=str(tmp_path / "mine"), download=False))
+    assert "\n" not in str(e.value)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

@@ -113,7 +113,7 @@ class DataConfig:
     """Which data, where to look for it, and how pixels are presented to the model."""
 
     name: str = "fashion-mnist"  # a registered data set, or "folder:PATH", "npz:PATH", ...
-    data_dir: str | None = resumable(None)  # searched first; then $VAELAB_DATA, /usr/share/datasets, the cache
+    data_dir: str | None = resumable(None)  # where the data set is (alone; else $VAELAB_DATA, /usr/share/datasets, the cache)
     download: bool = resumable(True)  # download into the cache when found nowhere
     binarize: str = "none"  # none ([0,1] intensities) | dynamic (fresh Bernoulli each pass) | fixed (once, seeded)
     val_size: int = 5000  # examples held out of train for validation (seeded)

@@ -1,9 +1,11 @@
 """Finding data files on disk, or downloading them with a checksum check and a progress bar.
 
 Resolution order for a registered data set ``NAME`` (first place holding every file wins):
-``--data-dir`` (itself, then ``DIR/NAME``), ``$VAELAB_DATA`` (likewise), ``/usr/share/datasets/NAME``
-(Debian's dataset packages), the user cache (``$XDG_CACHE_HOME/vaelab/NAME``, default ``~/.cache``),
-then a download from the official mirrors into the cache.
+``$VAELAB_DATA`` (itself, then ``DIR/NAME``), ``/usr/share/datasets/NAME`` (Debian's dataset
+packages), the user cache (``$XDG_CACHE_HOME/vaelab/NAME``, default ``~/.cache``), then a download
+from the official mirrors into the cache. An explicit ``--data-dir DIR`` (``data.data_dir``) is
+where the data set is: DIR itself or ``DIR/NAME``, and nowhere else (not found there is an error
+naming DIR, never a silent fall-back to another copy).
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ def locate(
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
 ) -> dict[str, Path]:
-    """Return ``{file name: local path}`` for every file of a data set, downloading if allowed."""
+    """Return ``{file name: local path}`` for every file of a data set, downloading if allowed.
+    With ``data_dir``, only ``data_dir`` and ``data_dir/name`` are searched (see the module's notes)."""
+    if data_dir is not None and str(data_dir) != "":
+        return _locate_in(name, files, Path(data_dir))
     tried = []
     for folder in candidate_dirs(name, data_dir):
         found = {f.name: _find_in(folder, f) for f in files}
@@ -102,6 +107,25 @@ def locate(
         + f"\nPut the files in one of these folders, or pass --data-dir. (Debian/Ubuntu: "
         f"'apt-get install dataset-{name}' where such a package exists.)"
     )
+
+
+def _locate_in(name: str, files: Sequence[RemoteFile], root: Path) -> dict[str, Path]:
+    """The files of data set ``name`` in the explicit data folder ``root`` (itself, then ``root/name``)."""
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"--data-dir {root}: no such folder (data set {name!r}); give the folder that "
+                                   "holds it, or leave --data-dir out to search vaelab's usual places")
+    best: list[str] = []
+    for folder in (root, root / name):
+        found = {f.name: _find_in(folder, f) for f in files}
+        if all(found.values()):
+            return {k: v for k, v in found.items() if v is not None}
+        missing = [k for k, v in found.items() if v is None]
+        if folder.is_dir() and (not best or len(missing) < len(best)):
+            best = missing
+    raise DatasetNotFoundError(
+        f"--data-dir {root}: holds no {name!r} data set (looked in it and in {root / name}; missing "
+        f"{', '.join(best or [f.name for f in files])}); give the folder that holds it, or leave --data-dir out "
+        "to search vaelab's usual places (and download)")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
