@@ -342,6 +342,25 @@ def test_complete_run_and_cli(column_runs, label_run, tmp_path, capsys):
     assert "same X" in capsys.readouterr().err
 
 
+def test_the_complete_examples_in_docs_cvae_write_the_files_they_name(column_runs, tmp_path, capsys):
+    """docs/cvae.md's `vaelab complete runs/cc ... # -> runs/cc/NAME.png` lines, run as written (on
+    copies of the tiny runs at runs/cc and runs/cc-reg), write NAME.png."""
+    import shlex
+
+    doc = (Path(__file__).parent.parent / "docs" / "cvae.md").read_text()
+    examples = [line for line in doc.splitlines() if line.startswith("vaelab complete ") and "# -> " in line]
+    assert examples
+    runs = tmp_path / "runs"
+    shutil.copytree(column_runs[0].run_dir, runs / "cc")
+    shutil.copytree(column_runs[1].run_dir, runs / "cc-reg")
+    for line in examples:
+        command, said = line.split("#", 1)
+        written = said.split("->", 1)[1].split()[0].rstrip(",")
+        argv = [a.replace("runs/", f"{runs}/", 1) if a.startswith("runs/") else a for a in shlex.split(command)[1:]]
+        assert main(argv) == 0, line
+        assert capsys.readouterr().out.splitlines()[0] == str(tmp_path / written), line
+
+
 @pytest.mark.parametrize("condition", ["centre-column", "random-patches"])
 def test_resume_mid_epoch_is_exact_with_random_conditions(toy_dir, tmp_path, condition):
     """Noisy binarization and random masks come from the training loop's saved generator."""
