@@ -259,7 +259,7 @@ def test_onnx_graphs_are_plain_when_the_linear_layers_run_on_onednn(tmp_path):
     plain ONNX operators (no custom op), and agree with PyTorch on a batch large enough for oneDNN."""
     import onnx
 
-    from vaelab.accel import Accelerator, kernels
+    from vaelab.accel import Accelerator
 
     model = vaelab.build_model(ModelConfig(latent_dim=3, hidden=(256,)), vaelab.DataSpec((1, 28, 28))).eval()
     Accelerator.for_model("onednn", model, rows=300).prepare(model)
