@@ -5,6 +5,7 @@ same result; the same validation and one-line errors as the file sources; resume
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ def test_resume_needs_the_same_data_and_is_exact(tiny_cfg, tmp_path, digits):
     a = vaelab.train(cfg, tmp_path / "ds-full", data=data)
     vaelab.train(cfg, tmp_path / "ds-cut", data=data, max_steps=9)
     _same(_weights(a), _weights(vaelab.train(cfg, tmp_path / "ds-cut", data=data)))
-    with pytest.raises(DataError, match="was given from Python"):
+    with pytest.raises(DataError, match=r"given from Python .* vaelab.evaluate_run\(run, data=...\)"):
         vaelab.evaluate_run(tmp_path / "full", k=2, progress=False)
 
 
@@ -144,3 +145,71 @@ def test_bad_data_is_one_line_naming_the_problem(tiny_cfg, tmp_path, data, messa
         vaelab.train(cfg, tmp_path / "run", data=data)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def _small(tiny_cfg):
+    """tiny_cfg with data.val_size left unset (as a newcomer's DataConfig is)."""
+    return tiny_cfg.replace(data=vaelab.DataConfig(name="mnist"), train=replace(tiny_cfg.train, epochs=1))
+
+
+def test_a_small_data_set_trains_with_the_default_val_size(tiny_cfg, tmp_path, digits):
+    """1,797 digits (or 240 here) from Python hold out 10% for validation when val_size is unset;
+    MNIST-sized data still hold out 5,000, and the registered data sets keep their 5,000."""
+    from vaelab.data.python import auto_val_size
+
+    x, y, _, _ = digits
+    res = vaelab.train(_small(tiny_cfg), tmp_path / "run", data=(x, y))  # 240 - 24 test = 216 -> 21 held out
+    assert res.config.data.val_size == 21 and len(res.history) == 1
+    assert auto_val_size(54_000) == 5000 and auto_val_size(1617) == 161 and auto_val_size(5) == 1
+    assert vaelab.DataConfig().val_size == 5000 == vaelab.DataConfig(name="mnist").val_size
+    # the run records the number; resuming with val_size still unset takes it
+    more = vaelab.train(_small(tiny_cfg).replace(train=replace(tiny_cfg.train, epochs=2)), tmp_path / "run", data=(x, y))
+    assert more.config.data.val_size == 21 and len(more.history) == 2
+
+
+def test_a_val_size_too_large_is_said_in_python_words(tiny_cfg, tmp_path, digits):
+    x, y, _, _ = digits
+    cfg = _small(tiny_cfg).replace(data=vaelab.DataConfig(name="mnist", val_size=5000))
+    with pytest.raises(DataError, match=r"data.val_size = 5000 leaves no training data \(216 examples\); .*"
+                                        r"DataConfig\(val_size=21\)") as e:
+        vaelab.train(cfg, tmp_path / "run", data=(x, y))
+    assert "--val-size" not in str(e.value)
+
+
+def test_evaluate_takes_the_data_train_took(tiny_cfg, tmp_path, digits):
+    x, y, xt, yt = digits
+    cfg = _small(tiny_cfg)
+    vaelab.train(cfg, tmp_path / "run", data=(x, y))
+    res = vaelab.evaluate_run(tmp_path / "run", data=(x, y), k=2, progress=False)
+    assert res.n == 24 and Path(res.extra["written"]).exists()  # the test split training held out
+    assert vaelab.evaluate_run(tmp_path / "run", data={"train": (x, y)}, k=2, progress=False, split="val").n == 21
+    with pytest.raises(DataError, match="are not the data the run was trained on"):
+        vaelab.evaluate_run(tmp_path / "run", data=(x[::-1].copy(), y), k=2, progress=False)
+    # evaluate_model: arrays, (images, labels), a Dataset, TrainData's split, as well as an ImageSet
+    model = vaelab.load_run(tmp_path / "run").model
+    for data in (xt, (xt, yt), Images(xt, yt), torch.from_numpy(xt), TrainData(x, test=xt)):
+        assert vaelab.evaluate_model(model, data, k=2, progress=False).n == 60
+    with pytest.raises(DataError, match=r"no test split was given .*evaluate_run\(run, data=...\)"):
+        vaelab.evaluate_model(model, TrainData(x), k=2, progress=False)
+
+
+def test_overwrite_starts_a_run_afresh(tiny_cfg, tmp_path, digits):
+    """A notebook cell run twice: overwrite=True trains anew (even with another configuration),
+    removing only vaelab's files; a folder of other things and resume=True are refused."""
+    x, y, _, _ = digits
+    cfg, run = _small(tiny_cfg), tmp_path / "run"
+    first = vaelab.train(cfg, run, data=(x, y))
+    vaelab.evaluate_run(run, data=(x, y), k=2, progress=False)
+    (run / "notes.txt").write_text("mine")
+    other = cfg.replace(model=replace(cfg.model, latent_dim=3))
+    again = vaelab.train(other, run, data=(x, y), overwrite=True)
+    assert again.config.model.latent_dim == 3 and len(again.history) == 1 and again.state.step == first.state.step
+    assert len(vaelab.load_run(run).model.state_dict()) and not (run / "eval").exists()
+    assert (run / "notes.txt").read_text() == "mine" and len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ConfigError, match="cannot also resume"):
+        vaelab.train(cfg, run, data=(x, y), overwrite=True, resume=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    with pytest.raises(ConfigError, match="holds no vaelab run"):
+        vaelab.train(cfg, tmp_path / "mine", data=(x, y), overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").exists()

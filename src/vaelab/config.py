@@ -108,6 +108,26 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGERS = ("none", "tensorboard")  # train.log: where training is tracked besides metrics.jsonl
 
 
+class _DefaultValSize(int):
+    """The default ``data.val_size`` (5000), told apart from a 5000 someone set: data given from
+    Python (``vaelab.train(..., data=...)``) hold out 10% of their training images up to 5000
+    instead, so a small data set trains without setting it. Everywhere else it is the int 5000."""
+
+    def __repr__(self) -> str:
+        return "5000"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copies and pickles stay the default
+        return (_DefaultValSize, (int(self),))
+
+
+DEFAULT_VAL_SIZE = _DefaultValSize(5000)
+
+
+def val_size_is_default(cfg: DataConfig) -> bool:
+    """Whether ``cfg.val_size`` was left at its default (not given in Python, a file or a flag)."""
+    return isinstance(cfg.val_size, _DefaultValSize)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, where to look for it, and how pixels are presented to the model."""
@@ -116,7 +136,8 @@ class DataConfig:
     data_dir: str | None = resumable(None)  # where the data set is (alone; else $VAELAB_DATA, /usr/share/datasets, the cache)
     download: bool = resumable(True)  # download into the cache when found nowhere
     binarize: str = "none"  # none ([0,1] intensities) | dynamic (fresh Bernoulli each pass) | fixed (once, seeded)
-    val_size: int = 5000  # examples held out of train for validation (seeded)
+    # examples held out of train for validation (seeded); left unset, data from Python hold out 10% up to 5000
+    val_size: int = DEFAULT_VAL_SIZE
     limit_train: int | None = None  # use only the first N training examples (quick runs)
     limit_test: int | None = None
     image_size: int | None = None  # resize/centre-crop target for image folders

@@ -14,8 +14,13 @@ What ``data`` may be:
 
 Splits, as for an ``npz`` file: ``test`` given, or else a seeded 10% of ``train`` held out (arrays
 and Datasets that fit the memory budget; a streamed Dataset gets no test split unless one is given);
-``val`` given, or else ``data.val_size`` examples of ``train`` held out (seeded). So training from
-arrays gives exactly what training from the same arrays saved with ``numpy.savez`` gives.
+``val`` given, or else ``data.val_size`` examples of ``train`` held out (seeded); ``data.val_size``
+left unset holds out 10% of ``train``, at most 5000 (:func:`auto_val_size`: 54,000 -> 5,000, 1,617
+-> 161), and the run records the number. So training from arrays gives exactly what training from
+the same arrays saved with ``numpy.savez`` gives with the same ``data.val_size``.
+
+The same forms are what :func:`vaelab.evaluate_run` (``data=``, split as training split them) and
+:func:`vaelab.evaluate_model` (all of them as given, or a split of ``TrainData``) take.
 
 A Dataset whose training split would take more than ``memory_budget`` bytes in memory (as training
 holds it: uint8 plus a float32 copy, 5 bytes per pixel) is **streamed**: each step reads its batch
@@ -46,7 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import DataConfig
+from ..config import DEFAULT_VAL_SIZE, DataConfig, val_size_is_default
 from ..errors import ConfigError, DataError
 from ..safeio import _parse_size, human
 from .arrays import _channel_first, make_images, to_uint8
@@ -315,12 +320,33 @@ def python_splits(data: Any, cfg: DataConfig) -> tuple[DataSplits, DataConfig]:
             raw["test"] = train.subset(slice(0, 0)).materialize()
         else:
             raw.update(holdout(train, TEST_FRACTION, cfg.seed))  # as an npz file without a test split
+    if "val" not in raw:
+        cfg = dataclasses.replace(cfg, val_size=_val_size(cfg, len(raw["train"]), raw["train"].source))
     _agree_classes(raw, d.num_classes)
     splits = finish_splits(raw, cfg)
     if isinstance(splits.val, StreamedImages):  # held out of a streamed train: read into memory
         splits = dataclasses.replace(splits, val=splits.val.materialize())
     info = {**splits.info, "source": f"{kind} given from Python", "fingerprint": fingerprint(splits)}
     return dataclasses.replace(splits, info=info), cfg
+
+
+def auto_val_size(n: int) -> int:
+    """The validation hold-out of ``n`` training images when ``data.val_size`` is left unset: 10%, at
+    most :data:`~vaelab.config.DEFAULT_VAL_SIZE` (5000; so 54,000 images hold out 5,000), at least one
+    of two or more."""
+    return min(int(DEFAULT_VAL_SIZE), n // 10) or (1 if n > 1 else 0)
+
+
+def _val_size(cfg: DataConfig, n: int, source: str) -> int:
+    """``data.val_size`` for ``n`` training images given from Python: the one set, or else
+    :func:`auto_val_size`; one that leaves no training data is an error in Python's words."""
+    if val_size_is_default(cfg):
+        return auto_val_size(n)
+    if cfg.val_size >= n:
+        raise DataError(f"{source}: data.val_size = {cfg.val_size} leaves no training data ({n} examples); hold "
+                        f"out fewer, e.g. DataConfig(val_size={auto_val_size(n)}), or leave val_size unset (10% of "
+                        "the training images, at most 5000), or give a val split (TrainData(train=..., val=...))")
+    return cfg.val_size
 
 
 def check_python_run(checkpoint: Path) -> None:
@@ -366,3 +392,47 @@ def fingerprint(splits: DataSplits) -> str:
         if y is not None:
             h.update(y.numpy().astype(np.int64).tobytes())
     return h.hexdigest()[:16]
+
+
+def as_image_set(data: Any, split: str = "test") -> ImageSet:
+    """What :func:`vaelab.evaluate_model` evaluates: an :class:`ImageSet` as it is; loaded
+    :class:`DataSplits` or :class:`TrainData` (a dict with its fields): their ``split``; anything else
+    ``train`` takes (arrays, tensors, ``(images, labels)``, a Dataset): all of it, checked and made
+    uint8 as training reads it (no split is held out)."""
+    if isinstance(data, ImageSet):
+        return data
+    if isinstance(data, DataSplits):
+        return getattr(data, split)
+    if isinstance(data, (TrainData, Mapping)):
+        d = as_train_data(data)
+        part = getattr(d, split, None) if split in ("train", "val", "test") else None
+        if part is None:
+            raise DataError(f"data: no {split} split was given (TrainData.{split} is None); pass the images to "
+                            f"evaluate, or evaluate a run on its {split} split as training held it out with "
+                            "vaelab.evaluate_run(run, data=...)")
+        d = dataclasses.replace(d, train=part, val=None, test=None)
+    else:
+        d = TrainData(train=data)
+    cfg = DataConfig(name=f"{PYTHON_PREFIX}:{d.name or 'arrays'}")
+    s = _part(d.train, split, d, cfg, streamable=False)
+    if not isinstance(s, ImageSet):  # pragma: no cover - streamable=False reads into memory
+        raise DataError(f"{split} data: could not be read into memory")
+    if d.num_classes is not None and s.labels is not None:
+        _agree_classes(raw := {split: s}, d.num_classes)
+        s = raw[split]
+    return s
+
+
+def run_splits(data: Any, run_cfg: DataConfig, trained_fingerprint: str | None, where: str) -> DataSplits:
+    """``data`` (any form ``train`` takes) split as the run trained on them was split (its recorded
+    ``data`` config: seed, ``val_size``, limits), refused when their fingerprint is not the run's."""
+    if not run_cfg.name.startswith(f"{PYTHON_PREFIX}:"):
+        raise ConfigError(f"{where}: was trained on {run_cfg.name!r}, not on data given from Python; evaluate it "
+                          "without data=, or evaluate the model on your images with vaelab.evaluate_model(model, images)")
+    splits, _ = python_splits(data, run_cfg)  # named as the run's data (python:...) unless TrainData.name says
+    got = splits.info.get("fingerprint")
+    if trained_fingerprint and got != trained_fingerprint:
+        raise DataError(f"{where}: the data given now ({splits.describe()}; fingerprint {got}) are not the data the "
+                        f"run was trained on (fingerprint {trained_fingerprint}); pass the same arrays or Dataset "
+                        "that vaelab.train was given")
+    return splits

@@ -4,6 +4,7 @@ per latent dimension. Numbers are nats per datapoint (sum over its dimensions, m
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -17,10 +18,12 @@ from ..accel import Accelerator
 from ..conditioning import Condition
 from ..config import RunConfig, check_count, check_seed
 from ..data import ImageSet
+from ..data.python import as_image_set, run_splits
+from ..data.registry import PYTHON_PREFIX
 from ..devices import autocast, resolve_device
 from ..distributed import DEFAULT_TIMEOUT, dist_info, peer_failures, setup_distributed
 from ..distributions import LIKELIHOODS
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..pipeline import BatchPipeline, condition_of
 from ..runs import Run
 from ..runs.checkpoint import atomic_write
@@ -100,7 +103,7 @@ class EvalResult:
 
 def evaluate_model(
     model: nn.Module,
-    data: ImageSet,
+    data: ImageSet | Any,
     *,
     condition: Condition | None = None,
     pipeline: BatchPipeline | None = None,
@@ -116,7 +119,11 @@ def evaluate_model(
     precision: str = "fp32",
     compile: bool = False,
 ) -> EvalResult:
-    """Evaluate ``model`` on uint8 ``data``: ELBO terms per layer, -L_k with standard error, active units.
+    """Evaluate ``model`` on ``data``: ELBO terms per layer, -L_k with standard error, active units.
+    ``data``: an :class:`ImageSet` (uint8), or what :func:`vaelab.train` takes: images (an array or
+    tensor), ``(images, labels)``, a ``torch.utils.data.Dataset`` (all of them, checked and made uint8
+    as training reads them), or :class:`~vaelab.data.python.TrainData` / loaded ``DataSplits`` (their
+    ``split`` split). Pixels are not binarized here; :func:`evaluate_run` applies the run's setting.
     ``condition`` (or a whole ``pipeline``): what a conditional model is given (default: the model's own).
     ``rank``/``world``: under torch.distributed every rank calls this, evaluates its share of the batches,
     and gets the whole result (see :func:`evaluate_batches`). ``precision`` bf16/fp16: the networks
@@ -125,6 +132,7 @@ def evaluate_model(
     check_count(k, "k (importance samples per datapoint)", 1)
     check_count(batch_size, "batch_size", 1)
     check_seed(seed)
+    data = as_image_set(data, split)
     if pipeline is None:
         pipeline = BatchPipeline(condition or condition_of(model))
     if pipeline.condition.dim != model.spec.cond_dim:
@@ -196,8 +204,14 @@ def evaluate_run(
     dist_timeout: float = DEFAULT_TIMEOUT,
     precision: str = "fp32",
     compile: bool = False,
+    data: Any = None,
 ) -> EvalResult:
     """Evaluate a trained run on its test (or val) split; writes ``RUN/eval/<split>-k<k>.json``.
+
+    ``data``: for a run trained on data given from Python (``vaelab.train(cfg, run, data=...)``), the
+    same data again, in any form ``train`` takes (arrays, ``(images, labels)``, a Dataset,
+    :class:`~vaelab.data.python.TrainData`): they are split as training split them (the run's seed and
+    ``data.val_size``) and refused when their fingerprint is not the one the run recorded.
 
     Under torchrun the processes share the batches (each result is the same as one process's) and
     rank 0 alone prints and writes; ``dist_timeout``: seconds to wait for a peer before giving up.
@@ -213,7 +227,7 @@ def evaluate_run(
     if limit is not None:
         check_count(limit, "limit (examples to evaluate)", 1)
     autocast(resolve_device(device), precision)  # a precision this device lacks: said before loading
-    run = Run.of(run_dir, which, data_dir=data_dir, device=device)
+    run = _with_data(Run.of(run_dir, which, data_dir=data_dir, device=device), data)
     available = len(run.data(split))
     if available == 0:
         raise ConfigError(f"{run.root}: the {split} split is empty; nothing to evaluate")
@@ -241,3 +255,18 @@ def evaluate_run(
         atomic_write(out, dumps_json(res.to_dict(), indent=2).encode())
         res.extra["written"] = str(out)
     return res
+
+
+def _with_data(run: Run, data: Any) -> Run:
+    """``run`` with its splits made from ``data`` given from Python (a copy: a Run passed in keeps
+    its own), or as it is; a run trained on data from Python and no data is a one-line error."""
+    name = run.config.data.name
+    if data is None:
+        if name.startswith(f"{PYTHON_PREFIX}:"):
+            raise DataError(f"{run.root}: was trained on data given from Python ({name}), which is not stored with "
+                            "the run: pass the same data again, vaelab.evaluate_run(run, data=...)")
+        return run
+    splits = run_splits(data, run.config.data, run.state.get("data_fingerprint"), str(run.root))
+    other = copy.copy(run)
+    other.__dict__["splits"] = splits  # the cached property, filled
+    return other

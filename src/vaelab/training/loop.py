@@ -11,6 +11,7 @@ with a checkpoint (:mod:`.signals`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shlex
@@ -25,15 +26,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import DataSpec, RunConfig, TrainConfig
+from ..config import DataConfig, DataSpec, RunConfig, TrainConfig, val_size_is_default
 from ..data import DataSplits
 from ..data.python import check_python_run, is_python_data, python_splits
+from ..data.registry import PYTHON_PREFIX
 from ..devices import resolve_device
 from ..distributed import all_any, all_sum, dist_info, launch_command, peer_failures, setup_distributed
-from ..errors import CheckpointError, Interrupted, NonFiniteError
+from ..errors import CheckpointError, ConfigError, Interrupted, NonFiniteError
 from ..evaluation.loop import evaluate_batches
 from ..objectives import ELBOObjective, Objective
 from ..progress import Progress
+from ..runs.checkpoint import TMP_SUFFIX, read_config, remove_stale_temps
 from ..runs.lock import RunLock
 from ..runs.rundir import RunDir, check_run_target
 from .callbacks import CallbackLike, CallbackList, CheckpointInfo, RunInfo, StepInfo, as_callback_list
@@ -75,6 +78,7 @@ def train(
     *,
     data: DataSplits | Any = None,
     resume: bool | None = None,
+    overwrite: bool = False,
     callbacks: Sequence[CallbackLike] = (),
     max_steps: int | None = None,
     objective: Objective | None = None,
@@ -85,9 +89,16 @@ def train(
     ``resume``: True continues from ``RUN/checkpoints/latest`` (error if absent); None (default)
     continues when a checkpoint exists and starts fresh otherwise; False refuses a non-empty run.
     On resume, ``cfg`` may change only the resumable settings (epochs, where the data lives, ...).
+    ``overwrite``: True replaces a run already in ``run_dir`` by a fresh one (a notebook cell that
+    trains from scratch each time it is run): under the run lock, vaelab's files of the old run are
+    removed (config.json, metrics.jsonl, checkpoints/, eval/*.json, tb/ events; your own files and
+    pictures stay) and training starts anew. A folder that holds no vaelab run is refused, as always;
+    a run another process trains is refused by its lock; ``resume=True`` with it is an error.
     ``data``: instead of ``cfg.data``'s source, images from Python: arrays or tensors, ``(images,
     labels)``, a ``torch.utils.data.Dataset``, or :class:`vaelab.data.python.TrainData` with val/test
-    splits (the run's ``data.name`` becomes ``python:...``; resuming needs the same data again).
+    splits (the run's ``data.name`` becomes ``python:...``; resuming needs the same data again; with
+    ``data.val_size`` left unset, 10% of the training images, at most 5000, are held out for validation,
+    or on resume the number the run recorded).
     ``max_steps`` stops after that many optimizer steps in total (tests, dry runs).
     ``objective`` (default: the ELBO, or L_k with ``train.iwae_k``) and ``optimizer`` (a factory
     ``(model, cfg) -> Optimizer``, default fused Adam) may be replaced. ``callbacks``:
@@ -95,12 +106,18 @@ def train(
     ``on_checkpoint``/``on_end``, rank 0) or functions of each epoch's metrics row; ``train.log``
     adds a tracker (TensorBoard) of its own.
     """
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
+    if overwrite and resume:
+        raise ConfigError("overwrite=True starts the run afresh; it cannot also resume it (resume=True)")
+    if overwrite:
+        resume = False
     cbs = CallbackList([*callbacks, *_trackers(cfg)])  # a tracker that is not installed: said before any work
-    if is_python_data(data):  # checked and split (or set up for streaming) before anything is written
-        data, data_cfg = python_splits(data, cfg.data)
-        cfg = cfg.replace(data=data_cfg)
     run = RunDir.of(run_dir)
     check_run_target(run.root)  # a folder of other things is never written into
+    if is_python_data(data):  # checked and split (or set up for streaming) before anything is written
+        data, data_cfg = python_splits(data, _recorded_val_size(cfg, run, resume))
+        cfg = cfg.replace(data=data_cfg)
     if data is None and resume is not False:
         check_python_run(run.latest)  # a run trained on data from Python resumes only with that data
     distributed = setup_distributed(cfg.train.dist_timeout, resolve_device(cfg.train.device))
@@ -113,6 +130,11 @@ def train(
             _remove_unstarted(run)
         raise
     try:
+        if overwrite:
+            if lock is not None:  # rank 0, holding the run lock
+                _remove_run(run)
+            if distributed:  # no rank looks for the old checkpoint before it is gone
+                dist.barrier()
         # A peer that dies or freezes makes a collective fail after train.dist_timeout: one line naming it.
         hint = lambda: _resume_hint(run)  # noqa: E731
         with peer_failures(cfg.train.dist_timeout, hint):
@@ -135,6 +157,48 @@ def train(
                 lock.release()
                 if created and not run.config.exists():
                     _remove_unstarted(run)
+
+
+def _recorded_val_size(cfg: RunConfig, run: RunDir, resume: bool | None) -> DataConfig:
+    """``cfg.data``, with ``val_size`` left unset taken from the run it resumes (so a run started
+    before the default held out 10% resumes as it was trained)."""
+    if not val_size_is_default(cfg.data) or resume is False or not run.latest.exists():
+        return cfg.data
+    try:
+        recorded = read_config(run.latest).data
+    except CheckpointError:  # an unreadable checkpoint is reported where the run is opened
+        return cfg.data
+    if not recorded.name.startswith(f"{PYTHON_PREFIX}:"):
+        return cfg.data
+    return dataclasses.replace(cfg.data, val_size=recorded.val_size)
+
+
+# What a run is made of (runs/rundir.py): removed by train(..., overwrite=True), and nothing else.
+_RUN_FILES = ("config.json", "metrics.jsonl")
+_RUN_FOLDERS = {"checkpoints": ("latest.safetensors", "best.safetensors", f".*{TMP_SUFFIX}"),
+                "eval": ("*.json", f".*{TMP_SUFFIX}"), "tb": ("events.out.tfevents.*",)}
+
+
+def _remove_run(run: RunDir) -> None:
+    """Remove the run in ``run.root`` (vaelab's files only; call holding the run lock): its config,
+    metrics, checkpoints, evaluations and TensorBoard events; a folder left empty goes too."""
+    try:
+        for name in _RUN_FILES:
+            run.root.joinpath(name).unlink(missing_ok=True)
+        remove_stale_temps(run.root)
+        for folder, patterns in _RUN_FOLDERS.items():
+            d = run.root / folder
+            if not d.is_dir() or d.is_symlink():
+                continue
+            for pattern in patterns:
+                for p in d.glob(pattern):
+                    if p.is_file() or p.is_symlink():
+                        p.unlink()
+            if not any(d.iterdir()):
+                d.rmdir()
+    except OSError as e:
+        raise CheckpointError(f"{run.root}: could not remove the old run to start afresh (overwrite=True): "
+                              f"{e.strerror or e}") from e
 
 
 def _trackers(cfg: RunConfig) -> list[CallbackLike]:
