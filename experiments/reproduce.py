@@ -10,7 +10,10 @@ and whether the paper's ordering holds.
 Tables are described in experiments/tables/<name>.toml: the entries (a config, the paper's number),
 the orderings to check, and per budget the data set, the overrides (``section.key=value``, as
 ``vaelab train --set``) and the evaluation (k, how many test images). Runs go to OUT/<table>-<budget>/
-<entry>/; running the command again continues unfinished runs and re-evaluates. The paper's numbers are
+<entry>/; running the command again continues unfinished runs and reuses the rows already in the table
+(same run, same checkpoint step, same settings). Stopped mid-way (Ctrl-C, SIGTERM, an error in one row), it
+writes the table so far (the rows not done marked so) where the full table goes and prints the command that
+continues it. The table records the environment (torch, vaelab, git commit, CPU/GPU, threads, date). The paper's numbers are
 on MNIST; the small budget trains on a subset of (binarized) Fashion-MNIST for a few passes, so only the
 orderings, not the values, are comparable with the paper's.
 """
@@ -18,7 +21,13 @@ orderings, not the values, are comparable with the paper's.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,8 +38,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import vaelab
 from vaelab import RunConfig, VaelabError, evaluate_run, train
 from vaelab.config import apply_overrides, load_config_file
+from vaelab.errors import Interrupted
+from vaelab.runs.checkpoint import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = Path(__file__).resolve().parent / "tables"
@@ -59,10 +71,71 @@ def entry_config(entry: dict[str, Any], budget: dict[str, Any], data: str, data_
     return RunConfig.from_dict(apply_overrides(d, sets))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (training turns it into :class:`Interrupted` itself)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def git_commit(timeout: float = 5.0) -> str | None:
+    """The checkout's commit (``-dirty`` when tracked files differ), None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+        if head.returncode != 0:
+            return None
+        commit = head.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=timeout)
+        return commit + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were computed with: versions, commit, hardware, threads, date."""
+    import torch
+
+    env: dict[str, Any] = {"torch": torch.__version__, "vaelab": vaelab.__version__}
+    commit = git_commit()
+    if commit:
+        env["git_commit"] = commit
+    env["cpu"] = cpu_name()
+    env["cpu_count"] = os.cpu_count()
+    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    env["torch_threads"] = torch.get_num_threads()
+    env["python"] = platform.python_version()
+    env["platform"] = platform.platform()
+    env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return env
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that runs reproduce.py with ``argv`` (what to re-run to continue)."""
+    script = sys.argv[0] if Path(sys.argv[0]).name == "reproduce.py" else "experiments/reproduce.py"
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def check_orderings(orderings: list[list[str]], nll: dict[str, float]) -> list[dict[str, Any]]:
-    """For each paper ordering (best last), whether our -L_k decreases strictly along it."""
+    """For each paper ordering (best last), whether our -L_k decreases strictly along it (``holds`` None,
+    not checked, while a row of it is not done)."""
     out = []
     for chain in orderings:
+        if any(n not in nll for n in chain):
+            out.append({"ordering": " > ".join(chain), "holds": None, "values": [nll.get(n) for n in chain]})
+            continue
         values = [nll[n] for n in chain]
         holds = all(a > b for a, b in zip(values, values[1:], strict=False))
         out.append({"ordering": " > ".join(chain), "holds": holds, "values": values})
@@ -78,20 +151,63 @@ def markdown(table: dict[str, Any], budget: str, rows: list[dict[str, Any]], che
              f"| model | paper | ours: -L_{k} ± s.e. | ours: -ELBO | active units | epochs | train time |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if not r.get("done", True):
+            lines.append(f"| {r['label']} | {r['paper']:.2f} | not done | | | | |")
+            continue
         au = " + ".join(f"{a}/{d}" for a, d in r["active_units"])
         lines.append(f"| {r['label']} | {r['paper']:.2f} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | "
                      f"{r['neg_elbo']:.2f} | {au} | {r['epochs']} | {r['train_seconds'] / 60:.1f} min |")
     lines += ["", "Orderings (in NLL, best last):", ""]
     for c in checks:
+        if c["holds"] is None:
+            lines.append(f"- {c['ordering']}: not checked (a row is not done)")
+            continue
         vals = " > ".join(f"{v:.2f}" for v in c["values"])
         lines.append(f"- {c['ordering']}: {'holds' if c['holds'] else 'does not hold'} ({vals})")
-    lines += ["", f"Total time: {meta['seconds'] / 60:.1f} min. Command: `{meta['command']}`", ""]
+    lines += ["", f"Time (this invocation): {meta['seconds'] / 60:.1f} min. Command: `{meta['command']}`", ""]
+    if not meta.get("complete", True):
+        lines[2:2] = [f"**Partial table**: {meta['stopped']}. Continue it with `{meta['command']}`.", ""]
+    env = meta.get("environment", {})
+    if env:
+        lines += ["Environment:", ""]
+        lines += [f"- {key}: {value}" for key, value in env.items()]
+        lines.append("")
     return "\n".join(lines)
+
+
+def previous_rows(path: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The finished rows of the table already at ``path`` when it was made with the same evaluation."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or any(old.get(key) != meta[key] for key in ("data", "eval_k", "eval_limit")):
+        return {}
+    return {r["name"]: r for r in old.get("rows", []) if isinstance(r, dict) and r.get("done", True) and "name" in r}
+
+
+def write_table(out: Path, name: str, budget_name: str, table: dict[str, Any], rows: list[dict[str, Any]],
+                meta: dict[str, Any]) -> str:
+    """Write OUT/<table>-<budget>.json and .md atomically (a partial table too); returns the Markdown."""
+    nll = {r["name"]: r["nll"] for r in rows if r.get("done", True)}
+    # the threads training ran with (train.threads; null: torch's default, the environment's torch_threads)
+    threads = {r["config"]["train"].get("threads") for r in rows if r.get("done", True)}
+    if threads:
+        meta["environment"]["train_threads"] = threads.pop() if len(threads) == 1 else sorted(threads, key=str)
+    checks = check_orderings(table.get("orderings", []), nll)
+    result = {**meta, "title": table["title"], "rows": rows, "orderings": checks}
+    atomic_write(out / f"{name}-{budget_name}.json", (json.dumps(result, indent=2) + "\n").encode())
+    md = markdown(table, budget_name, rows, checks, meta)
+    atomic_write(out / f"{name}-{budget_name}.md", md.encode())
+    return md
 
 
 def reproduce(name: str, budget_name: str, out: Path, data: str | None = None, data_dir: str | None = None,
               device: str | None = None, extra: list[str] = (), eval_k: int | None = None,
-              eval_limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+              eval_limit: int | None = None, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Train and evaluate each row of table ``name`` (reusing the rows of an earlier table whose run has
+    not changed) and write the table. Stopped by an exception (Ctrl-C, SIGTERM, an error in one row),
+    it writes the rows done so far, the others marked not done, then lets the exception go on."""
     table = load_table(name)
     if budget_name not in table["budget"]:
         raise VaelabError(f"table {name!r} has no budget {budget_name!r}; known: {', '.join(table['budget'])}")
@@ -101,31 +217,64 @@ def reproduce(name: str, budget_name: str, out: Path, data: str | None = None, d
     limit = eval_limit if eval_limit is not None else budget.get("eval_limit")
     folder = out / f"{name}-{budget_name}"
     t_all = time.perf_counter()
-    rows = []
-    for entry in table["entry"]:
-        cfg = entry_config(entry, budget, data, data_dir, device, list(extra))
-        print(f"== {entry['name']}: {entry['label']}", flush=True)
-        res = train(cfg, folder / entry["name"])
-        seconds = res.state.elapsed  # training time, summed over resumed sessions
-        ev = evaluate_run(folder / entry["name"], k=k, limit=limit, progress=progress, device=cfg.train.device,
-                          data_dir=data_dir)
-        rows.append({"name": entry["name"], "label": entry["label"], "paper": entry["paper"], "nll": ev.nll,
-                     "nll_stderr": ev.nll_stderr, "neg_elbo": ev.neg_elbo, "epochs": res.state.epoch,
-                     "active_units": [(ly["active_units"], ly["dim"]) for ly in ev.layers],
-                     "train_seconds": round(seconds, 1), "config": cfg.to_dict()})
-        print(f"   -L_{k} {ev.nll:.2f} ± {ev.nll_stderr:.2f} nats (paper, MNIST: {entry['paper']:.2f})", flush=True)
-    nll = {r["name"]: r["nll"] for r in rows}
-    checks = check_orderings(table.get("orderings", []), nll)
-    meta = {"table": name, "budget": budget_name, "data": data, "eval_k": k, "eval_n": ev.n,
-            "seconds": round(time.perf_counter() - t_all, 1),
-            "command": " ".join(["python", "experiments/reproduce.py", *sys.argv[1:]])}
-    result = {**meta, "title": table["title"], "rows": rows, "orderings": checks}
-    folder.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}-{budget_name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(table, budget_name, rows, checks, meta)
-    (out / f"{name}-{budget_name}.md").write_text(md)
+    meta: dict[str, Any] = {"table": name, "budget": budget_name, "data": data, "eval_k": k, "eval_limit": limit,
+                            "eval_n": None, "complete": True, "seconds": 0.0,
+                            "command": command or command_line(None), "environment": environment()}
+    before = previous_rows(out / f"{name}-{budget_name}.json", meta)
+    rows: list[dict[str, Any]] = []
+    entries = table["entry"]
+    try:
+        for entry in entries:
+            cfg = entry_config(entry, budget, data, data_dir, device, list(extra))
+            print(f"== {entry['name']}: {entry['label']}", flush=True)
+            res = train(cfg, folder / entry["name"])  # continues an unfinished run; a finished one is kept
+            config = json.loads(json.dumps(cfg.to_dict()))
+            old = before.get(entry["name"])
+            if old is not None and old.get("step") == res.state.step and old.get("config") == config:
+                row = {**old, "label": entry["label"], "paper": entry["paper"]}
+                print(f"   reused from the earlier table (run unchanged at step {res.state.step})", flush=True)
+            else:
+                ev = evaluate_run(folder / entry["name"], k=k, limit=limit, progress=progress,
+                                  device=cfg.train.device, data_dir=data_dir)
+                row = {"name": entry["name"], "label": entry["label"], "paper": entry["paper"], "done": True,
+                       "nll": ev.nll, "nll_stderr": ev.nll_stderr, "neg_elbo": ev.neg_elbo, "eval_n": ev.n,
+                       "epochs": res.state.epoch, "step": res.state.step,
+                       "active_units": [(ly["active_units"], ly["dim"]) for ly in ev.layers],
+                       "train_seconds": round(res.state.elapsed, 1),  # summed over resumed sessions
+                       "config": config}
+            rows.append(row)
+            meta["eval_n"] = row.get("eval_n", meta["eval_n"])
+            print(f"   -L_{k} {row['nll']:.2f} ± {row['nll_stderr']:.2f} nats (paper, MNIST: {entry['paper']:.2f})",
+                  flush=True)
+    except BaseException as e:
+        at = f"at row {entries[len(rows)]['name']!r} " if len(rows) < len(entries) else ""
+        if isinstance(e, Interrupted):
+            why = f"stopped by {signal.Signals(e.exit_code - 128).name} during training"
+        elif isinstance(e, KeyboardInterrupt):
+            why = "stopped by SIGTERM" if isinstance(e, Terminated) else "stopped by Ctrl-C"
+        else:
+            why = f"stopped by an error ({type(e).__name__})"
+        meta.update(complete=False, stopped=f"{why} {at}({len(rows)} of {len(entries)} done)",
+                    seconds=round(time.perf_counter() - t_all, 1))
+        if isinstance(e, VaelabError):  # said here, before the command that continues (not vaelab train's)
+            label = "interrupted" if isinstance(e, Interrupted) else "error"
+            print(f"{label}: {str(e).split('; resume with:')[0]}", file=sys.stderr, flush=True)
+            e.reported = True
+        rows += [{"name": x["name"], "label": x["label"], "paper": x["paper"], "done": False}
+                 for x in entries[len(rows):]]
+        try:
+            write_table(out, name, budget_name, table, rows, meta)
+        except Exception as w:  # the original exception matters more
+            print(f"reproduce: could not write the partial table: {w}", file=sys.stderr)
+        else:
+            print(f"reproduce: {meta['stopped']}; the partial table is in {out / f'{name}-{budget_name}.md'} "
+                  f"(and .json); continue it (finished rows are reused, an unfinished run resumes) with:\n"
+                  f"  {meta['command']}", file=sys.stderr, flush=True)
+        raise
+    meta["seconds"] = round(time.perf_counter() - t_all, 1)
+    md = write_table(out, name, budget_name, table, rows, meta)
     print(md)
-    return result
+    return json.loads((out / f"{name}-{budget_name}.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,13 +296,21 @@ def main(argv: list[str] | None = None) -> int:
             t = load_table(name)
             print(f"{name:14s} {t['title']} (budgets: {', '.join(t['budget'])})")
         return 0
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # SIGTERM outside training: the partial table
     try:
         sets = list(args.set) + (["train.progress=false"] if args.no_progress else [])
         reproduce(args.table, args.budget, Path(args.out), args.data, args.data_dir, args.device, sets,
-                  args.eval_k, args.eval_limit, progress=not args.no_progress)
+                  args.eval_k, args.eval_limit, progress=not args.no_progress, command=command_line(argv))
+    except Interrupted as e:  # training stopped by a signal, its checkpoint written; said with the hint
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        return 143 if isinstance(e, Terminated) else 130
     except VaelabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "reported", False):
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

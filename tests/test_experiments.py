@@ -114,3 +114,105 @@ def test_models_benchmark_runs(mnist_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if "x VAE 1L" in ln or ln.startswith(("VAE", "IWAE"))]
     assert lines[1].split()[-1] == "1.00" and len(lines) == 8  # header + 7 models, the baseline at 1.00
+
+
+def _reproduce_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_under_test", ROOT / "experiments" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_table_args(mnist_dir, out):
+    return ["iwae-table1", "--budget", "small", "--data", "mnist", "--data-dir", str(mnist_dir), "--out", str(out),
+            "--eval-k", "5", "--eval-limit", "10", "--no-progress", "--set", "train.epochs=1",
+            "--set", "data.limit_train=60", "--set", "data.val_size=20", "--set", "train.threads=1",
+            "--set", "model.hidden=[16]", "--set", "train.iwae_k=2", "--set", "train.device=cpu"]
+
+
+@pytest.fixture
+def keep_torch_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_reproduce_stopped_after_a_row_writes_the_partial_table_and_the_command_that_continues_it(
+        mnist_dir, tmp_path, monkeypatch, capsys, keep_torch_threads):
+    import shlex
+
+    mod = _reproduce_module()
+    out = tmp_path / "results"
+    argv = _tiny_table_args(mnist_dir, out)
+    real_train, real_eval = mod.train, mod.evaluate_run
+    calls = []
+
+    def train_stopped_at_the_second_row(cfg, run_dir, **kw):
+        calls.append(run_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second row trains
+        return real_train(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(mod, "train", train_stopped_at_the_second_row)
+    try:
+        rc = mod.main(argv)
+    except KeyboardInterrupt:  # not to stop the whole test session
+        pytest.fail("the Ctrl-C went through reproduce.py without an exit code")
+    assert rc == 130
+    err = capsys.readouterr().err
+    result = json.loads((out / "iwae-table1-small.json").read_text())
+    assert result["complete"] is False and "Ctrl-C" in result["stopped"] and "'iwae-1l'" in result["stopped"]
+    first, *rest = result["rows"]
+    assert first["name"] == "vae-1l" and first["done"] and isinstance(first["nll"], float)
+    assert [(r["name"], r["done"]) for r in rest] == [("iwae-1l", False), ("iwae-2l", False)]
+    assert result["orderings"][0]["holds"] is None
+    md = (out / "iwae-table1-small.md").read_text()
+    assert "**Partial table**" in md and "| IWAE, 2 stochastic layers, k = 50 | 82.90 | not done |" in md
+    assert f"| {first['label']} | 86.76 | {first['nll']:.2f} ± " in md
+    command = "python experiments/reproduce.py " + shlex.join(argv)
+    assert command in err and "vaelab train --resume" not in err and result["command"] == command
+    assert not list(out.glob(".*.tmp"))  # written atomically
+
+    # re-running the same command finishes the table and reuses the finished row (not evaluated again)
+    monkeypatch.setattr(mod, "train", real_train)
+    evaluated = []
+    monkeypatch.setattr(mod, "evaluate_run", lambda run, **kw: evaluated.append(Path(run).name) or real_eval(run, **kw))
+    assert mod.main(argv) == 0
+    result = json.loads((out / "iwae-table1-small.json").read_text())
+    assert result["complete"] is True and evaluated == ["iwae-1l", "iwae-2l"]
+    assert [r["done"] for r in result["rows"]] == [True, True, True] and result["rows"][0] == first
+    assert isinstance(result["orderings"][0]["holds"], bool)
+    assert "Partial table" not in (out / "iwae-table1-small.md").read_text()
+
+
+def test_reproduce_table_records_the_environment(mnist_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    import vaelab
+
+    mod = _reproduce_module()
+    out = tmp_path / "results"
+    # stand-ins for training and evaluation: the table is what is checked here
+    monkeypatch.setattr(mod, "train", lambda cfg, run_dir, **kw: SimpleNamespace(
+        state=SimpleNamespace(epoch=1, step=2, elapsed=0.5)))
+    monkeypatch.setattr(mod, "evaluate_run", lambda run, **kw: SimpleNamespace(
+        nll=90.0, nll_stderr=1.0, neg_elbo=95.0, n=10, layers=[{"active_units": 3, "dim": 5}]))
+    assert mod.main(_tiny_table_args(mnist_dir, out)) == 0
+    result = json.loads((out / "iwae-table1-small.json").read_text())
+    env = result["environment"]
+    assert env["torch"] == torch.__version__ and env["vaelab"] == vaelab.__version__
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    if head.returncode == 0:
+        assert env["git_commit"].startswith(head.stdout.strip())
+    else:
+        assert "git_commit" not in env
+    assert env["cpu"] and env["torch_threads"] >= 1 and env["date"][:4].isdigit() and "gpu" in env
+    md = (out / "iwae-table1-small.md").read_text()
+    assert f"- torch: {torch.__version__}" in md and f"- cpu: {env['cpu']}" in md
+    assert f"- vaelab: {vaelab.__version__}" in md and ("git_commit" not in env or f"- git_commit: {env['git_commit']}" in md)
