@@ -269,3 +269,53 @@ def test_the_command_line_starts_without_importing_torch():
     assert vaelab.train is vaelab.training.train and "train" in dir(vaelab)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         vaelab.nope  # noqa: B018
+
+
+def _help_blocks(text: str) -> dict[str, str]:
+    """``--flag`` -> its help text, whitespace collapsed, from an argparse help listing."""
+    blocks: dict[str, str] = {}
+    flag = None
+    for line in text.splitlines():
+        m = re.match(r"  (--[a-z-]+)", line)
+        if m:
+            flag = m.group(1)
+            blocks[flag] = line
+        elif flag and line.startswith("    "):
+            blocks[flag] += " " + line
+        else:
+            flag = None
+    return {f: " ".join(b.split()) for f, b in blocks.items()}
+
+
+def test_train_help_shows_each_flags_choices_default_and_meaning(capsys, tmp_path):
+    from vaelab.config import RunConfig
+    from vaelab.distributions.likelihoods import LIKELIHOODS
+    from vaelab.models.priors import PRIORS
+    from vaelab.training.schedules import SCHEDULES
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    blocks = _help_blocks(capsys.readouterr().out)
+    lik = blocks["--likelihood"]
+    listed = re.search(r"one of: (.*?) \(default: (.*?)\)", lik)
+    assert listed and listed.group(1).split(" | ") == LIKELIHOODS.names() and listed.group(2) == "bernoulli"
+    assert "p(x|z)" in lik and "[model.likelihood]" in lik
+    assert set(PRIORS.names()) <= set(re.search(r"one of: (.*?) \(", blocks["--prior"]).group(1).split(" | "))
+    assert "(default: constant)" in blocks["--schedule"] and all(n in blocks["--schedule"] for n in SCHEDULES)
+    from vaelab.cli import _TRAIN_FLAGS, _train_choices
+
+    defaults = RunConfig()
+    choices = _train_choices()
+    for flag, (sec, key, _) in _TRAIN_FLAGS.items():
+        text = blocks["--" + flag.replace("_", "-")]
+        assert f"[{sec}.{key}]" in text and "(default: " in text, text
+        assert len(text.split("  ", 1)[-1].split("(default:")[0].strip()) > 5, text  # a meaning, not just a key
+        if flag in choices:
+            names = re.search(r"one of: (.*?) \(default", text).group(1).split(" | ")
+            assert names == choices[flag]
+            default = getattr(getattr(defaults, sec), key)
+            assert f"(default: {default})" in text and (default in names or flag == "data"), text
+    assert "(default: 400)" in blocks["--hidden"] and "(default: 128)" in blocks["--batch-size"]
+    # names are shown, not enforced by argparse: an unknown one is still the registry's one-line error
+    assert main(["train", "--likelihood", "bernouli", "--run", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "did you mean 'bernoulli'" in capsys.readouterr().err

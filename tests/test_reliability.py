@@ -464,3 +464,40 @@ def test_run_directory_metrics_tolerate_a_torn_last_line(data_dir, tmp_path):
     assert_same_run(tmp_path / "straight", tmp_path / "run")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+# ---------------------------------------------------------------- what an epoch's line and row report
+def _epoch_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("epoch ") and " train " in line]
+
+
+def test_iwae_run_is_validated_by_the_bound_it_trains_and_says_so(data_dir, tmp_path, capsys):
+    args = train_args(data_dir, 2, 0, "--iwae-k", "5")
+    assert cli.main(["train", *args, "--run", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    lines = _epoch_lines(out)
+    assert len(lines) == 2, out
+    for line in lines:  # both numbers are -L_5: they compare
+        assert "train -L_5 " in line and "val -L_5 " in line and "-ELBO" in line and "train loss" not in line, line
+    rows = RunDir.of(tmp_path / "run").read_metrics()
+    assert all(math.isfinite(r["val_lk"]) and math.isfinite(r["val_elbo"]) for r in rows)
+    assert sum(r["val_lk"] for r in rows) >= sum(r["val_elbo"] for r in rows)  # L_k >= ELBO
+    assert f"val -L_5 {-rows[-1]['val_lk']:.2f}, -ELBO {-rows[-1]['val_elbo']:.2f}" in lines[-1]
+    assert "validation -L_5 " in out  # the command's closing line too
+    # deterministic: a run stopped mid-way and resumed gives the same rows (val_lk included), bit for bit
+    cfg = tiny_cfg(data_dir, 2, 0, "--iwae-k", "5")
+    train(cfg, tmp_path / "resumed", max_steps=13)
+    train(cfg, tmp_path / "resumed")
+    train(cfg, tmp_path / "straight")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    assert [r["val_lk"] for r in RunDir.of(tmp_path / "straight").read_metrics()] == [r["val_lk"] for r in rows]
+
+
+def test_elbo_run_labels_both_numbers_minus_elbo(data_dir, tmp_path, capsys):
+    assert cli.main(["train", *train_args(data_dir, 1), "--run", str(tmp_path / "run")]) == 0
+    (line,) = _epoch_lines(capsys.readouterr().out)
+    assert "train -ELBO " in line and "val -ELBO " in line and "L_" not in line, line
+    assert "val_lk" not in RunDir.of(tmp_path / "run").read_metrics()[0]
+    assert cli.main(["train", *train_args(data_dir, 1, 0, "--beta", "0.5"), "--run", str(tmp_path / "beta")]) == 0
+    (line,) = _epoch_lines(capsys.readouterr().out)
+    assert "train loss (β applied) " in line and "val -ELBO " in line, line  # what was minimised is not the ELBO

@@ -79,12 +79,118 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
 }
 
 
+# flag -> (one-line meaning, what an unset (None) or empty default means) for ``vaelab train --help``
+_TRAIN_MEANINGS: dict[str, tuple[str, str]] = {
+    "data": ("the data set: a registered name or PREFIX:PATH", ""),
+    "data_dir": ("the folder that holds the data set, and the only place it is read from", "$VAELAB_DATA, "
+                 "/usr/share/datasets, the cache"),
+    "binarize": ("pixels as [0,1] intensities (none), Bernoulli draws each pass (dynamic) or drawn once (fixed)", ""),
+    "val_size": ("training examples held out for validation (seeded)", ""),
+    "limit_train": ("use only the first N training examples", "all"),
+    "limit_test": ("use only the first N test examples", "all"),
+    "image_size": ("resize and centre-crop the images of a folder to this size", "as stored"),
+    "model": ("what is trained", ""),
+    "latent_dim": ("size of the latent code z (of z1 with --layers > 1)", ""),
+    "hidden": ("MLP hidden widths, or conv channels per stage, comma-separated", ""),
+    "activation": ("the networks' nonlinearity", ""),
+    "likelihood": ("p(x|z), the decoder's distribution over the pixels", ""),
+    "sigma": ("gaussian likelihoods: the fixed sigma (the initial value when learned)", ""),
+    "encoder": ("the encoder network q(z|x)", ""),
+    "decoder": ("the decoder network p(x|z)", ""),
+    "condition": ("what a conditional model observes (none: unconditional)", ""),
+    "prior": ("the top layer's prior p(z)", ""),
+    "prior_components": ("components of the mog and vamp priors", ""),
+    "layers": ("stochastic layers z1..zL", ""),
+    "upper_latent": ("sizes of z2..zL, comma-separated", "each half the one below"),
+    "upper_hidden": ("MLP widths between stochastic layers, comma-separated",
+                     "two layers as wide as the layer below"),
+    "schedule": ("learning-rate schedule", ""),
+    "lr_min": ("the cosine schedule's final learning rate", ""),
+    "epochs": ("epochs to train (a higher number continues a finished run)", ""),
+    "batch_size": ("training examples per step", ""),
+    "lr": ("Adam's learning rate", ""),
+    "weight_decay": ("Adam's weight decay", ""),
+    "beta": ("KL weight (beta-VAE; 1 is the ELBO)", ""),
+    "warmup_epochs": ("KL warm-up: beta rises linearly from 0 over this many epochs", ""),
+    "free_bits": ("nats per latent dimension below which the KL is not penalised", ""),
+    "grad_clip": ("clip the gradient's global norm at this value", "no clipping"),
+    "iwae_k": ("draws of z per datapoint; > 1 trains and validates by the IWAE bound L_k", ""),
+    "seed": ("seed of the initialisation, the data order and every draw", ""),
+    "device": ("where to train (auto: a GPU when one is visible)", ""),
+    "precision": ("the networks' precision (autocast; float32 master weights and reductions)", ""),
+    "threads": ("torch intra-op threads", "torch's default"),
+    "checkpoint_every": ("also checkpoint every N steps (0: at each epoch's end only)", ""),
+    "dist_timeout": ("under torchrun: seconds a process waits for its peers", ""),
+    "log": ("where training is tracked besides metrics.jsonl (tensorboard: RUN/tb/)", ""),
+    "log_every": ("the tracker's per-step scalars every N steps (0: per epoch only)", ""),
+}
+
+
+def _train_choices() -> dict[str, list[str]]:
+    """The names each train option accepts, from the registries (imported only when help is shown)."""
+    from .conditioning import CONDITIONS
+    from .config import LOGGERS, PRECISIONS
+    from .data import DATASETS, SOURCES
+    from .distributions.likelihoods import LIKELIHOODS
+    from .models import MODELS
+    from .models.priors import PRIORS
+    from .nets.base import ACTIVATIONS, DECODERS, ENCODERS
+    from .training.schedules import SCHEDULES
+
+    return {
+        "data": [*DATASETS.names(), *(f"{prefix}:PATH" for prefix in SOURCES.names())],
+        "binarize": ["none", "dynamic", "fixed"],
+        "model": MODELS.names(), "activation": ACTIVATIONS.names(), "likelihood": LIKELIHOODS.names(),
+        "encoder": ENCODERS.names(), "decoder": DECODERS.names(), "condition": CONDITIONS.names(),
+        "prior": PRIORS.names(), "schedule": SCHEDULES.names(),
+        "device": ["auto", "cpu", "cuda", "cuda:N", "mps"], "precision": list(PRECISIONS), "log": list(LOGGERS),
+    }
+
+
+def _train_flag_help(flag: str, choices: dict[str, list[str]]) -> str:
+    """``meaning; one of: a | b (default: x) [section.key]`` with the default of the config dataclasses."""
+    sec, key, _ = _TRAIN_FLAGS[flag]
+    meaning, unset = _TRAIN_MEANINGS.get(flag, ("", ""))
+    default = getattr(getattr(RunConfig(), sec), key)
+    if isinstance(default, tuple):
+        shown = ",".join(str(v) for v in default) or unset or "empty"
+    else:
+        shown = (unset or "unset") if default is None else str(default)
+    names = f"; one of: {' | '.join(choices[flag])}" if flag in choices else ""
+    return f"{meaning}{names} (default: {shown}) [{sec}.{key}]"
+
+
+class _TrainHelp(argparse.HelpFormatter):
+    """Help for ``vaelab train``: each config option's meaning, accepted names (from the registries,
+    read only when the help is shown) and default (from the config dataclasses)."""
+
+    _choices: dict[str, list[str]] | None = None
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.dest in _TRAIN_FLAGS and action.option_strings:
+            if _TrainHelp._choices is None:
+                _TrainHelp._choices = _train_choices()
+            return _train_flag_help(action.dest, _TrainHelp._choices).replace("%", "%%")
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        # names such as gaussian-learned stay whole on one line (copyable)
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+_METAVARS = {"data_dir": "DIR", "device": "DEVICE"}
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML or JSON file with [data], [model], [train] sections")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set train.lr=3e-4 (repeatable)")
-    for flag, (sec, key, _) in _TRAIN_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=f"{sec}.{key}")
+    for flag, (sec, key, conv) in _TRAIN_FLAGS.items():
+        metavar = "N,N,..." if conv is _ints else _METAVARS.get(flag, "NAME" if conv is str else flag.upper())
+        # unknown names are refused by the registries with a suggestion ("did you mean"), not by argparse
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, metavar=metavar, help=f"{sec}.{key}")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--grayscale", action="store_true", help="convert colour images to one channel (data.grayscale)")
     p.add_argument("--svhn-extra", action="store_true", help="add SVHN's extra split to train (data.svhn_extra)")
@@ -159,8 +265,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if res.history:
         last = res.history[-1]
         val = last.get("val_elbo")
+        lk = last.get("val_lk")  # an IWAE run: the bound it trains, with its k
         if isinstance(val, (int, float)) and val == val:
-            print(f"epoch {last['epoch']}: validation -ELBO {-val:.3f} nats per datapoint")
+            bound = f"-L_{res.config.train.iwae_k} {-lk:.3f}, " if isinstance(lk, (int, float)) and lk == lk else ""
+            print(f"epoch {last['epoch']}: validation {bound}-ELBO {-val:.3f} nats per datapoint")
         else:
             print(f"epoch {last['epoch']}: no validation data (data.val_size = 0)")
     return 0
@@ -338,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vaelab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a model by the ELBO")
+    t = sub.add_parser("train", help="train a model by the ELBO", formatter_class=_TrainHelp)
     t.add_argument("--run", "--run-dir", dest="run",
                    help="run directory (default runs/<data>-<model>-<time>); re-running resumes it. "
                         "Under torchrun write --run-dir (torchrun's own parser takes --run as its --run-path)")

@@ -341,12 +341,18 @@ def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: lis
             "train.grad_clip, and check the data."
         )
     train_means = meters.means(s.world)
-    val = evaluate_batches(s.model, s.data.val.images, s.data.val.labels, s.pipeline, k=1,
-                           batch_size=t.eval_batch_size, seed=t.seed, rank=s.rank, world=s.world).means()
+    # An IWAE run (train.iwae_k > 1) is validated by the bound it trains, -L_k with the same k, from the
+    # same pass (and draws, seeded per batch) as its ELBO terms; ``best`` is still decided by the ELBO.
+    k = max(1, t.iwae_k)
+    ev = evaluate_batches(s.model, s.data.val.images, s.data.val.labels, s.pipeline, k=k,
+                          batch_size=t.eval_batch_size, seed=t.seed, rank=s.rank, world=s.world)
+    val = ev.means()
     state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, {}
     row = {
         "epoch": state.epoch, "step": state.step, **train_means,
-        "val_elbo": val["elbo"], "val_rec": val["rec"], "val_kl": val["kl"],
+        "val_elbo": val["elbo"],
+        **({"val_lk": float(ev.lk.mean()) if ev.n else math.nan} if k > 1 else {}),
+        "val_rec": val["rec"], "val_kl": val["kl"],
         **{f"val_{key}": v for key, v in val.items() if key.startswith("kl_")},  # per layer, with several
         "beta": beta_at(t, state.epoch), "lr": s.optimizer.param_groups[0]["lr"], "nonfinite_total": state.nonfinite_total,
         "elapsed_s": round(state.elapsed, 3),
@@ -357,8 +363,16 @@ def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: lis
     if s.rank == 0:
         s.run.append_metrics(row)
         history.append(row)
-        s.say(f"epoch {state.epoch}: train loss {row['train_loss']:.2f}  "
-              f"val -ELBO {-val['elbo']:.2f} (rec {-val['rec']:.2f}, KL {val['kl']:.2f}) nats")
+        terms = f"-ELBO {-val['elbo']:.2f} (rec {-val['rec']:.2f}, KL {val['kl']:.2f})"
+        if k > 1:  # train and validation both -L_k: numbers that compare
+            line = f"train -L_{k} {row['train_loss']:.2f}  val -L_{k} {-row['val_lk']:.2f}, {terms}"
+        elif t.beta == 1 and t.warmup_epochs <= 0 and t.free_bits <= 0:
+            line = f"train -ELBO {row['train_loss']:.2f}  val {terms}"
+        else:  # what the steps minimised is not the ELBO
+            weighted = " and ".join(w for w, on in (("β", t.beta != 1 or t.warmup_epochs > 0),
+                                                      ("free bits", t.free_bits > 0)) if on)
+            line = f"train loss ({weighted} applied) {row['train_loss']:.2f}  val {terms}"
+        s.say(f"epoch {state.epoch}: {line} nats")
     if state.nonfinite_run == 0:
         s.save_epoch(improved)
         callbacks.on_checkpoint(CheckpointInfo((s.run.best, s.run.latest) if improved else (s.run.latest,),
