@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..safeio import dumps_json
-from .checkpoint import TMP_SUFFIX, atomic_write
+from .checkpoint import TMP_SUFFIX, atomic_write, remove_stale_temps
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,28 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    def remove(self) -> None:
+        """Remove the run in ``root`` and nothing else (call holding the run lock; ``train(...,
+        overwrite=True)``): its config, metrics, checkpoints, evaluations and TensorBoard events, and the
+        temporary files of interrupted writes; the user's own files stay, and a folder left empty goes."""
+        folders = {self.checkpoints: ("latest.safetensors", "best.safetensors", f".*{TMP_SUFFIX}"),
+                   self.eval: ("*.json", f".*{TMP_SUFFIX}"), self.root / "tb": ("events.out.tfevents.*",)}
+        try:
+            for path in (self.config, self.metrics):
+                path.unlink(missing_ok=True)
+            remove_stale_temps(self.root)
+            for folder, patterns in folders.items():
+                if not folder.is_dir() or folder.is_symlink():
+                    continue
+                for p in (p for pattern in patterns for p in folder.glob(pattern)):
+                    if p.is_file() or p.is_symlink():
+                        p.unlink()
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+        except OSError as e:
+            raise CheckpointError(f"{self.root}: could not remove the old run to start afresh (overwrite=True): "
+                                  f"{e.strerror or e}") from e
 
     def checkpoint(self, which: str = "best") -> Path:
         """Path of the ``best`` or ``latest`` checkpoint (``best`` falls back to ``latest``), or a file."""

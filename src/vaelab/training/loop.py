@@ -36,7 +36,7 @@ from ..errors import CheckpointError, ConfigError, Interrupted, NonFiniteError
 from ..evaluation.loop import evaluate_batches
 from ..objectives import ELBOObjective, Objective
 from ..progress import Progress
-from ..runs.checkpoint import TMP_SUFFIX, read_config, remove_stale_temps
+from ..runs.checkpoint import read_config
 from ..runs.lock import RunLock
 from ..runs.rundir import RunDir, check_run_target
 from .callbacks import CallbackLike, CallbackList, CheckpointInfo, RunInfo, StepInfo, as_callback_list
@@ -132,7 +132,7 @@ def train(
     try:
         if overwrite:
             if lock is not None:  # rank 0, holding the run lock
-                _remove_run(run)
+                run.remove()
             if distributed:  # no rank looks for the old checkpoint before it is gone
                 dist.barrier()
         # A peer that dies or freezes makes a collective fail after train.dist_timeout: one line naming it.
@@ -171,34 +171,6 @@ def _recorded_val_size(cfg: RunConfig, run: RunDir, resume: bool | None) -> Data
     if not recorded.name.startswith(f"{PYTHON_PREFIX}:"):
         return cfg.data
     return dataclasses.replace(cfg.data, val_size=recorded.val_size)
-
-
-# What a run is made of (runs/rundir.py): removed by train(..., overwrite=True), and nothing else.
-_RUN_FILES = ("config.json", "metrics.jsonl")
-_RUN_FOLDERS = {"checkpoints": ("latest.safetensors", "best.safetensors", f".*{TMP_SUFFIX}"),
-                "eval": ("*.json", f".*{TMP_SUFFIX}"), "tb": ("events.out.tfevents.*",)}
-
-
-def _remove_run(run: RunDir) -> None:
-    """Remove the run in ``run.root`` (vaelab's files only; call holding the run lock): its config,
-    metrics, checkpoints, evaluations and TensorBoard events; a folder left empty goes too."""
-    try:
-        for name in _RUN_FILES:
-            run.root.joinpath(name).unlink(missing_ok=True)
-        remove_stale_temps(run.root)
-        for folder, patterns in _RUN_FOLDERS.items():
-            d = run.root / folder
-            if not d.is_dir() or d.is_symlink():
-                continue
-            for pattern in patterns:
-                for p in d.glob(pattern):
-                    if p.is_file() or p.is_symlink():
-                        p.unlink()
-            if not any(d.iterdir()):
-                d.rmdir()
-    except OSError as e:
-        raise CheckpointError(f"{run.root}: could not remove the old run to start afresh (overwrite=True): "
-                              f"{e.strerror or e}") from e
 
 
 def _trackers(cfg: RunConfig) -> list[CallbackLike]:
