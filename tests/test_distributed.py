@@ -246,3 +246,18 @@ def test_commands_that_do_not_share_their_work_run_on_rank_0_alone(tiny_cfg, tmp
     monkeypatch.setenv("RANK", "0")
     assert main(["sample", str(tmp_path / "run"), "-n", "4", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
     assert (tmp_path / "s.png").exists()
+
+
+def test_a_command_leaves_the_process_group_before_it_exits(tmp_path):
+    # left to Python's shutdown, gloo's threads were sometimes still running at exit, and a rank of a
+    # succeeded torchrun job died with "terminate called without an active exception" (SIGABRT)
+    from vaelab.distributed import leave_distributed
+
+    leave_distributed(True)  # outside a job: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        leave_distributed(True)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -592,8 +592,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .provenance import COMMAND
 
     token = COMMAND.set(shlex.join(["vaelab", *(sys.argv[1:] if argv is None else argv)]))  # PNG provenance
+    finished = False
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        finished = True
+        return code
     except Interrupted as e:  # SIGTERM/SIGINT during training: checkpointed, exit 143/130
         if e.announce:
             print(f"vaelab: {e}", file=sys.stderr)
@@ -613,6 +616,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         warnings.showwarning = _show_warning
         COMMAND.reset(token)
+        _leave(finished)
+
+
+def _leave(finished: bool) -> None:
+    """Leave a torchrun job's process group cleanly (a peer's failure is reported in one line)."""
+    if "torch.distributed" not in sys.modules:  # no job joined (and no torch import for a quick command)
+        return
+    from .distributed import leave_distributed
+
+    try:
+        leave_distributed(finished)
+    except (RuntimeError, ValueError) as e:  # a peer died after this process finished: it says so itself
+        if _rank() == 0:
+            print(f"vaelab: warning: leaving the distributed job: {str(e).splitlines()[0][:200]}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

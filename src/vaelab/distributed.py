@@ -61,6 +61,21 @@ def setup_distributed(timeout: float = DEFAULT_TIMEOUT, device: str | torch.devi
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def leave_distributed(finished: bool) -> None:
+    """Leave the process group before the process exits (a no-op outside torchrun). ``finished``: this
+    process's work ended normally, so it first waits for the others to finish theirs. Left to Python's
+    shutdown, gloo's threads were sometimes still running when the process exited, and a rank died with
+    "terminate called without an active exception" (SIGABRT) after a command that had succeeded."""
+    if not dist.is_initialized():
+        return
+    try:
+        if finished:
+            dist.barrier()
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world size); (0, 1) when not distributed."""
     if dist.is_available() and dist.is_initialized():
