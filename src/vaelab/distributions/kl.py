@@ -51,9 +51,11 @@ class KL:
     closed_form: bool
 
 
-def kl_divergence(q: Distribution, p: Distribution, z: torch.Tensor) -> KL:
-    """KL(q || p) per datapoint: the closed form if registered, else log q(z) - log p(z) at the draw z."""
-    fn = closed_form_kl(q, p)
+def kl_divergence(q: Distribution, p: Distribution, z: torch.Tensor, *, closed_form: bool = True) -> KL:
+    """KL(q || p) per datapoint: the closed form if registered (and ``closed_form`` allows it), else
+    log q(z) - log p(z) at the draw z. ``closed_form=False`` is for a prior whose parameters depend on z
+    itself (see :class:`vaelab.models.base.StochasticLayer`), where a closed form is not this layer's term."""
+    fn = closed_form_kl(q, p) if closed_form else None
     if fn is not None:
         per_dim = fn(q, p)
         return KL(per_dim.sum(-1), per_dim, True)

@@ -6,7 +6,10 @@ draw z, as the blocks of openai/vdvae return their own stats and Pyro's Trace_EL
 sample sites. The one objective (:mod:`vaelab.objectives`) needs nothing else:
 
     log w = log P(X|z) + sum_l log p_l(z_l) - sum_l log q_l(z_l),
-    ELBO  = E_q[log P(X|z)] - sum_l KL(q_l || p_l)    (closed form where known, else Monte Carlo).
+    ELBO  = E_q[log w] = E_q[log P(X|z)] - sum_l KL(q_l || p_l),
+
+each KL in closed form where a formula is known and the layer's prior does not depend on its own draw
+(``StochasticLayer.prior_depends_on_z``), else the Monte Carlo term at the draw.
 
 Shapes: with ``k`` draws per datapoint, each layer's z is (B, L_l) for k = 1 and (k, B, L_l)
 otherwise; q and p have any batch shape that broadcasts against z ((B,), (k, B) or () for a learned
@@ -42,6 +45,12 @@ class StochasticLayer:
     q: Distribution  # posterior Q(z_l | X, layers below/above), event (L_l,)
     p: Distribution  # prior P(z_l | layer above) or P(z_l), event (L_l,)
     z: torch.Tensor  # reparameterised draw from q: (B, L_l) or (k, B, L_l)
+    # True when p's parameters come from a draw that itself depends on this z: the prior p(z1 | z2) of a
+    # bottom-up hierarchy, where z2 ~ q(z2 | z1) was drawn from this very z1. KL(q || p) in closed form
+    # would then average over a z independent of p, a different (looser) quantity than this layer's
+    # term of E_q[log w]; the objective takes the Monte Carlo term log q(z) - log p(z) at the draw instead.
+    # A top-down model (p(z_l | z_{l+1}) and q(z_l | x, z_{l+1}) given the draw above) leaves it False.
+    prior_depends_on_z: bool = False
 
 
 @dataclass

@@ -116,7 +116,9 @@ class VAE(LatentModelBase):
         ps = [gaussian(down(z_above)) for down, z_above in zip(self._down(), zs[1:], strict=True)]
         ps.append(self.prior())  # p(z_L)
         px = self.likelihood(full_precision(self.decoder(flat_draws(zs[0], k), repeat_rows(c, k))))
-        layers = [StochasticLayer(n, q, p, z) for n, q, p, z in zip(self._names, qs, ps, zs, strict=True)]
+        top = len(zs) - 1  # every prior below the top is p(z_l | z_{l+1}) at z_{l+1} ~ q(. | z_l): its own draw's child
+        layers = [StochasticLayer(n, q, p, z, prior_depends_on_z=i < top)
+                  for i, (n, q, p, z) in enumerate(zip(self._names, qs, ps, zs, strict=True))]
         return ModelOutput(px, layers, k)
 
     @torch.no_grad()

@@ -8,6 +8,10 @@ ELBO (Kingma & Welling 2014, eq. 3; Doersch 2016, eq. 5), summed over layers l:
 
 with each KL in closed form where a formula is registered for its pair of distributions (Doersch
 eq. 7 for Gaussians) and the Monte Carlo estimate log q(z_l) - log p(z_l) at the layer's draw otherwise.
+A closed form is this layer's term of E_q[log w] only when the layer's prior does not depend on its own
+draw: in a bottom-up hierarchy p(z1 | z2) is evaluated at z2 ~ q(z2 | z1), which was drawn from z1, so
+that layer's KL is the Monte Carlo term (the model says so: ``StochasticLayer.prior_depends_on_z``). A
+top-down model conditions q(z_l | x, z_{l+1}) and p(z_l | z_{l+1}) on the draw above, and keeps the closed form.
 
 IWAE bound (Burda et al. 2016, eq. 8): L_k = E[log (1/k) sum_i w_i], with
 
@@ -122,7 +126,7 @@ def elbo_terms(
         log_px_z = log_px_z.view(k, b)
     layers = []
     for layer in out.layers:
-        kl = kl_divergence(layer.q, layer.p, layer.z)  # (B,) / (k, B), per dim (..., L) in closed form
+        kl = kl_divergence(layer.q, layer.p, layer.z, closed_form=not layer.prior_depends_on_z)  # (B,) / (k, B), per dim (..., L) in closed form
         per_dim = None if kl.per_dim is None else _per_datapoint(kl.per_dim, 1)
         layers.append(LayerKL(layer.name, layer.z.shape[-1], _per_datapoint(kl.total, 0), per_dim, kl.closed_form))
     log_w = None
