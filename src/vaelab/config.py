@@ -106,6 +106,7 @@ def check_count(value: int, name: str, low: int = 1, high: int | None = None) ->
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what --device accepts
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGERS = ("none", "tensorboard")  # train.log: where training is tracked besides metrics.jsonl
+FREE_BITS_PER = ("dim", "group")  # train.free_bits_per: the free-bits allowance per latent dimension or per layer
 
 
 class _DefaultValSize(int):
@@ -144,6 +145,10 @@ class DataConfig:
     grayscale: bool = False  # convert colour images to one channel
     svhn_extra: bool = False  # svhn: append the 531k "extra" images to the training split
     seed: int = 0  # validation split and fixed binarization
+    # folder:/shards: sources are decoded once into a prepared cache and read from disk batch by batch
+    # (false: decoded into memory at every command); the same bits either way (docs/data.md)
+    cache: bool = resumable(True)
+    cache_dir: str | None = resumable(None)  # where prepared data sets live (default $XDG_CACHE_HOME/vaelab/prepared)
 
     def __post_init__(self) -> None:
         _normalise(self, "data")
@@ -257,9 +262,14 @@ class TrainConfig:
     adam_eps: float = 1e-8
     beta: float = 1.0  # KL weight (beta-VAE); 1 is the ELBO
     warmup_epochs: float = 0.0  # KL warm-up: beta rises linearly from 0 over this many epochs
-    free_bits: float = 0.0  # nats per latent dimension below which the KL is not penalised
+    free_bits: float = 0.0  # nats per latent dimension (free_bits_per dim) or per layer (group) not penalised
+    free_bits_per: str = "dim"  # dim | group: the allowance per latent dimension, or per stochastic layer (IAF eq. 15)
+    # NVAE's KL balancing during the warm-up: each layer's KL weighted by its batch-mean KL per unit of size
+    kl_balance: bool = False
     iwae_k: int = 1  # draws of z per datapoint; > 1 trains the IWAE bound L_k (Burda et al. 2016)
     grad_clip: float | None = None  # clip the gradient's global norm
+    skip_threshold: float | None = None  # skip an update whose gradient norm (before clipping) is at least this (vdvae)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, used for evaluation (vdvae 0.9999); 0: off
     max_nonfinite: int = resumable(20)  # consecutive skipped (non-finite) steps before the run stops
     seed: int = 0
     device: str = resumable("auto")  # auto | cpu | cuda | cuda:N | mps (auto: a GPU when one is visible)
@@ -295,6 +305,10 @@ class TrainConfig:
         c("free_bits", _finite(self.free_bits) and self.free_bits >= 0, ">= 0 (a finite number)")
         c("grad_clip", self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
           "> 0 (a finite number), or null for no clipping")
+        c("free_bits_per", self.free_bits_per in FREE_BITS_PER, " or ".join(FREE_BITS_PER))
+        c("skip_threshold", self.skip_threshold is None or (_finite(self.skip_threshold) and self.skip_threshold > 0),
+          "> 0 (a finite number), or null for no skipping")
+        c("ema", _finite(self.ema) and 0 <= self.ema < 1, "in [0, 1) (0: no moving average)")
         c("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: only at each epoch's end)")
         c("max_nonfinite", self.max_nonfinite >= 1, ">= 1")
         c("dist_timeout", _finite(self.dist_timeout) and self.dist_timeout > 0, "> 0 seconds (a finite number)")
@@ -309,6 +323,9 @@ class TrainConfig:
         if self.iwae_k > 1 and (self.beta != 1.0 or self.free_bits > 0 or self.warmup_epochs > 0):
             raise ConfigError("train.iwae_k > 1 trains the IWAE bound, which has no KL weight: "
                               "leave beta = 1, free_bits = 0 and warmup_epochs = 0")
+        if self.kl_balance and (self.warmup_epochs <= 0 or self.iwae_k > 1):
+            raise ConfigError("train.kl_balance weighs the layers' KLs during the KL warm-up: it needs "
+                              "train.warmup_epochs > 0 (and the ELBO, train.iwae_k = 1)")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..config import DataConfig
 from ..errors import DataError, DatasetNotFoundError, VaelabWarning
 from .base import ImageSet
+from .cache import Item, Listing, Source, hash_lines, prepare
 from .registry import SOURCES
 
 DEFAULT_SIZE = 64
@@ -78,6 +79,51 @@ def _to_mode(img: Image.Image, grey: bool) -> Image.Image:
     return img.convert("RGB")
 
 
+class NotAnImage(Exception):
+    """A file Pillow cannot open or decode as an image (text, truncated or corrupt data)."""
+
+
+class TooLarge(NotAnImage):
+    """An image with more pixels than the limit; args: (width, height), or none when Pillow refused its header."""
+
+
+def probe_image(src, limit: int) -> str:
+    """The mode of the image in ``src`` (a path or a binary file object), from its header alone
+    (Pillow opens lazily: no pixel is decoded). Raises :class:`TooLarge` past ``limit`` pixels and
+    :class:`NotAnImage` when Pillow cannot read it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(src) as im:
+                w, h = im.size
+                mode = im.mode
+    except Image.DecompressionBombError:
+        raise TooLarge() from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        raise NotAnImage() from None
+    if w * h > limit:
+        raise TooLarge(w, h)
+    return mode
+
+
+def decode_image(src, size: int, grey: bool, limit: int) -> np.ndarray:
+    """One image as uint8 (C, size, size): EXIF orientation, grey or RGB, shorter side resized to
+    ``size``, centre square cropped. JPEG "draft" mode decodes at a reduced scale directly. The one
+    decoder of the in-memory path and of the prepared cache (:mod:`.cache`), so both hold the same bits.
+    Raises :class:`NotAnImage` for data Pillow cannot decode (truncated, corrupt, grown past ``limit``)."""
+    try:
+        with warnings.catch_warnings(), Image.open(src) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if im.size[0] * im.size[1] > limit:  # changed since its header was read
+                raise ValueError(f"{im.size[0]}x{im.size[1]} pixels")
+            im.draft("RGB" if not grey else "L", (size, size))
+            img = _to_mode(ImageOps.exif_transpose(im), grey)
+            arr = np.asarray(resize_crop(img, size))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        raise NotAnImage() from None
+    return arr[None] if grey else arr.transpose(2, 0, 1)
+
+
 def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool = False,
                 progress: bool = True) -> ImageSet:
     """All images under ``path`` as uint8 (N, C, size, size), labelled by first-level sub-folder."""
@@ -97,20 +143,12 @@ def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool
     limit = pixel_limit(size)
     for p in files:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(p) as im:
-                    w, h = im.size
-                    mode = im.mode
-        except Image.DecompressionBombError:
-            _too_large(p, limit, size)
+            mode = probe_image(p, limit)
+        except TooLarge as e:
+            _too_large(p, limit, size, *e.args)
             skipped.append(p)
             continue
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-            skipped.append(p)
-            continue
-        if w * h > limit:
-            _too_large(p, limit, size, w, h)
+        except NotAnImage:
             skipped.append(p)
             continue
         modes.append(mode)
@@ -127,18 +165,12 @@ def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool
     for i, p in enumerate(tqdm(images, desc=f"read {root.name}", disable=not progress or len(images) < 2000,
                                leave=False)):
         try:
-            with warnings.catch_warnings(), Image.open(p) as im:
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                if im.size[0] * im.size[1] > limit:  # changed since pass 1
-                    raise ValueError(f"{im.size[0]}x{im.size[1]} pixels")
-                im.draft("RGB" if not grey else "L", (size, size))
-                img = _to_mode(ImageOps.exif_transpose(im), grey)
-                arr = np.asarray(resize_crop(img, size))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # truncated/corrupt data
+            arr = decode_image(p, size, grey, limit)
+        except NotAnImage:  # truncated/corrupt data
             bad.append(p)
             keep[i] = False
             continue
-        out[i] = arr[None] if grey else arr.transpose(2, 0, 1)
+        out[i] = arr
     skipped += bad
     if skipped:
         examples = ", ".join(str(p.relative_to(root)) for p in skipped[:3])
@@ -149,12 +181,7 @@ def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool
         raise DataError(f"{root}: none of its {len(files)} files is an image Pillow can read")
     out = out[keep]
 
-    labels, num_classes = None, None
-    rel = [p.relative_to(root).parts for p in images]
-    if all(len(r) == 2 for r in rel):
-        classes = sorted({r[0] for r in rel})
-        index = {c: i for i, c in enumerate(classes)}
-        labels, num_classes = np.array([index[r[0]] for r in rel], dtype=np.int64), len(classes)
+    labels, num_classes = folder_labels([p.relative_to(root).parts for p in images])
     return ImageSet.from_numpy(out, labels, source=str(root), num_classes=num_classes)
 
 
@@ -166,8 +193,70 @@ def _too_large(p: Path, limit: int, size: int, w: int | None = None, h: int | No
                   f"{size}x{size} data", VaelabWarning, stacklevel=3)
 
 
+def folder_labels(rel: list[tuple[str, ...]]) -> tuple[np.ndarray | None, int | None]:
+    """Labels from relative paths: the sorted first-level sub-folders when every image sits in one."""
+    if rel and all(len(r) == 2 for r in rel):
+        classes = sorted({r[0] for r in rel})
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index[r[0]] for r in rel], dtype=np.int64), len(classes)
+    return None, None
+
+
+class FolderSource(Source):
+    """``folder:PATH`` as a source to prepare: every file under PATH, recursively, in sorted order
+    (the in-memory reader's order); the fingerprint hashes each file's relative name, size and mtime."""
+
+    kind = "folder"
+
+    def __init__(self, arg: str) -> None:
+        super().__init__(arg)
+        self.root = Path(arg).expanduser()
+        self._scan: list[tuple[Path, int, str]] | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.root)
+
+    def identity(self) -> str:
+        return str(self.root.resolve())
+
+    def scan(self) -> list[tuple[Path, int, str]]:
+        if self._scan is None:
+            if not self.root.is_dir():
+                raise DatasetNotFoundError(f"{self.root}: no such folder (folder:PATH needs a folder of images)")
+            out = []
+            for p in sorted(p for p in self.root.rglob("*") if p.is_file()):
+                try:
+                    st = p.stat()
+                except OSError:  # vanished since it was listed
+                    continue
+                # size and times (mtime, and ctime, which any rewrite moves) plus the inode (a file replaced)
+                out.append((p, st.st_size, f"{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"))
+            if not out:
+                raise DataError(f"{self.root}: the folder is empty (no files, searched recursively)")
+            self._scan = out
+        return self._scan
+
+    def fingerprint(self) -> str:
+        root = self.root
+        return hash_lines(f"{p.relative_to(root).as_posix()}\0{n}\0{t}" for p, n, t in self.scan())
+
+    def listing(self) -> Listing:
+        files = self.scan()
+        rel = [p.relative_to(self.root).parts for p, _, _ in files]
+        return Listing([Item(str(p)) for p, _, _ in files], ["/".join(r) for r in rel], len(files),
+                       lambda kept: folder_labels([rel[i] for i in kept]))
+
+
+def open_cached(source: Source, cfg: DataConfig) -> ImageSet:
+    """The source's images from its prepared cache (built on first use): read from disk batch by batch."""
+    size = cfg.image_size or DEFAULT_SIZE
+    return prepare(source, size, cfg.grayscale, cache_dir=cfg.cache_dir).image_set()
+
+
 def load_folder(arg: str, cfg: DataConfig) -> dict[str, ImageSet]:
-    return holdout(read_folder(arg, cfg.image_size, cfg.grayscale), TEST_FRACTION, cfg.seed)
+    images = open_cached(FolderSource(arg), cfg) if cfg.cache else read_folder(arg, cfg.image_size, cfg.grayscale)
+    return holdout(images, TEST_FRACTION, cfg.seed)
 
 
 SOURCES.add("folder", load_folder)

@@ -3,8 +3,11 @@ permutation of the training split, sharded by rank):
 
 * :class:`MemoryFeed`: the whole training split in memory as float32 (on the device when it fits,
   else in pinned host memory, each batch copied over as it is used): batching is indexing.
-* :class:`StreamFeed`: a Dataset too large for memory (:class:`vaelab.data.python.StreamedImages`),
-  each batch read through a DataLoader; the same permutation, so the same batches.
+* :class:`StreamFeed`: a prepared data set read from disk (:class:`vaelab.data.cache.MappedImages`,
+  the next batch read by a helper thread while this one trains) or a Dataset too large for memory
+  (:class:`vaelab.data.python.StreamedImages`, each batch read through a DataLoader); the same
+  permutation, so the same batches, converted to float one batch at a time. On a GPU the batches
+  come in pinned host memory and are copied on a side stream one batch ahead of the step.
 """
 
 from __future__ import annotations
@@ -64,14 +67,41 @@ class StreamFeed:
     def __len__(self) -> int:
         return len(self.train)
 
+    def _float(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = to_float(x)  # the same k/255 as in memory, one batch at a time
+        check_model_input(x, self.likelihood, self.source)
+        return x, y
+
     def epoch(self, order: torch.Tensor, start: int, batch_size: int) -> Batches:
         pin = self.device.type == "cuda"
-        for x, y in self.train.batches(_slices(order, start, batch_size), pin):
-            x = to_float(x.to(self.device, non_blocking=pin))  # the same k/255 as in memory
-            check_model_input(x, self.likelihood, self.source)
-            yield x, None if y is None else y.to(self.device, non_blocking=pin)
+        batches = self.train.batches(_slices(order, start, batch_size), pin)
+        if not pin:
+            for x, y in batches:
+                yield self._float(x.to(self.device), None if y is None else y.to(self.device))
+            return
+        # A side stream copies batch i + 1 (pinned -> device) while the step computes on batch i.
+        copy, compute = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+
+        def upload(x: torch.Tensor, y: torch.Tensor | None):
+            with torch.cuda.stream(copy):
+                return x.to(self.device, non_blocking=True), None if y is None else y.to(self.device, non_blocking=True)
+
+        it = iter(batches)
+        first = next(it, None)
+        ahead = None if first is None else upload(*first)
+        while ahead is not None:
+            compute.wait_stream(copy)
+            x, y = ahead
+            x.record_stream(compute)  # its memory is not reused before the step has read it
+            if y is not None:
+                y.record_stream(compute)
+            nxt = next(it, None)
+            ahead = None if nxt is None else upload(*nxt)
+            yield self._float(x, y)
 
 
 def make_feed(train, device: torch.device, likelihood: str, source: str) -> MemoryFeed | StreamFeed:
-    return MemoryFeed(train, device, likelihood, source) if isinstance(train, ImageSet) else StreamFeed(
-        train, device, likelihood, source)
+    """Batches read from disk (a prepared data set) or through a DataLoader (a Dataset too large for
+    memory) stream; anything else is in memory."""
+    streamed = hasattr(train, "batches")
+    return StreamFeed(train, device, likelihood, source) if streamed else MemoryFeed(train, device, likelihood, source)

@@ -1,0 +1,606 @@
+"""Decode once: image sources (``folder:PATH``, ``shards:PATH``) are decoded into a prepared cache on
+first use, and every later command reads that instead of decoding again.
+
+A prepared data set is a folder under the cache directory (``data.cache_dir``, default
+``$XDG_CACHE_HOME/vaelab/prepared``), one per (source, image size, grey setting)::
+
+    <name>-<key>/
+      images.npy   uint8 (N, C, S, S), a plain .npy file (np.load(..., mmap_mode="r") opens it)
+      labels.npy   int64 (N,), when the source has labels
+      meta.json    format, source, size, channels, class count, the sources' fingerprint (names,
+                   sizes, mtimes), what was skipped, how long the build took
+
+Opening it costs a listing of the source (to compare fingerprints) and reading meta.json; images are
+then read from the file batch by batch (:class:`MappedImages`, ``os.pread`` into fresh buffers, so
+memory holds a batch, not the data set, and the page cache, not the process, holds what was read).
+
+Building (:func:`build`) decodes in worker processes, each writing its rows straight into the file
+(nothing big crosses a pipe; each worker holds one image at a time), shows progress with images/s,
+and is atomic: everything is written into ``<name>-<key>.tmp-<pid>/`` and renamed into place once
+complete and flushed, so an interrupted build leaves no cache (its leftovers are removed by the next
+build, which starts again). A lock file serialises builds of the same key, so concurrent first
+commands (torchrun's ranks) decode once. A source that changed (a file added, removed, resized or
+touched) no longer matches the fingerprint and is rebuilt. Images refused by the in-memory reader
+(not images, truncated, too many pixels) are refused here by the same code, one line each, counted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError, VaelabWarning
+from ..progress import Progress, duration
+from ..safeio import human
+from .base import ImageSet
+from .sources import cache_root
+
+FORMAT = 1
+META_MAX_BYTES = 1 << 20  # meta.json is small; a larger one is not ours
+CHUNK = 64  # images per worker task
+INLINE_BELOW = 512  # fewer images than this are decoded in this process (no pool to start)
+PROGRESS_FROM = 2000  # images: a smaller build runs without a progress line
+
+
+# ---------------------------------------------------------------- where prepared data live
+def prepared_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding prepared data sets: ``cache_dir`` or ``$XDG_CACHE_HOME/vaelab/prepared``."""
+    return Path(cache_dir).expanduser() if cache_dir else cache_root() / "prepared"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image to decode: a whole file (``offset`` -1) or ``length`` bytes at ``offset`` of a tar shard."""
+
+    path: str
+    offset: int = -1
+    length: int = -1
+
+
+@dataclasses.dataclass
+class Listing:
+    """What a source holds, in order: the candidate images, their labels (or None), their names for
+    messages, and how many files were looked at."""
+
+    items: list[Item]
+    names: list[str]
+    n_files: int
+    # the labels of the images kept (their indices into ``items``): (labels, class count) or (None, None)
+    labels_of: Callable[[list[int]], tuple[np.ndarray | None, int | None]]
+    skipped: list[str] = dataclasses.field(default_factory=list)  # found unusable while listing
+
+
+class Source:
+    """An image source that can be prepared: a stable identity, a cheap fingerprint, a full listing."""
+
+    kind = ""
+
+    def __init__(self, arg: str) -> None:
+        self.arg = arg
+
+    @property
+    def label(self) -> str:  # what messages and ImageSet.source call it
+        raise NotImplementedError
+
+    def identity(self) -> str:  # the same source wherever the command runs from
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:  # changes when the data change (names, sizes, mtimes)
+        raise NotImplementedError
+
+    def listing(self) -> Listing:
+        raise NotImplementedError
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:{self.arg}"
+
+
+def hash_lines(lines: Iterator[str]) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------- the cache on disk
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """An opened prepared data set: its folder, meta.json, and the images file's layout."""
+
+    dir: Path
+    meta: dict[str, Any]
+    offset: int  # bytes of .npy header before the first image
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(int(v) for v in self.meta["shape"])  # type: ignore[return-value]
+
+    @property
+    def images_path(self) -> Path:
+        return self.dir / "images.npy"
+
+    def labels(self) -> torch.Tensor | None:
+        p = self.dir / "labels.npy"
+        if not self.meta.get("labelled"):
+            return None
+        arr = np.load(p, allow_pickle=False)
+        if arr.shape != (self.shape[0],) or arr.dtype != np.int64:
+            raise DataError(f"{p}: expected int64 labels ({self.shape[0]},), got {arr.dtype} {arr.shape}; "
+                            "remove the folder to rebuild it")
+        return torch.from_numpy(arr)
+
+    def image_set(self) -> MappedImages:
+        store = RowStore(self.images_path, self.offset, self.shape)
+        return MappedImages(store, np.arange(self.shape[0], dtype=np.int64), self.labels(),
+                            self.meta["source"], self.meta.get("num_classes"))
+
+
+def cache_dir_for(source: Source, size: int, grayscale: bool, cache_dir: str | None) -> Path:
+    key = hash_lines(iter([f"format {FORMAT}", source.kind, source.identity(), f"size {size}", f"grey {grayscale}"]))[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.identity()).name or source.kind).strip("._")[:40] or source.kind
+    return prepared_root(cache_dir) / f"{source.kind}-{stem}-{key}"
+
+
+def _read_meta(d: Path) -> dict[str, Any] | None:
+    p = d / "meta.json"
+    try:
+        if p.stat().st_size > META_MAX_BYTES:
+            return None
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _npy_offset(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)  # a dict literal, parsed without pickle
+        if fortran:
+            raise ValueError("Fortran order")
+        return f.tell(), shape, dtype
+
+
+def open_prepared(d: Path, fingerprint: str | None = None) -> Prepared | None:
+    """The prepared data set in ``d`` if complete, of this format and (given ``fingerprint``) current;
+    otherwise None (absent, stale, or damaged: the caller rebuilds it)."""
+    meta = _read_meta(d)
+    if meta is None or meta.get("format") != FORMAT or (fingerprint is not None and meta.get("fingerprint") != fingerprint):
+        return None
+    try:
+        shape = tuple(int(v) for v in meta["shape"])
+        offset, npy_shape, dtype = _npy_offset(d / "images.npy")
+        size = (d / "images.npy").stat().st_size
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError):
+        return None
+    if npy_shape != shape or dtype != np.uint8 or size != offset + int(np.prod(shape)):
+        return None
+    return Prepared(d, meta, offset)
+
+
+# ---------------------------------------------------------------- reading rows
+class RowStore:
+    """Fixed-size uint8 rows of a file, read with ``os.pread`` (runs of consecutive rows in one call)."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, int, int, int]) -> None:
+        self.path, self.offset, self.shape = path, offset, shape
+        self.row_bytes = int(np.prod(shape[1:]))
+        self._fd: int | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def _file(self) -> int:
+        with self._lock:
+            if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
+                self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+            return self._fd
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "offset": self.offset, "shape": self.shape}
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        self.__init__(st["path"], st["offset"], st["shape"])  # type: ignore[misc]
+
+    def read_into(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Rows ``rows`` (int64) into ``out`` (len(rows), C, H, W) uint8, contiguous."""
+        if len(rows) == 0:
+            return
+        fd, rb = self._file(), self.row_bytes
+        flat = out.reshape(len(rows), rb)
+        cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = [0, *cuts.tolist()]
+        ends = [*cuts.tolist(), len(rows)]
+        for s, e in zip(starts, ends, strict=True):
+            want = (e - s) * rb
+            got = os.preadv(fd, [memoryview(flat[s:e]).cast("B")], self.offset + int(rows[s]) * rb)
+            if got != want:
+                raise DataError(f"{self.path}: shorter than its header says (a damaged cache); remove its folder "
+                                "to rebuild it (vaelab datasets lists them)")
+
+
+class MappedImages(ImageSet):
+    """Images of a prepared data set, read from its file on demand; stands where an in-memory
+    :class:`ImageSet` stands. ``subset`` selects rows without reading; ``images`` reads the selected
+    rows into memory (validation sets, pictures, evaluation); training reads them batch by batch
+    through :meth:`batches`. Labels are small and held in memory."""
+
+    def __init__(self, store: RowStore, rows: np.ndarray, labels: torch.Tensor | None, source: str,
+                 num_classes: int | None) -> None:
+        object.__setattr__(self, "store", store)
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "num_classes", num_classes)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.store.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def images(self) -> torch.Tensor:  # type: ignore[override]
+        """The selected images in memory, uint8 (N, C, H, W) (read once, then kept with this object)."""
+        got = self.__dict__.get("_images")
+        if got is None:
+            got = self.read(np.arange(len(self.rows)))
+            object.__setattr__(self, "_images", got)
+        return got
+
+    def materialize(self) -> ImageSet:
+        return ImageSet(self.images, self.labels, self.source, self.num_classes)
+
+    def subset(self, index: torch.Tensor | slice) -> MappedImages:
+        idx = index.numpy() if isinstance(index, torch.Tensor) else index
+        return MappedImages(self.store, self.rows[idx], None if self.labels is None else self.labels[index],
+                            self.source, self.num_classes)
+
+    def read(self, positions: np.ndarray, pin: bool = False) -> torch.Tensor:
+        """uint8 images (B, C, H, W) at ``positions`` of this set (pinned host memory with ``pin``)."""
+        out = torch.empty((len(positions), *self.shape), dtype=torch.uint8, pin_memory=pin)
+        self.store.read_into(self.rows[positions], out.numpy())
+        return out
+
+    def batches(self, positions: Sequence[torch.Tensor], pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each batch of ``positions`` (into this set) as uint8 images and labels, in order; the next
+        batch is read by a helper thread while this one is used (``pread`` releases the GIL)."""
+        def load(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            x = self.read(p.numpy(), pin)
+            return x, None if self.labels is None else self.labels.index_select(0, p)
+
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="vaelab-read") as pool:
+            ahead = [pool.submit(load, p) for p in positions[:2]]
+            for i in range(len(positions)):
+                x, y = ahead.pop(0).result()
+                if i + 2 < len(positions):
+                    ahead.append(pool.submit(load, positions[i + 2]))
+                yield x, y
+
+    def __repr__(self) -> str:
+        return f"MappedImages({len(self)} images {self.shape} from {self.store.path})"
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = object.__hash__
+
+
+# ---------------------------------------------------------------- building
+def _worker_context():
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def _open_item(item: Item):
+    """A file object for Pillow: the file itself, or the member's bytes from a tar shard."""
+    if item.offset < 0:
+        return item.path
+    import io
+
+    fd = os.open(item.path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, item.length, item.offset)
+    finally:
+        os.close(fd)
+    return io.BytesIO(data)
+
+
+def _probe_chunk(items: list[Item], limit: int) -> list[tuple[str, Any]]:
+    """Pass 1 of a chunk: ("ok", mode) | ("large", (w, h) or ()) | ("bad", None) per item."""
+    from .folder import NotAnImage, TooLarge, probe_image
+
+    out: list[tuple[str, Any]] = []
+    for it in items:
+        try:
+            out.append(("ok", probe_image(_open_item(it), limit)))
+        except TooLarge as e:
+            out.append(("large", tuple(e.args)))
+        except (NotAnImage, OSError):
+            out.append(("bad", None))
+    return out
+
+
+def _decode_chunk(items: list[Item], first_row: int, path: str, offset: int, size: int, grey: bool,
+                  limit: int) -> list[int]:
+    """Pass 2 of a chunk: decode each item and write it as row ``first_row + k`` of the images file;
+    returns the k of the items that failed to decode (their rows are dropped afterwards)."""
+    from .folder import NotAnImage, decode_image
+
+    failed: list[int] = []
+    row_bytes = (1 if grey else 3) * size * size
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for k, it in enumerate(items):
+            try:
+                arr = decode_image(_open_item(it), size, grey, limit)
+            except (NotAnImage, OSError):
+                failed.append(k)
+                continue
+            os.pwrite(fd, np.ascontiguousarray(arr).tobytes(), offset + (first_row + k) * row_bytes)
+    finally:
+        os.close(fd)
+    return failed
+
+
+def _run_chunks(fn, chunks: list[tuple], workers: int, bar: Progress, sizes: list[int]) -> list[Any]:
+    """``fn(*chunk)`` for every chunk, in worker processes (at most 4 tasks each in flight, so memory
+    holds a few chunks' results), results in chunk order; ``bar`` advances by each chunk's size."""
+    results: list[Any] = [None] * len(chunks)
+    t0 = time.monotonic()
+
+    def tick(i: int) -> None:
+        bar.update(sizes[i])
+        rate = (bar.n - bar.start) / max(time.monotonic() - t0, 1e-9)
+        bar.set_postfix(f"{rate:,.0f} images/s")
+
+    if workers <= 1 or sum(sizes) < INLINE_BELOW:
+        for i, c in enumerate(chunks):
+            results[i] = fn(*c)
+            tick(i)
+        return results
+    with cf.ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
+        pending: dict[cf.Future, int] = {}
+        nxt = 0
+        try:
+            while nxt < len(chunks) or pending:
+                while nxt < len(chunks) and len(pending) < 4 * workers:
+                    pending[pool.submit(fn, *chunks[nxt])] = nxt
+                    nxt += 1
+                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    i = pending.pop(f)
+                    results[i] = f.result()
+                    tick(i)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return results
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build(source: Source, size: int, grayscale: bool, target: Path, fingerprint: str, *,
+          workers: int | None = None, progress: bool = True, limit: int | None = None) -> Prepared:
+    """Decode ``source`` into the prepared data set ``target`` (see the module docstring). The caller
+    holds the lock for ``target``."""
+    from .folder import GREY_MODES, pixel_limit
+
+    workers = workers or default_workers()
+    limit = limit or pixel_limit(size)
+    t0 = time.monotonic()
+    lst = source.listing()
+    items, names = lst.items, lst.names
+    if not items:
+        raise DataError(f"{source.label}: holds no image files (searched recursively)")
+    show = progress and len(items) >= PROGRESS_FROM
+    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+    sizes = [len(c) for c in chunks]
+
+    # Pass 1: headers only, to skip non-images and images too large to decode, and to decide grey vs
+    # colour before decoding anything (as the in-memory reader does).
+    with Progress(len(items), f"prepare {source.label}: headers", enabled=show) as bar:
+        probed = [r for rs in _run_chunks(_probe_chunk, [(c, limit) for c in chunks], workers, bar, sizes) for r in rs]
+    keep, modes, skipped = [], [], list(lst.skipped)
+    for i, (what, info) in enumerate(probed):
+        if what == "ok":
+            keep.append(i)
+            modes.append(info)
+            continue
+        skipped.append(names[i])
+        if what == "large":
+            got = f"{info[0]}x{info[1]} ({info[0] * info[1] / 1e6:.3g} megapixels)" if info else \
+                "its header declares too many pixels"
+            warnings.warn(f"{names[i]}: skipped: {got}; images are decoded up to {limit / 1e6:.3g} megapixels for "
+                          f"{size}x{size} data", VaelabWarning, stacklevel=2)
+    if not keep:
+        raise DataError(f"{source.label}: none of its {lst.n_files} files is an image Pillow can read "
+                        f"(e.g. {skipped[0] if skipped else '?'})")
+    grey = grayscale or all(m in GREY_MODES for m in modes)
+    c = 1 if grey else 3
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for old in target.parent.glob(f"{target.name}.tmp-*"):  # an interrupted build's leftovers (we hold the lock)
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        # Pass 2: decode, each worker writing its rows into the file at their place.
+        images_path = tmp / "images.npy"
+        mm = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(keep), c, size, size))
+        offset = int(mm.offset)
+        del mm
+        kept_items = [items[i] for i in keep]
+        tasks = [(kept_items[i : i + CHUNK], i, str(images_path), offset, size, grey, limit)
+                 for i in range(0, len(kept_items), CHUNK)]
+        tsizes = [len(t[0]) for t in tasks]
+        with Progress(len(kept_items), f"prepare {source.label}", enabled=show) as bar:
+            failed_lists = _run_chunks(_decode_chunk, tasks, workers, bar, tsizes)
+        failed = sorted(t[1] + k for t, ks in zip(tasks, failed_lists, strict=True) for k in ks)
+        skipped += [names[keep[r]] for r in failed]
+        rows = np.setdiff1d(np.arange(len(keep)), np.array(failed, dtype=np.int64)) if failed else None
+        if rows is not None:
+            if len(rows) == 0:
+                raise DataError(f"{source.label}: none of its {lst.n_files} files is an image Pillow can read")
+            _compact(images_path, offset, (len(keep), c, size, size), rows)
+            offset, _, _ = _npy_offset(images_path)
+        final_rows = [keep[r] for r in (rows if rows is not None else range(len(keep)))]
+        n = len(final_rows)
+        labels, num_classes = lst.labels_of(final_rows)
+        labelled = labels is not None
+        if labelled:
+            np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+        seconds = time.monotonic() - t0
+        meta = {
+            "format": FORMAT, "source": source.label, "spec": source.spec, "identity": source.identity(),
+            "image_size": size, "grayscale": grayscale, "shape": [n, c, size, size], "labelled": labelled,
+            "num_classes": num_classes, "fingerprint": fingerprint, "files": lst.n_files,
+            "skipped": len(skipped), "skipped_examples": skipped[:3], "build_seconds": round(seconds, 3),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "workers": workers,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():
+            _fsync(f)
+        # Publish: the old copy (stale) is moved aside first, then the new one renamed into place.
+        old = None
+        if target.exists():
+            old = target.parent / f"{target.name}.tmp-old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"vaelab: prepared {n} images of {source.label} ({c}x{size}x{size}) in {duration(seconds)}, "
+              f"{n / max(seconds, 1e-9):,.0f} images/s, with {workers} worker{'s' * (workers > 1)}: {target}",
+              file=sys.stderr, flush=True)
+    got = open_prepared(target, fingerprint)
+    if got is None:  # pragma: no cover - we just wrote it
+        raise DataError(f"{target}: the prepared data could not be read back")
+    return got
+
+
+def _compact(path: Path, offset: int, shape: tuple[int, int, int, int], rows: np.ndarray) -> None:
+    """Rewrite the images file keeping ``rows`` (sorted), a chunk at a time."""
+    new = path.with_name("images.compact.npy")
+    out = np.lib.format.open_memmap(new, mode="w+", dtype=np.uint8, shape=(len(rows), *shape[1:]))
+    store = RowStore(path, offset, shape)
+    step = 1024
+    for i in range(0, len(rows), step):
+        part = rows[i : i + step]
+        buf = np.empty((len(part), *shape[1:]), dtype=np.uint8)
+        store.read_into(part, buf)
+        out[i : i + len(part)] = buf
+    out.flush()
+    del out, store
+    os.replace(new, path)
+
+
+# ---------------------------------------------------------------- open or build
+class _Lock:
+    """An exclusive ``flock`` on ``path`` (serialises builds of one prepared data set)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> _Lock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+def prepare(source: Source, size: int, grayscale: bool = False, *, cache_dir: str | None = None,
+            workers: int | None = None, progress: bool = True, rebuild: bool = False) -> Prepared:
+    """The prepared data set of ``source`` at ``size`` (built if absent, stale or ``rebuild``)."""
+    target = cache_dir_for(source, size, grayscale, cache_dir)
+    fp = source.fingerprint()
+    got = None if rebuild else open_prepared(target, fp)
+    if got is None:
+        try:
+            with _Lock(target.parent / f"{target.name}.lock"):
+                got = None if rebuild else open_prepared(target, fp)  # built by another process meanwhile?
+                if got is None:
+                    if target.exists() and progress:
+                        print(f"vaelab: {source.label} changed since it was prepared (or its cache is damaged): "
+                              "preparing it again", file=sys.stderr, flush=True)
+                    got = build(source, size, grayscale, target, fp, workers=workers, progress=progress)
+        except PermissionError as e:
+            raise DataError(f"{target.parent}: cannot write the prepared data there ({e.strerror}); set "
+                            "data.cache_dir (--set data.cache_dir=DIR) to a writable folder") from None
+    if got.meta.get("skipped"):
+        ex = ", ".join(got.meta.get("skipped_examples") or [])
+        warnings.warn(f"{source.label}: skipped {got.meta['skipped']} of {got.meta.get('files')} files that are not "
+                      f"readable images (e.g. {ex})", VaelabWarning, stacklevel=2)
+    return got
+
+
+def list_prepared(cache_dir: str | None = None) -> list[dict[str, Any]]:
+    """Every prepared data set under the cache directory: meta.json plus ``dir`` and ``bytes`` on disk."""
+    root = prepared_root(cache_dir)
+    out = []
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or ".tmp-" in d.name:
+            continue
+        meta = _read_meta(d)
+        if meta is None:
+            continue
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        out.append({**meta, "dir": str(d), "bytes": size})
+    return out
+
+
+def describe_prepared(m: dict[str, Any]) -> str:
+    n, c, h, w = m.get("shape", [0, 0, 0, 0])
+    classes = f", {m['num_classes']} classes" if m.get("num_classes") else ""
+    return (f"{m.get('spec')}: {n} images {c}x{h}x{w}{classes}, {human(m['bytes'])} on disk, built {m.get('built')} "
+            f"in {duration(float(m.get('build_seconds') or 0))}; {m['dir']}")
