@@ -34,6 +34,16 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _temperature(text: str) -> float | tuple[float, ...]:
+    """--temperature: one number, or one per stochastic layer bottom-up (0.6,0.8,1)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--temperature takes a number, or one per layer separated by commas (bottom-up), "
+                          f"got {text[:40]!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 # flag -> (section, key, parser) for the training options most people change
 _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "data": ("data", "name", str),
@@ -312,7 +322,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .viz import sample_run
 
     run = Run(args.run, _which(args), device=args.device)
-    print(sample_run(run, args.out, n=args.n, seed=args.seed, temperature=args.temperature, label=args.label))
+    print(sample_run(run, args.out, n=args.n, seed=args.seed, temperature=_temperature(args.temperature),
+                     label=args.label))
     return 0
 
 
@@ -359,7 +370,8 @@ def cmd_traverse(args: argparse.Namespace) -> int:
         if not dims:
             raise ConfigError(f"--dims takes latent dimensions separated by commas, e.g. 0,3,5; got {args.dims[:40]!r}")
     print(traverse_run(args.run, args.out, index=args.index, dims=dims, top=args.top, steps=args.steps,
-                       span=args.span, which=_which(args), data_dir=args.data_dir, device=args.device))
+                       span=args.span, which=_which(args), data_dir=args.data_dir, device=args.device,
+                       layer=args.layer))
     return 0
 
 
@@ -427,6 +439,29 @@ def cmd_datasets(args: argparse.Namespace) -> int:
                 print(f"{'':16s}   searched: {d}")
     for prefix in SOURCES:
         print(f"{prefix + ':PATH':16s} (source)")
+    from .data.cache import describe_prepared, list_prepared, prepared_root
+
+    found = list_prepared(args.cache_dir)
+    total = sum(m["bytes"] for m in found)
+    from .safeio import human
+
+    print(f"prepared (decoded once, read from disk; vaelab data prepare SPEC) in {prepared_root(args.cache_dir)}: "
+          f"{len(found)}, {human(total)}")
+    for m in found:
+        print(f"  {describe_prepared(m)}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .config import DataConfig, check_count
+    from .data.cache import describe_prepared, list_prepared, prepare_spec
+
+    if args.workers is not None:
+        check_count(args.workers, "--workers", 1)
+    cfg = DataConfig(name=args.spec, image_size=args.image_size, grayscale=args.grayscale, cache_dir=args.cache_dir)
+    got = prepare_spec(cfg, workers=args.workers, rebuild=args.rebuild, progress=not args.no_progress)
+    meta = next(m for m in list_prepared(args.cache_dir) if m["dir"] == str(got.dir))
+    print(describe_prepared(meta))
     return 0
 
 
@@ -484,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = run_cmd("sample", "PNG grid of samples from the prior", cmd_sample)
     s.add_argument("-n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--temperature", type=float, default=1.0, help="scale of z ~ N(0, T² I)")
+    s.add_argument("--temperature", default="1", help="scale of each layer's spread, z ~ N(mu, T² sigma²): one number, "
+                   "or one per stochastic layer bottom-up, e.g. 1,1,0.8,0.7,0.6")
     s.add_argument("--label", type=int, default=None, help="class to generate (label-conditioned models)")
     s.add_argument("--out", default=None)
 
@@ -500,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default=None)
     i.add_argument("--data-dir", default=None)
 
-    tv = run_cmd("traverse", "PNG of latent traversals: one top-layer dimension varied per row", cmd_traverse)
+    tv = run_cmd("traverse", "PNG of latent traversals: one latent dimension varied per row", cmd_traverse)
+    tv.add_argument("--layer", default=None,
+                    help="stochastic layer of a hierarchy to traverse: z1 (nearest the data), z2, ... (default: the top)")
     tv.add_argument("--index", type=int, default=0, help="test image whose posterior mean is the starting code")
     tv.add_argument("--dims", default=None, help="latent dimensions, one per row, e.g. 0,3,5 (default: the most active)")
     tv.add_argument("--top", type=int, default=8, help="how many of the most active dimensions without --dims")
@@ -557,9 +595,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="write into a non-empty folder that is not an export")
     x.add_argument("--seed", type=int, default=0, help="seed of the model card's sample grid")
 
-    d = sub.add_parser("datasets", help="list the data sets vaelab knows and where it looks for them")
+    d = sub.add_parser("datasets", help="list the data sets vaelab knows, where it looks for them, and the "
+                       "prepared (decoded) ones with their sizes")
     d.add_argument("-v", "--verbose", action="store_true")
+    d.add_argument("--cache-dir", default=None, help="where prepared data sets live (data.cache_dir)")
     d.set_defaults(func=cmd_datasets)
+
+    dd = sub.add_parser("data", help="prepare image data: decode a folder or tar shards once into the cache")
+    dsub = dd.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    dp = dsub.add_parser("prepare", help="decode SPEC (folder:PATH, shards:PATH) into the prepared cache now")
+    dp.add_argument("spec", metavar="SPEC", help="what --data takes: folder:PATH or shards:PATH (tar shards)")
+    dp.add_argument("--image-size", type=int, default=None, help="resize/centre-crop target (data.image_size, default 64)")
+    dp.add_argument("--grayscale", action="store_true", help="one grey channel (data.grayscale)")
+    dp.add_argument("--cache-dir", default=None, help="where prepared data sets live (data.cache_dir)")
+    dp.add_argument("--workers", type=int, default=None, help="decoding processes (default: every core)")
+    dp.add_argument("--rebuild", action="store_true", help="decode again even if the cache is current")
+    dp.add_argument("--no-progress", action="store_true")
+    dp.set_defaults(func=cmd_data_prepare)
 
     dm = sub.add_parser("demo", help="train on Fashion-MNIST, evaluate, write pictures (the README's main job)")
     dm.add_argument("--run", default="runs/demo")

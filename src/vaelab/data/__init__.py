@@ -6,7 +6,7 @@ from .registry import DATASETS, SOURCES, DatasetSpec, load_data, load_splits, re
 from .sources import RemoteFile, candidate_dirs, locate
 
 # Each module registers its data sets / sources on import.
-from . import arrays, cifar, folder, svhn  # noqa: E402, F401  isort: skip
+from . import arrays, cifar, folder, shards, svhn  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "DATASETS",

@@ -538,6 +538,42 @@ def _compact(path: Path, offset: int, shape: tuple[int, int, int, int], rows: np
     os.replace(new, path)
 
 
+def decode_source(source: Source, size: int, grayscale: bool = False) -> ImageSet:
+    """All of ``source`` decoded into memory, in this process, by the rules and code of :func:`build`
+    (``data.cache = false``: the in-memory path)."""
+    from .folder import GREY_MODES, NotAnImage, TooLarge, decode_image, pixel_limit, probe_image
+
+    limit = pixel_limit(size)
+    lst = source.listing()
+    keep, modes, skipped = [], [], list(lst.skipped)
+    for i, it in enumerate(lst.items):
+        try:
+            modes.append(probe_image(_open_item(it), limit))
+            keep.append(i)
+        except TooLarge as e:
+            got = f"{e.args[0]}x{e.args[1]}" if e.args else "its header declares too many pixels"
+            warnings.warn(f"{lst.names[i]}: skipped: {got}; images are decoded up to {limit / 1e6:.3g} megapixels "
+                          f"for {size}x{size} data", VaelabWarning, stacklevel=2)
+            skipped.append(lst.names[i])
+        except (NotAnImage, OSError):
+            skipped.append(lst.names[i])
+    grey = grayscale or all(m in GREY_MODES for m in modes)
+    rows, arrays = [], []
+    for i in keep:
+        try:
+            arrays.append(decode_image(_open_item(lst.items[i]), size, grey, limit))
+            rows.append(i)
+        except (NotAnImage, OSError):
+            skipped.append(lst.names[i])
+    if skipped:
+        warnings.warn(f"{source.label}: skipped {len(skipped)} of {lst.n_files} files that are not readable images "
+                      f"(e.g. {', '.join(skipped[:3])})", VaelabWarning, stacklevel=2)
+    if not rows:
+        raise DataError(f"{source.label}: none of its {lst.n_files} files is an image Pillow can read")
+    labels, num_classes = lst.labels_of(rows)
+    return ImageSet.from_numpy(np.stack(arrays), labels, source=source.label, num_classes=num_classes)
+
+
 # ---------------------------------------------------------------- open or build
 class _Lock:
     """An exclusive ``flock`` on ``path`` (serialises builds of one prepared data set)."""
@@ -604,3 +640,17 @@ def describe_prepared(m: dict[str, Any]) -> str:
     classes = f", {m['num_classes']} classes" if m.get("num_classes") else ""
     return (f"{m.get('spec')}: {n} images {c}x{h}x{w}{classes}, {human(m['bytes'])} on disk, built {m.get('built')} "
             f"in {duration(float(m.get('build_seconds') or 0))}; {m['dir']}")
+
+
+def prepare_spec(cfg: Any, *, workers: int | None = None, rebuild: bool = False, progress: bool = True) -> Prepared:
+    """``vaelab data prepare``: the prepared data set of ``cfg.name`` (a ``folder:`` or ``shards:`` source)."""
+    from .folder import DEFAULT_SIZE, FolderSource
+    from .shards import ShardSource
+
+    kinds = {"folder": FolderSource, "shards": ShardSource}
+    prefix, _, arg = cfg.name.partition(":")
+    if prefix not in kinds or not arg:
+        raise DataError(f"{cfg.name}: only image sources are prepared (decoded once): folder:PATH or shards:PATH; "
+                        "registered data sets and npz:/npy: arrays are read from their files as they are")
+    return prepare(kinds[prefix](arg), cfg.image_size or DEFAULT_SIZE, cfg.grayscale, cache_dir=cfg.cache_dir,
+                   workers=workers, progress=progress, rebuild=rebuild)
