@@ -13,12 +13,14 @@ from .base import (
     generator_for,
     repeat_rows,
 )
+from .ladder import LadderVAE
 from .priors import fixed_weights
 from .regressor import Regressor
 from .vae import CVAE, VAE
 
 __all__ = [
     "CVAE",
+    "LadderVAE",
     "MODELS",
     "VAE",
     "LatentModel",

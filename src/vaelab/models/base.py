@@ -21,11 +21,16 @@ autocast the networks run in low precision while log-densities, KLs and their su
 Layers are listed bottom-up: ``layers[0]`` is nearest the data, ``layers[-1]`` the top layer, whose
 prior is unconditional and whose latent space is the one pictures travel through (interpolation,
 manifold). A model with no latent variables (the regressor) has no layers: its KL is 0 by structure.
+
+Optional, for a hierarchy: ``decode_layers(zs, c)``, P(X | z_l, ..., z_L) for codes of the top
+``len(zs)`` layers (bottom-up list, the last z_top; the layers below l take their prior's mean;
+``decode(z)`` is ``decode_layers([z])``). With it, a traversal can sweep a lower layer's units.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -34,6 +39,7 @@ from torch import nn
 
 from ..config import DataSpec, ModelConfig
 from ..distributions import Distribution
+from ..errors import ConfigError
 from ..registry import Registry
 
 
@@ -93,9 +99,11 @@ class LatentModel(Protocol):
 
     def sample(
         self, n: int, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
-        temperature: float = 1.0, mean: bool = True,
+        temperature: float | Sequence[float] = 1.0, mean: bool = True,
     ) -> torch.Tensor:
-        """n images (n, C, H, W) drawn from the model's own prior: the likelihood's mean, or a draw."""
+        """n images (n, C, H, W) drawn from the model's own prior: the likelihood's mean, or a draw.
+        ``temperature`` scales every layer's spread, or is one factor per stochastic layer, bottom-up
+        like ``latent_dims`` (see :func:`layer_temperatures`)."""
         ...
 
 
@@ -112,11 +120,27 @@ class LatentModelBase(nn.Module):
     @torch.no_grad()
     def sample(
         self, n: int, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
-        temperature: float = 1.0, mean: bool = True,
+        temperature: float | Sequence[float] = 1.0, mean: bool = True,
     ) -> torch.Tensor:
-        z = self.prior().sample_n(n, generator, temperature)  # type: ignore[attr-defined]  (n, L_top)
+        z = self.prior().sample_n(n, generator, layer_temperatures(temperature, 1)[0])  # type: ignore[attr-defined]  (n, L_top)
         px = self.decode(z, c)  # type: ignore[attr-defined]
         return px.mean if mean else px.sample(generator)
+
+
+def layer_temperatures(temperature: float | Sequence[float], n_layers: int) -> list[float]:
+    """One sampling temperature per stochastic layer, bottom-up: a number applies to every layer; a
+    sequence gives one factor per layer (NVAE's and VDVAE's per-group temperatures), as many as the
+    model has layers."""
+    if isinstance(temperature, int | float):
+        temps = [float(temperature)] * n_layers
+    else:
+        temps = [float(t) for t in temperature]
+        if len(temps) != n_layers:
+            raise ConfigError(f"temperature: {len(temps)} values for a model with {n_layers} stochastic layer(s); "
+                              "give one number, or one per layer bottom-up")
+    if not all(math.isfinite(t) and t >= 0 for t in temps):
+        raise ConfigError(f"temperature: {temps} must be finite and >= 0")
+    return temps
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -16,6 +16,8 @@ does not depend on c.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -33,6 +35,7 @@ from .base import (
     StochasticLayer,
     flat_draws,
     full_precision,
+    layer_temperatures,
     repeat_rows,
 )
 from .priors import PRIORS
@@ -100,7 +103,13 @@ class VAE(LatentModelBase):
         return self.encode(x, c)[-1]  # type: ignore[return-value]
 
     def decode(self, z: torch.Tensor, c: torch.Tensor | None = None) -> Distribution:
-        for down in reversed(self._down()):  # layers below the top take their prior's mean
+        return self.decode_layers([z], c)
+
+    def decode_layers(self, zs: Sequence[torch.Tensor], c: torch.Tensor | None = None) -> Distribution:
+        """P(X | z_l, ..., z_L) for codes of the top ``len(zs)`` layers (bottom-up); the layers below
+        take their prior's mean. The chain is Markov: only the lowest given code matters."""
+        z, start = zs[0], len(self.latent_dims) - len(zs)
+        for down in reversed(self._down()[:start]):
             z = gaussian(down(z)).mean
         return self.likelihood(full_precision(self.decoder(z, c)))
 
@@ -124,13 +133,15 @@ class VAE(LatentModelBase):
     @torch.no_grad()
     def sample(
         self, n: int, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
-        temperature: float = 1.0, mean: bool = True,
+        temperature: float | Sequence[float] = 1.0, mean: bool = True,
     ) -> torch.Tensor:
-        """Ancestral sampling: z_L ~ p(z_L), then z_l ~ p(z_l | z_{l+1}), each spread scaled by
-        ``temperature``; the image is the likelihood's mean (or a draw)."""
-        z = self.prior().sample_n(n, generator, temperature)  # (n, L_top)
-        for down in reversed(self._down()):
-            z = gaussian(down(z)).sample_n(1, generator, temperature)[0]
+        """Ancestral sampling: z_L ~ p(z_L), then z_l ~ p(z_l | z_{l+1}), each spread scaled by its
+        layer's temperature (one number, or one per layer bottom-up); the image is the likelihood's
+        mean (or a draw)."""
+        temps = layer_temperatures(temperature, len(self.latent_dims))
+        z = self.prior().sample_n(n, generator, temps[-1])  # (n, L_top)
+        for down, t in zip(reversed(self._down()), reversed(temps[:-1]), strict=True):
+            z = gaussian(down(z)).sample_n(1, generator, t)[0]
         px = self.likelihood(full_precision(self.decoder(z, c)))
         return px.mean if mean else px.sample(generator)
 

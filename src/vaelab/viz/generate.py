@@ -8,6 +8,7 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,17 @@ MAX_MANIFOLD = 100  # an n x n manifold
 PRIOR_DRAWS = 4096  # draws that measure a prior's spread per dimension (traversal ranges)
 
 
-def _check_temperature(t: float) -> float:
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise ConfigError(f"temperature must be a finite number >= 0, got {t!r}")
-    return float(t)
+def _check_temperature(t: float | Sequence[float]) -> float | tuple[float, ...]:
+    """One temperature, or one per stochastic layer (bottom-up; the model checks the count)."""
+    values = list(t) if isinstance(t, list | tuple) else [t]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                         for v in values):
+        raise ConfigError(f"temperature must be a finite number >= 0 (or one per layer), got {t!r}")
+    return tuple(float(v) for v in values) if isinstance(t, list | tuple) else float(t)
+
+
+def _temperature_text(t: float | Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in t) if isinstance(t, list | tuple) else f"{t:g}"
 
 
 def _cond(model: nn.Module, n: int, c: torch.Tensor | None) -> torch.Tensor | None:
@@ -59,12 +67,13 @@ def _top_code(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None) -> torc
 
 @torch.no_grad()
 def sample_images(
-    model: nn.Module, n: int = 64, *, seed: int = 0, temperature: float = 1.0, c: torch.Tensor | None = None,
-    mean: bool = True,
+    model: nn.Module, n: int = 64, *, seed: int = 0, temperature: float | Sequence[float] = 1.0,
+    c: torch.Tensor | None = None, mean: bool = True,
 ) -> torch.Tensor:
-    """n images from the model's prior (std scaled by T): (n, C, H, W) in [0, 1] (the likelihood's mean, or a draw)."""
+    """n images from the model's prior (std scaled by T, one T or one per layer bottom-up): (n, C, H, W) in
+    [0, 1] (the likelihood's mean, or a draw)."""
     check_count(n, "n (images to sample)", 1, MAX_IMAGES)
-    _check_temperature(temperature)
+    temperature = _check_temperature(temperature)
     g = generator_for(model, check_seed(seed))
     with eval_mode(model):
         return model.sample(n, _cond(model, n, c), generator=g, temperature=temperature, mean=mean).clamp(0, 1)
@@ -122,31 +131,86 @@ def prior_spread(model: nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return z.mean(0), z.std(0)
 
 
+def layer_names(model: nn.Module) -> list[str]:
+    """The stochastic layers' names, bottom-up, as the objective reports them ("z", or "z1".."zL")."""
+    n = len(model.latent_dims)
+    return ["z"] if n == 1 else [f"z{i + 1}" for i in range(n)]
+
+
+def layer_index(model: nn.Module, layer: str | None, what: str = "a traversal") -> int:
+    """The index (bottom-up) of the layer named ``layer`` ("z2", ...; None or "top": the top layer).
+    A layer below the top needs a model that decodes from it (``decode_layers``)."""
+    _top_dim(model, what)
+    names = layer_names(model)
+    if layer is None or layer == "top":
+        return len(names) - 1
+    if layer not in names:
+        raise ConfigError(f"layer {layer!r}: this model's stochastic layers are {', '.join(names)} (bottom-up), "
+                          "or 'top'")
+    i = names.index(layer)
+    if i < len(names) - 1 and not hasattr(model, "decode_layers"):
+        raise ConfigError(f"layer {layer!r}: this model cannot decode from a layer below the top "
+                          "(it has no decode_layers); traverse the top layer")
+    return i
+
+
+def _codes(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, layer: int) -> list[torch.Tensor]:
+    """The posterior means of layers ``layer``..top of each x (each given the means above): [(N, L_i)]."""
+    return [q.mean for q in model.encode(x, c)[layer:]]
+
+
+def _decode_codes(model: nn.Module, codes: list[torch.Tensor], c: torch.Tensor | None) -> torch.Tensor:
+    px = model.decode(codes[0], c) if len(codes) == 1 else model.decode_layers(codes, c)
+    return px.mean
+
+
 @torch.no_grad()
 def traverse_images(
     model: nn.Module, x: torch.Tensor, dims: tuple[int, ...] | list[int], steps: int = 9, span: float = 3.0,
-    c: torch.Tensor | None = None,
+    c: torch.Tensor | None = None, layer: int | None = None, spread: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """A latent traversal on the top layer: for each dimension d in ``dims``, the image x's posterior
-    mean with z_d set to ``steps`` values evenly spaced over the prior's mean ± ``span`` standard
-    deviations (the other dimensions fixed), decoded. x (1, C, H, W) or (C, H, W); returns
+    """A latent traversal: for each dimension d in ``dims`` of stochastic layer ``layer`` (index
+    bottom-up; None: the top), the image x's posterior mean with z_d set to ``steps`` values evenly
+    spaced over a mean ± ``span`` standard deviations (the other dimensions, and the layers above, at the
+    image's posterior means; the layers below at their prior's mean), decoded. The mean and standard
+    deviation are the top prior's for the top layer, and ``spread`` (from :func:`aggregate_spread`)
+    for a lower one, whose prior depends on the layer above. x (1, C, H, W) or (C, H, W); returns
     (len(dims) * steps, C, H, W), a row per dimension."""
-    L = _top_dim(model, "a traversal")
+    top = len(model.latent_dims) - 1 if model.latent_dims else 0
+    layer = top if layer is None else layer
+    L = _top_dim(model, "a traversal") if layer == top else model.latent_dims[layer]
     check_count(steps, "steps", 2, MAX_STEPS)
     if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
         raise ConfigError(f"span must be a finite number > 0 (prior standard deviations), got {span!r}")
     dims = list(dims)
     if not dims or len(dims) > L or any(not 0 <= d < L for d in dims) or len(set(dims)) != len(dims):
         raise ConfigError(f"traversal dims {tuple(dims)[:12]}: give different latent dimensions in 0..{L - 1}")
+    if layer != top and spread is None:
+        raise ConfigError("a traversal of a layer below the top needs its spread (aggregate_spread)")
     x = x if x.dim() == 4 else x[None]
     with eval_mode(model):
-        z0 = _top_code(model, x, c)[0]  # (L,)
-        mu, sd = prior_spread(model)
-        w = torch.linspace(-span, span, steps, device=z0.device)
-        z = z0.repeat(len(dims) * steps, 1)  # (D*S, L)
+        codes = _codes(model, x, c, layer)  # [(1, L_layer), ..., (1, L_top)]
+        mu, sd = prior_spread(model) if layer == top else spread
+        w = torch.linspace(-span, span, steps, device=codes[0].device)
+        n = len(dims) * steps
+        swept = codes[0][0].repeat(n, 1)  # (D*S, L)
         for row, d in enumerate(dims):
-            z[row * steps : (row + 1) * steps, d] = mu[d] + w * sd[d]
-        return model.decode(z, None if c is None else c.expand(len(z), -1)).mean.clamp(0, 1)
+            swept[row * steps : (row + 1) * steps, d] = mu[d] + w * sd[d]
+        above = [z.expand(n, -1) for z in codes[1:]]
+        return _decode_codes(model, [swept, *above], None if c is None else c.expand(n, -1)).clamp(0, 1)
+
+
+@torch.no_grad()
+def aggregate_spread(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None, layer: int) -> tuple[torch.Tensor,
+                                                                                                     torch.Tensor]:
+    """Mean and standard deviation of each unit of layer ``layer`` under the aggregate posterior of the
+    images x (1/N sum_n q(z | x_n)): the mean of the posterior means, and by the law of total variance
+    sqrt(Var_n[mean] + E_n[variance]). (L,), (L,)."""
+    with eval_mode(model):
+        q = model.encode(x, c)[layer]
+        m = q.mean
+        var = m.var(0, unbiased=False) + q.std.pow(2).expand_as(m).mean(0)  # type: ignore[attr-defined]
+    return m.mean(0), var.sqrt()
 
 
 @torch.no_grad()
@@ -199,24 +263,27 @@ def _cond_part(label: int | None, c: torch.Tensor | None) -> str | None:
 
 
 def sample_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: int = 64,
-               seed: int = 0, temperature: float = 1.0, which: str = "best", c: torch.Tensor | None = None, device: str = "auto",
-               label: int | None = None) -> Path:
+               seed: int = 0, temperature: float | Sequence[float] = 1.0, which: str = "best",
+               c: torch.Tensor | None = None, device: str = "auto", label: int | None = None) -> Path:
     """Write a PNG grid of n samples from the prior; returns its path. The default name is
     RUN/samples.png, with a part for each setting that differs from its default
     (``samples-label7-t0.8.png``), so variants do not overwrite each other (a different n does: the
     same picture, more or fewer images). ``label``: the class of a
     label-conditioned model (or give its condition ``c`` directly)."""
     check_count(n, "n (images to sample)", 1, MAX_IMAGES)
-    _check_temperature(temperature)
+    temperature = _check_temperature(temperature)
     out_path = output_path(out, "samples.png") if out is not None else None
     r = Run.of(run, which, device=device)
     if label is not None:
         c = label_condition(r, label)
     imgs = sample_images(r.model, n, seed=seed, temperature=temperature, c=c)
-    name = variant_name("samples", _cond_part(label, c), None if temperature == 1.0 else f"t{temperature:g}",
+    t_text = _temperature_text(temperature)
+    name = variant_name("samples", _cond_part(label, c), None if temperature == 1.0 else f"t{t_text.replace(',', '_')}",
                         None if seed == 0 else f"seed{seed}", checkpoint_part(r))
     prov = run_provenance(r, "samples from the prior", python_call("sample_run", n=n, seed=seed, temperature=temperature,
-                          which=which, label=label), seed=seed, temperature=temperature, label=label)
+                          which=which, label=label), seed=seed,
+                          temperature=temperature if isinstance(temperature, float) else f"{t_text} (per layer, bottom-up)",
+                          label=label)
     return save_grid(imgs, out_path or r.root / name, provenance=prov)
 
 
@@ -287,44 +354,55 @@ def manifold_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, n: 
 
 
 @torch.no_grad()
-def most_active_dims(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None = None, top: int = 8) -> tuple[int, ...]:
-    """The ``top`` top-layer dimensions whose posterior mean varies most over the images x (the active
-    units a traversal shows changing something), in increasing order."""
-    L = _top_dim(model, "a traversal")
+def most_active_dims(model: nn.Module, x: torch.Tensor, c: torch.Tensor | None = None, top: int = 8,
+                     layer: int | None = None) -> tuple[int, ...]:
+    """The ``top`` dimensions of layer ``layer`` (None: the top layer) whose posterior mean varies most
+    over the images x (the active units a traversal shows changing something), in increasing order."""
+    _top_dim(model, "a traversal")
+    layer = len(model.latent_dims) - 1 if layer is None else layer
+    L = model.latent_dims[layer]
     with eval_mode(model):
-        spread = _top_code(model, x, c).var(0) if x.shape[0] > 1 else torch.ones(L)
+        spread = model.encode(x, c)[layer].mean.var(0) if x.shape[0] > 1 else torch.ones(L)
     return tuple(int(d) for d in spread.argsort(descending=True)[: min(top, L)].sort().values)
 
 
 def traverse_run(run: RunLike, out: str | os.PathLike[str] | None = None, *, index: int = 0,
                  dims: tuple[int, ...] | None = None, top: int = 8, steps: int = 9, span: float = 3.0,
-                 which: str = "best", data_dir: str | None = None, device: str = "auto") -> Path:
+                 which: str = "best", data_dir: str | None = None, device: str = "auto",
+                 layer: str | None = None) -> Path:
     """Write a traversal PNG for test image ``index``: one row per latent dimension (``dims``, or the
-    ``top`` most active units of the top layer over the first 500 test images), each row the image's
-    code with that one dimension swept (:func:`traverse_images`); default name RUN/traversal.png (with
-    parts for non-default settings, e.g. ``traversal-image3.png``)."""
+    ``top`` most active units of the layer over the first 500 test images), each row the image's
+    code with that one dimension swept (:func:`traverse_images`); ``layer``: which stochastic layer of
+    a hierarchy ("z1", "z2", ...; default the top); default name RUN/traversal.png (with parts for
+    non-default settings, e.g. ``traversal-image3.png``, ``traversal-z2.png``)."""
     check_count(index, "index (test image)", 0)
     check_count(top, "top (dimensions to show)", 1, MAX_IMAGES)
     out_path = output_path(out, "traversal.png") if out is not None else None
     r = Run.of(run, which, data_dir=data_dir, device=device)
-    _top_dim(r.model, "a traversal")
+    li = layer_index(r.model, layer)
+    top_layer = li == len(r.model.latent_dims) - 1
     available = len(r.data("test"))
     if index >= available:
         raise ConfigError(f"image {index} requested, the test split has {available} (indices 0..{available - 1})")
     b, _ = first_test_images(r, max(index + 1, min(available, 500)))
     chosen = dims is None
-    dims = most_active_dims(r.model, b.x, b.c, top) if dims is None else tuple(dims)
+    dims = most_active_dims(r.model, b.x, b.c, top, li) if dims is None else tuple(dims)
     c = None if b.c is None else b.c[index : index + 1]
-    imgs = traverse_images(r.model, b.x[index], dims, steps, span, c)
+    spread = None if top_layer else aggregate_spread(r.model, b.x, b.c, li)
+    imgs = traverse_images(r.model, b.x[index], dims, steps, span, c, layer=li, spread=spread)
     dims_text = ",".join(map(str, dims))
-    name = variant_name("traversal", None if index == 0 else f"image{index}",
+    lname = layer_names(r.model)[li]
+    name = variant_name("traversal", None if top_layer else lname, None if index == 0 else f"image{index}",
                         None if chosen else f"dims{dims_text.replace(',', '_')}",
                         None if span == 3.0 else f"span{span:g}", checkpoint_part(r))
-    prov = run_provenance(r, f"latent traversal of test image {index}: row i sets top-layer dimension dims[i] to "
-                          f"{steps} values over the prior's mean ± {span:g} standard deviations, the others at the "
-                          "image's posterior mean",
+    over = ("the prior's mean" if top_layer else
+            f"the aggregate posterior's mean of layer {lname} over the first {b.x.shape[0]} test images")
+    prov = run_provenance(r, f"latent traversal of test image {index}: row i sets dimension dims[i] of layer {lname} to "
+                          f"{steps} values over {over} ± {span:g} standard deviations, the others (and the layers "
+                          "above) at the image's posterior mean, the layers below at their prior's mean",
                           python_call("traverse_run", index=index, dims=None if chosen else dims, top=top, steps=steps,
-                                      span=span, which=which), temperature="n/a (decoded means)", dims=dims_text)
+                                      span=span, which=which, layer=None if top_layer else lname),
+                          temperature="n/a (decoded means)", dims=dims_text, layer=lname)
     return save_grid(imgs, out_path or r.root / name, nrow=steps, provenance=prov)
 
 
