@@ -135,6 +135,23 @@ def _folder_writer(root: Path) -> tuple[DataConfig, Path]:
     return _cfg(f"folder:{root / 'imgs'}", image_size=4), root / "imgs" / "a" / "0.png"
 
 
+def _shards_writer(root: Path) -> tuple[DataConfig, Path]:
+    """A WebDataset tar shard: key.png + key.cls per sample."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = root / "train-000.tar"
+    with tarfile.open(path, "w") as tf:
+        for i in range(8):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)).save(buf, "PNG")
+            for name, data in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return _cfg(f"shards:{path}", image_size=4), path
+
+
 @dataclass(frozen=True)
 class Format:
     covers: str  # the registered data set name, or "prefix:" for a source
@@ -160,6 +177,7 @@ if arrays is not None:
     FORMATS |= {"npz": Format("npz:", _npz_writer), "npy": Format("npy:", _npy_writer)}
 if folder is not None:
     FORMATS["folder-png"] = Format("folder:", _folder_writer)
+    FORMATS["shards-tar"] = Format("shards:", _shards_writer)
 
 
 def test_every_registered_loader_is_fuzzed():
