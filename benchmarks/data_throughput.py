@@ -1,0 +1,252 @@
+"""Image data of any size (issue 23): decode once, stream from disk. Generates its own folder of
+synthetic 64x64 JPEGs (smooth random colour fields in 10 class sub-folders) and measures, in one run:
+
+1. build: ``vaelab data prepare`` (worker processes) against a plain PIL decode loop on the same
+   cores (one process, and a multiprocessing.Pool of as many processes as the build's workers);
+2. start-up: the wall time of ``vaelab train ... --max-steps 1`` from command start to exit (so an
+   upper bound on the time to the first step) with a warm cache, and in memory (``data.cache=false``,
+   which decodes the folder again); ``vaelab sample`` and ``vaelab evaluate -k 4 --limit 100`` on that
+   run with the warm cache;
+3. s/epoch of a conv VAE (vaelab's conv nets, hidden 32,64, latent 32, discretized logistic, batch 128)
+   read from the cache vs held in memory: epochs alternate (map, memory, map, ...; each path resumes its
+   own run) so both see the same machine state; the median of the epochs after the first;
+4. peak RSS of a whole ``vaelab train`` command (one epoch over every image) from the cache and from
+   memory (the child's own ru_maxrss, from wait4). Run at two sizes (--images 10000 and 100000) to see
+   that the cache's does not grow with the image count.
+
+    python benchmarks/data_throughput.py [--images 100000] [--dir DIR] [--image-size 32] [--epochs 3]
+                                         [--workers N] [--threads N] [--skip-memory-start]
+
+``--dir`` keeps the generated folder (re-used when it already holds --images JPEGs); without it a
+temporary folder is used and removed. The prepared caches are written under a temporary cache folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SOURCE_SIZE = 64
+CLASSES = 10
+
+
+# ---------------------------------------------------------------- the synthetic folder
+def _write_chunk(args: tuple[str, int, int]) -> int:
+    from PIL import Image
+
+    root, start, stop = args
+    rng = np.random.default_rng(start)
+    for i in range(start, stop):
+        # a smooth colour field: 4x4 random colours upsampled bicubically to 64x64, plus mild noise,
+        # so the JPEGs are photo-like in size (~2-3 KB) rather than incompressible noise
+        small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+        img = np.asarray(small.resize((SOURCE_SIZE, SOURCE_SIZE), Image.BICUBIC), dtype=np.int16)
+        img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(Path(root) / f"c{i % CLASSES}" / f"{i:07d}.jpg", quality=90)
+    return stop - start
+
+
+def make_folder(root: Path, n: int, workers: int) -> float:
+    existing = sum(1 for _ in root.rglob("*.jpg")) if root.is_dir() else 0
+    if existing == n:
+        return 0.0
+    if root.exists():
+        shutil.rmtree(root)
+    for c in range(CLASSES):
+        (root / f"c{c}").mkdir(parents=True)
+    t0 = time.perf_counter()
+    step = 1000
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        sum(pool.imap_unordered(_write_chunk, [(str(root), s, min(n, s + step)) for s in range(0, n, step)]))
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- a plain PIL loop (the reference)
+def _plain_decode(paths: list[str], size: int) -> int:
+    from PIL import Image
+
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)  # one chunk's images in memory
+    for k, p in enumerate(paths):
+        with Image.open(p) as im:
+            out[k] = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+    return len(paths)
+
+
+def plain_loop(files: list[str], size: int, workers: int) -> float:
+    t0 = time.perf_counter()
+    if workers <= 1:
+        for s in range(0, len(files), 1000):
+            _plain_decode(files[s : s + 1000], size)
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            chunks = [files[s : s + 256] for s in range(0, len(files), 256)]
+            sum(pool.starmap(_plain_decode, [(c, size) for c in chunks]))
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- commands, timed
+def vaelab_cmd(*args: str, env: dict[str, str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes, the command's own process) and stderr of ``vaelab ARGS``."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "vaelab", *args], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read() if p.stderr else ""
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(f"vaelab {' '.join(args)} failed ({p.returncode}):\n{err[-2000:]}")
+    return wall, usage.ru_maxrss * 1024, err
+
+
+def mib(b: float) -> str:
+    return f"{b / 2**20:,.0f} MiB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--dir", default=None, help="where the JPEG folder is generated (kept); default a temp folder")
+    ap.add_argument("--image-size", type=int, default=32, help="what the VAE trains on (the JPEGs are 64x64)")
+    ap.add_argument("--epochs", type=int, default=3, help="alternating epochs per path for the s/epoch ratio")
+    ap.add_argument("--workers", type=int, default=None, help="build processes (default: every core)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads while training (default: torch's)")
+    ap.add_argument("--skip-memory-start", action="store_true", help="skip the in-memory start-up and RSS runs")
+    a = ap.parse_args()
+
+    import torch
+
+    import vaelab
+    from vaelab.data import load_data
+    from vaelab.data.cache import default_workers
+
+    workers = a.workers or default_workers()
+    tmp = Path(tempfile.mkdtemp(prefix="vaelab-data-bench-"))
+    root = Path(a.dir) if a.dir else tmp / "jpegs"
+    cache_dir = tmp / "cache"
+    env = {**os.environ, "VAELAB_PROGRESS_EVERY": "1000000"}
+    spec = f"folder:{root}"
+    size = str(a.image_size)
+    print(f"vaelab {vaelab.__version__}, torch {torch.__version__}, {os.cpu_count()} cores visible, "
+          f"{len(os.sched_getaffinity(0))} usable, load average {os.getloadavg()[0]:.2f} at start")
+    try:
+        gen = make_folder(root, a.images, workers)
+        files = sorted(str(p) for p in root.rglob("*.jpg"))
+        disk = sum(os.path.getsize(f) for f in files)
+        print(f"folder: {len(files):,} {SOURCE_SIZE}x{SOURCE_SIZE} JPEGs, {mib(disk)}, in {CLASSES} class folders"
+              + (f" (generated in {gen:.1f} s)" if gen else " (re-used)"))
+
+        # 1. build vs a plain PIL loop on the same cores
+        print(f"\n1. decode {len(files):,} images to {size}x{size}")
+        build, _, _ = vaelab_cmd("data", "prepare", spec, "--image-size", size, "--cache-dir", str(cache_dir),
+                                 "--workers", str(workers), "--no-progress", env=env)
+        plain1 = plain_loop(files, a.image_size, 1)
+        plainw = plain_loop(files, a.image_size, workers) if workers > 1 else plain1
+        n = len(files)
+        meta = json.loads(next(Path(cache_dir).glob("folder-*/meta.json")).read_text())
+        inner = float(meta["build_seconds"])
+        print(f"   vaelab data prepare ({workers} workers, whole command) {build:8.1f} s  {n / build:8,.0f} images/s")
+        print(f"     of which the build itself (listing, headers, decode, write) {inner:8.1f} s  {n / inner:8,.0f} images/s")
+        print(f"   plain PIL loop, 1 process                    {plain1:8.1f} s  {n / plain1:8,.0f} images/s")
+        print(f"   plain PIL loop, Pool({workers})                        {plainw:8.1f} s  {n / plainw:8,.0f} images/s")
+        print(f"   build / plain loop: {inner / plain1:.2f}x the 1-process time, {inner / plainw:.2f}x the "
+              f"{workers}-process time (the build also reads every header first and writes the cache)")
+
+        # 2. start-up with a warm cache (and in memory, decoding again)
+        print("\n2. from command start to exit of `vaelab train --max-steps 1` (an upper bound on the time "
+              "to the first step)")
+        net = ["--image-size", size, "--encoder", "conv", "--decoder", "conv", "--hidden", "32,64", "--latent-dim",
+               "32", "--likelihood", "discretized-logistic", "--batch-size", "128", "--val-size", "1000",
+               "--device", "cpu", "--no-progress", "--set", f"data.cache_dir={cache_dir}"]
+        if a.threads:
+            net += ["--threads", str(a.threads)]
+        warm, _, _ = vaelab_cmd("train", "--data", spec, *net, "--max-steps", "1", "--run", str(tmp / "first"), env=env)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import vaelab.training, vaelab.cli"], check=True, env=env)
+        imports = time.perf_counter() - t0
+        print(f"   warm cache            {warm:7.1f} s   (of which ~{imports:.1f} s is starting Python and importing "
+              "torch + vaelab alone)")
+        if not a.skip_memory_start:
+            cold, _, _ = vaelab_cmd("train", "--data", spec, *net, "--set", "data.cache=false", "--max-steps", "1",
+                                    "--run", str(tmp / "first-mem"), env=env)
+            print(f"   in memory (decodes)   {cold:7.1f} s   ({cold / warm:.1f}x the warm start)")
+        run_args = ["--device", "cpu", "--checkpoint", "latest"]
+        s_wall, _, _ = vaelab_cmd("sample", str(tmp / "first"), "-n", "16", *run_args, env=env)
+        e_wall, _, _ = vaelab_cmd("evaluate", str(tmp / "first"), "-k", "4", "--limit", "100", "--no-progress",
+                                  *run_args, env=env)
+        print(f"   vaelab sample -n 16 (warm cache)                    {s_wall:5.1f} s")
+        print(f"   vaelab evaluate -k 4 --limit 100 (warm cache)       {e_wall:5.1f} s")
+
+        # 3. s/epoch from the map vs from memory, alternating
+        print(f"\n3. s/epoch of a conv VAE on {size}x{size}, map vs memory, {a.epochs} alternating epochs each")
+        cfg = vaelab.RunConfig(
+            data=vaelab.DataConfig(name=spec, image_size=a.image_size, val_size=1000, cache_dir=str(cache_dir)),
+            model=vaelab.ModelConfig(latent_dim=32, hidden=(32, 64), encoder="conv", decoder="conv",
+                                     likelihood="discretized-logistic"),
+            train=vaelab.TrainConfig(batch_size=128, progress=False, device="cpu", threads=a.threads))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            mapped = load_data(cfg.data)
+            t_open = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # its progress bar
+                memory = load_data(dataclasses.replace(cfg.data, cache=False))
+            t_decode = time.perf_counter() - t0
+        print(f"   load_data: {t_open:.2f} s from the cache, {t_decode:.1f} s decoding into memory")
+        times: dict[str, list[float]] = {"map": [], "memory": []}
+        last = {"map": 0.0, "memory": 0.0}
+        for epoch in range(1, a.epochs + 1):
+            for name, data in (("map", mapped), ("memory", memory)):
+                rows: list[dict] = []
+                with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # the epoch lines
+                    vaelab.train(cfg.replace(train=dataclasses.replace(cfg.train, epochs=epoch)),
+                                 tmp / f"epochs-{name}", data=data, callbacks=[rows.append])
+                for r in rows:
+                    times[name].append(r["elapsed_s"] - last[name])
+                    last[name] = r["elapsed_s"]
+        med = {k: statistics.median(v[1:] if len(v) > 2 else v) for k, v in times.items()}
+        for k, v in times.items():
+            print(f"   {k:7s} epochs {', '.join(f'{t:.2f}' for t in v)} s; median {med[k]:.2f} s "
+                  f"({len(mapped.train) / med[k]:,.0f} images/s)")
+        print(f"   map / memory: {med['map'] / med['memory']:.3f}x (target <= 1.1x)")
+        same = all(torch.equal(x, y) for x, y in zip(
+            vaelab.load_run(tmp / "epochs-map", "latest").model.state_dict().values(),
+            vaelab.load_run(tmp / "epochs-memory", "latest").model.state_dict().values(), strict=True))
+        print(f"   the two runs' final weights are bit-identical: {same}")
+        del memory
+
+        # 4. peak RSS of a whole training command, one epoch over every image
+        print("\n4. peak RSS of `vaelab train --epochs 1` over all images (the command's own process)")
+        w_map, rss_map, _ = vaelab_cmd("train", "--data", spec, *net, "--epochs", "1", "--run", str(tmp / "rss-map"),
+                                       env=env)
+        print(f"   from the cache   {mib(rss_map):>10s}  ({w_map:.1f} s)")
+        if not a.skip_memory_start:
+            w_mem, rss_mem, _ = vaelab_cmd("train", "--data", spec, *net, "--set", "data.cache=false", "--epochs", "1",
+                                           "--run", str(tmp / "rss-mem"), env=env)
+            print(f"   in memory        {mib(rss_mem):>10s}  ({w_mem:.1f} s)")
+        meta = next(Path(cache_dir).glob("folder-*/meta.json"))
+        print(f"   (the prepared file: {mib(os.path.getsize(meta.parent / 'images.npy'))}; "
+              f"{json.loads(meta.read_text())['shape']})")
+        print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
