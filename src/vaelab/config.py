@@ -35,6 +35,8 @@ MAX_THREADS = 1024
 MAX_IMAGE_SIZE = 4096
 MAX_LAYERS = 8
 MAX_PRIOR_COMPONENTS = 100_000
+MAX_GROUPS = 256  # latent groups of a top-down model (VDVAE's CIFAR-10 model has 43)
+MAX_CELLS = 64
 
 
 def resumable(default: Any) -> Any:
@@ -190,6 +192,14 @@ class ModelConfig:
     layers: int = 1
     upper_latent: tuple[int, ...] = ()
     upper_hidden: tuple[int, ...] | None = None
+    # The top-down residual VAE (model = "topdown": NVAE, Vahdat & Kautz 2020; VDVAE, Child 2021).
+    # ``hidden`` gives its channels at each resolution, the data's first, each next one half the size
+    # (rounded up); ``latent_dim`` the channels of every latent group (group l holds latent_dim x H_l x W_l
+    # numbers); ``groups_per_scale`` how many latent groups sit at each resolution of ``hidden`` (same
+    # order; empty: ``layers`` groups at the lowest); ``cells_per_group`` the residual cells after each
+    # group in the top-down path (and, per group, in the bottom-up path; 2 in NVAE's CIFAR-10 model).
+    groups_per_scale: tuple[int, ...] = ()
+    cells_per_group: int = 2
 
     def __post_init__(self) -> None:
         _normalise(self, "model")
@@ -206,6 +216,13 @@ class ModelConfig:
                f"empty or {self.layers - 1} size(s) >= 1 (one per layer above the first)")
         _check(self, "model", "upper_hidden", self.upper_hidden is None or all(h >= 1 for h in self.upper_hidden),
                "sizes >= 1 (empty: linear; null: two layers as wide as the layer below)")
+        groups = self.groups_per_scale
+        _check(self, "model", "groups_per_scale",
+               not groups or (len(groups) == len(self.hidden) and min(groups) >= 0
+                              and 1 <= sum(groups) <= MAX_GROUPS and self.layers in (1, sum(groups))),
+               f"empty or one count >= 0 per entry of model.hidden, in all 1..{MAX_GROUPS} groups "
+               "(and model.layers left at 1 or equal to that total)")
+        _check(self, "model", "cells_per_group", 0 <= self.cells_per_group <= MAX_CELLS, f"in 0..{MAX_CELLS}")
 
     @property
     def latent_dims(self) -> tuple[int, ...]:

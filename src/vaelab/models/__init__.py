@@ -16,6 +16,7 @@ from .base import (
 from .ladder import LadderVAE
 from .priors import fixed_weights
 from .regressor import Regressor
+from .topdown import TopDownVAE
 from .vae import CVAE, VAE
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "ModelOutput",
     "Regressor",
     "StochasticLayer",
+    "TopDownVAE",
     "build_model",
     "device_of",
     "fixed_weights",
