@@ -56,7 +56,7 @@ def png_claiming(w: int, h: int) -> bytes:
 
 
 def cfg(spec: str, **kw) -> DataConfig:
-    return DataConfig(name=spec, image_size=8, val_size=6, **kw)
+    return DataConfig(**{"name": spec, "image_size": 8, "val_size": 6, **kw})
 
 
 @pytest.fixture
@@ -340,3 +340,15 @@ def test_torchrun_ranks_read_only_their_own_part_and_match_memory(photos, tmp_pa
     assert not set(r0) & set(r1) and set(r0) | set(r1) <= train_rows
     assert len(set(r0) | set(r1)) == len(train_rows) - len(train_rows) % 2
     _same_checkpoints(tmp_path / "map", tmp_path / "mem")
+
+
+def test_grey_folders_and_the_grayscale_setting_match_memory(tmp_path, photos):
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (9 + i % 3, 11), dtype=np.uint8)).save(grey / f"{i}.png")
+    for spec, kw in ((f"folder:{grey}", {}), (f"folder:{photos}", {"grayscale": True})):
+        a, b = quiet(load_data, cfg(spec, **kw)), quiet(load_data, cfg(spec, cache=False, **kw))
+        assert a.shape[0] == 1 and a.shape == b.shape
+        assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)

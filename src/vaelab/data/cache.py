@@ -332,41 +332,34 @@ def _open_item(item: Item):
     return io.BytesIO(data)
 
 
-def _probe_chunk(items: list[Item], limit: int) -> list[tuple[str, Any]]:
-    """Pass 1 of a chunk: ("ok", mode) | ("large", (w, h) or ()) | ("bad", None) per item."""
-    from .folder import NotAnImage, TooLarge, probe_image
+def _decode_chunk(items: list[Item], first_row: int, path: str, offset: int, size: int, grey: bool,
+                  limit: int) -> list[tuple[str, Any]]:
+    """Decode each item (one opening: header, then pixels) and write it as row ``first_row + k`` of the
+    images file. Per item: ("ok", mode) | ("bad", mode) (header read, data did not) | ("large", (w, h)
+    or ()) | ("none", None) (not an image)."""
+    from .folder import DecodeFailed, NotAnImage, TooLarge, read_image
 
     out: list[tuple[str, Any]] = []
-    for it in items:
-        try:
-            out.append(("ok", probe_image(_open_item(it), limit)))
-        except TooLarge as e:
-            out.append(("large", tuple(e.args)))
-        except (NotAnImage, OSError):
-            out.append(("bad", None))
-    return out
-
-
-def _decode_chunk(items: list[Item], first_row: int, path: str, offset: int, size: int, grey: bool,
-                  limit: int) -> list[int]:
-    """Pass 2 of a chunk: decode each item and write it as row ``first_row + k`` of the images file;
-    returns the k of the items that failed to decode (their rows are dropped afterwards)."""
-    from .folder import NotAnImage, decode_image
-
-    failed: list[int] = []
     row_bytes = (1 if grey else 3) * size * size
     fd = os.open(path, os.O_WRONLY)
     try:
         for k, it in enumerate(items):
             try:
-                arr = decode_image(_open_item(it), size, grey, limit)
+                mode, arr = read_image(_open_item(it), size, grey, limit)
+            except TooLarge as e:
+                out.append(("large", tuple(e.args)))
+                continue
+            except DecodeFailed as e:
+                out.append(("bad", e.args[0]))
+                continue
             except (NotAnImage, OSError):
-                failed.append(k)
+                out.append(("none", None))
                 continue
             os.pwrite(fd, np.ascontiguousarray(arr).tobytes(), offset + (first_row + k) * row_bytes)
+            out.append(("ok", mode))
     finally:
         os.close(fd)
-    return failed
+    return out
 
 
 def _run_chunks(fn, chunks: list[tuple], workers: int, bar: Progress, sizes: list[int]) -> list[Any]:
@@ -420,6 +413,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _decode_all(items: list[Item], path: Path, size: int, grey: bool, limit: int, workers: int, show: bool,
+                label: str) -> tuple[list[tuple[str, Any]], int, int]:
+    """Every item decoded into a fresh images file at ``path`` (one row per item; rows of items that
+    fail stay zero). Returns each item's status, the file's header size and the channel count."""
+    c = 1 if grey else 3
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(items), c, size, size))
+    offset = int(mm.offset)
+    del mm  # a sparse file of the full size: the workers write into it
+    tasks = [(items[i : i + CHUNK], i, str(path), offset, size, grey, limit) for i in range(0, len(items), CHUNK)]
+    with Progress(len(items), f"prepare {label}", enabled=show) as bar:
+        results = _run_chunks(_decode_chunk, tasks, workers, bar, [len(t[0]) for t in tasks])
+    return [r for rs in results for r in rs], offset, c
+
+
 def build(source: Source, size: int, grayscale: bool, target: Path, fingerprint: str, *,
           workers: int | None = None, progress: bool = True, limit: int | None = None) -> Prepared:
     """Decode ``source`` into the prepared data set ``target`` (see the module docstring). The caller
@@ -434,30 +441,6 @@ def build(source: Source, size: int, grayscale: bool, target: Path, fingerprint:
     if not items:
         raise DataError(f"{source.label}: holds no image files (searched recursively)")
     show = progress and len(items) >= PROGRESS_FROM
-    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
-    sizes = [len(c) for c in chunks]
-
-    # Pass 1: headers only, to skip non-images and images too large to decode, and to decide grey vs
-    # colour before decoding anything (as the in-memory reader does).
-    with Progress(len(items), f"prepare {source.label}: headers", enabled=show) as bar:
-        probed = [r for rs in _run_chunks(_probe_chunk, [(c, limit) for c in chunks], workers, bar, sizes) for r in rs]
-    keep, modes, skipped = [], [], list(lst.skipped)
-    for i, (what, info) in enumerate(probed):
-        if what == "ok":
-            keep.append(i)
-            modes.append(info)
-            continue
-        skipped.append(names[i])
-        if what == "large":
-            got = f"{info[0]}x{info[1]} ({info[0] * info[1] / 1e6:.3g} megapixels)" if info else \
-                "its header declares too many pixels"
-            warnings.warn(f"{names[i]}: skipped: {got}; images are decoded up to {limit / 1e6:.3g} megapixels for "
-                          f"{size}x{size} data", VaelabWarning, stacklevel=2)
-    if not keep:
-        raise DataError(f"{source.label}: none of its {lst.n_files} files is an image Pillow can read "
-                        f"(e.g. {skipped[0] if skipped else '?'})")
-    grey = grayscale or all(m in GREY_MODES for m in modes)
-    c = 1 if grey else 3
 
     target.parent.mkdir(parents=True, exist_ok=True)
     for old in target.parent.glob(f"{target.name}.tmp-*"):  # an interrupted build's leftovers (we hold the lock)
@@ -465,26 +448,35 @@ def build(source: Source, size: int, grayscale: bool, target: Path, fingerprint:
     tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        # Pass 2: decode, each worker writing its rows into the file at their place.
+        # One pass, one opening per file: each worker reads an image's header (refusing non-images and
+        # images past the pixel limit before any pixel is decoded), decodes it and writes it at its
+        # row. Colour unless data.grayscale; if every image turns out grey, the in-memory rule (grey
+        # when every image is grey) is met by decoding again as grey (a folder of grey images only).
         images_path = tmp / "images.npy"
-        mm = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(keep), c, size, size))
-        offset = int(mm.offset)
-        del mm
-        kept_items = [items[i] for i in keep]
-        tasks = [(kept_items[i : i + CHUNK], i, str(images_path), offset, size, grey, limit)
-                 for i in range(0, len(kept_items), CHUNK)]
-        tsizes = [len(t[0]) for t in tasks]
-        with Progress(len(kept_items), f"prepare {source.label}", enabled=show) as bar:
-            failed_lists = _run_chunks(_decode_chunk, tasks, workers, bar, tsizes)
-        failed = sorted(t[1] + k for t, ks in zip(tasks, failed_lists, strict=True) for k in ks)
-        skipped += [names[keep[r]] for r in failed]
-        rows = np.setdiff1d(np.arange(len(keep)), np.array(failed, dtype=np.int64)) if failed else None
-        if rows is not None:
-            if len(rows) == 0:
-                raise DataError(f"{source.label}: none of its {lst.n_files} files is an image Pillow can read")
-            _compact(images_path, offset, (len(keep), c, size, size), rows)
+        statuses, offset, c = _decode_all(items, images_path, size, grayscale, limit, workers, show, source.label)
+        modes = [info for what, info in statuses if what in ("ok", "bad")]
+        if not grayscale and modes and all(m in GREY_MODES for m in modes):
+            images_path.unlink()
+            statuses, offset, c = _decode_all(items, images_path, size, True, limit, workers, show, source.label)
+        keep, skipped = [], list(lst.skipped)
+        for i, (what, info) in enumerate(statuses):
+            if what == "ok":
+                keep.append(i)
+                continue
+            skipped.append(names[i])
+            if what == "large":
+                got = f"{info[0]}x{info[1]} ({info[0] * info[1] / 1e6:.3g} megapixels)" if info else \
+                    "its header declares too many pixels"
+                warnings.warn(f"{names[i]}: skipped: {got}; images are decoded up to {limit / 1e6:.3g} megapixels "
+                              f"for {size}x{size} data", VaelabWarning, stacklevel=2)
+        if not keep:
+            raise DataError(f"{source.label}: none of its {lst.n_files} files is an image Pillow can read "
+                            f"(e.g. {skipped[0] if skipped else '?'})")
+        rows = np.array(keep, dtype=np.int64) if len(keep) < len(items) else None
+        if rows is not None:  # drop the rows of what was skipped
+            _compact(images_path, offset, (len(items), c, size, size), rows)
             offset, _, _ = _npy_offset(images_path)
-        final_rows = [keep[r] for r in (rows if rows is not None else range(len(keep)))]
+        final_rows = keep
         n = len(final_rows)
         labels, num_classes = lst.labels_of(final_rows)
         labelled = labels is not None

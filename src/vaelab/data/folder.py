@@ -124,6 +124,40 @@ def decode_image(src, size: int, grey: bool, limit: int) -> np.ndarray:
     return arr[None] if grey else arr.transpose(2, 0, 1)
 
 
+class DecodeFailed(NotAnImage):
+    """An image whose header reads but whose data do not decode (truncated, corrupt); args: (mode,)."""
+
+
+def read_image(src, size: int, grey: bool, limit: int) -> tuple[str, np.ndarray]:
+    """:func:`probe_image` and :func:`decode_image` on one opening of ``src``: its header's mode and
+    its pixels as uint8 (C, size, size), the same bits as the two calls. Raises :class:`TooLarge`,
+    :class:`NotAnImage` (the header does not read) or :class:`DecodeFailed` (the data do not)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(src)
+    except Image.DecompressionBombError:
+        raise TooLarge() from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        raise NotAnImage() from None
+    with im:
+        try:
+            (w, h), mode = im.size, im.mode
+        except (OSError, ValueError, SyntaxError, EOFError):
+            raise NotAnImage() from None
+        if w * h > limit:
+            raise TooLarge(w, h)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.draft("RGB" if not grey else "L", (size, size))
+                img = _to_mode(ImageOps.exif_transpose(im), grey)
+                arr = np.asarray(resize_crop(img, size))
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            raise DecodeFailed(mode) from None
+    return mode, (arr[None] if grey else arr.transpose(2, 0, 1))
+
+
 def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool = False,
                 progress: bool = True) -> ImageSet:
     """All images under ``path`` as uint8 (N, C, size, size), labelled by first-level sub-folder."""
