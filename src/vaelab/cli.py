@@ -76,7 +76,11 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "beta": ("train", "beta", float),
     "warmup_epochs": ("train", "warmup_epochs", float),
     "free_bits": ("train", "free_bits", float),
+    "free_bits_per": ("train", "free_bits_per", str),
+    "kl_balance": ("train", "kl_balance", str),
     "grad_clip": ("train", "grad_clip", float),
+    "skip_threshold": ("train", "skip_threshold", float),
+    "ema": ("train", "ema", float),
     "iwae_k": ("train", "iwae_k", int),
     "seed": ("train", "seed", int),
     "device": ("train", "device", str),
@@ -122,8 +126,14 @@ _TRAIN_MEANINGS: dict[str, tuple[str, str]] = {
     "weight_decay": ("Adam's weight decay", ""),
     "beta": ("KL weight (beta-VAE; 1 is the ELBO)", ""),
     "warmup_epochs": ("KL warm-up: beta rises linearly from 0 over this many epochs", ""),
-    "free_bits": ("nats per latent dimension below which the KL is not penalised", ""),
+    "free_bits": ("nats per latent dimension (or per layer, --free-bits-per group) below which the KL is not "
+                  "penalised", ""),
+    "free_bits_per": ("the free-bits allowance per latent dimension, or per stochastic layer (IAF eq. 15)", ""),
+    "kl_balance": ("true: during the KL warm-up weigh each layer's KL by its KL per latent unit (NVAE)", ""),
     "grad_clip": ("clip the gradient's global norm at this value", "no clipping"),
+    "skip_threshold": ("skip an update whose gradient norm (before clipping) is at least this (vdvae)", "no skipping"),
+    "ema": ("decay of a moving average of the weights, which evaluation, sampling and export use (vdvae "
+            "0.9999; 0: none)", ""),
     "iwae_k": ("draws of z per datapoint; > 1 trains and validates by the IWAE bound L_k", ""),
     "seed": ("seed of the initialisation, the data order and every draw", ""),
     "device": ("where to train (auto: a GPU when one is visible)", ""),
@@ -139,7 +149,7 @@ _TRAIN_MEANINGS: dict[str, tuple[str, str]] = {
 def _train_choices() -> dict[str, list[str]]:
     """The names each train option accepts, from the registries (imported only when help is shown)."""
     from .conditioning import CONDITIONS
-    from .config import LOGGERS, PRECISIONS
+    from .config import FREE_BITS_PER, LOGGERS, PRECISIONS
     from .data import DATASETS, SOURCES
     from .distributions.likelihoods import LIKELIHOODS
     from .models import MODELS
@@ -154,6 +164,7 @@ def _train_choices() -> dict[str, list[str]]:
         "encoder": ENCODERS.names(), "decoder": DECODERS.names(), "condition": CONDITIONS.names(),
         "prior": PRIORS.names(), "schedule": SCHEDULES.names(),
         "device": ["auto", "cpu", "cuda", "cuda:N", "mps"], "precision": list(PRECISIONS), "log": list(LOGGERS),
+        "free_bits_per": list(FREE_BITS_PER),
     }
 
 
@@ -190,7 +201,7 @@ class _TrainHelp(argparse.HelpFormatter):
         return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
 
-_METAVARS = {"data_dir": "DIR", "device": "DEVICE"}
+_METAVARS = {"data_dir": "DIR", "device": "DEVICE", "kl_balance": "BOOL"}
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:

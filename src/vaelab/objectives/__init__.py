@@ -10,6 +10,7 @@ from .elbo import (
     iwae_bound,
     iwae_estimate,
     iwae_loss,
+    kl_balance_coefficients,
     log_importance_weights,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "iwae_bound",
     "iwae_estimate",
     "iwae_loss",
+    "kl_balance_coefficients",
     "log_importance_weights",
 ]

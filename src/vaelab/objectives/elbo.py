@@ -87,32 +87,57 @@ class ELBOTerms:
     def elbo(self) -> torch.Tensor:
         return self.log_px_z - self.kl
 
-    def loss(self, beta: float = 1.0, free_bits: float = 0.0) -> torch.Tensor:
-        """Scalar to minimise: -(E[log P(X|z)] - beta * sum_l KL_l), mean over the batch.
+    def loss(self, beta: float | torch.Tensor = 1.0, free_bits: float = 0.0, free_bits_per: str = "dim",
+             balance: bool | torch.Tensor = False) -> torch.Tensor:
+        """Scalar to minimise: -(E[log P(X|z)] - beta * sum_l gamma_l KL_l), mean over the batch.
 
         beta != 1 is the beta-VAE (Higgins et al. 2017), applied to every layer; ``free_bits`` > 0 stops
-        penalising each latent dimension's batch-mean KL below that many nats (Kingma et al. 2016,
-        eq. 15; a layer whose KL is a Monte Carlo estimate is one group of ``dim * free_bits`` nats).
+        penalising a batch-mean KL below the allowance (Kingma et al. 2016, eq. 15): with
+        ``free_bits_per`` "dim" each latent dimension's KL below ``free_bits`` nats (a layer whose KL is
+        a Monte Carlo estimate is one group of ``dim * free_bits`` nats); with "group" each layer's KL
+        below ``free_bits`` nats. ``balance`` (True, or a 0-d bool tensor when beta is a tensor)
+        weighs the layers by :func:`kl_balance_coefficients` (NVAE's KL balancing); else gamma_l = 1.
         With k > 1 draws the loss is the IWAE objective -L_k instead (Burda et al. 2016), where beta
         and free bits have no meaning."""
         if self.log_w is not None and self.log_w.shape[0] > 1:
             return -iwae_estimate([self.log_w]).mean()
         if not self.layers:
             return -self.log_px_z.mean()
-        kl = self._penalised_kl(self.layers[0], free_bits)
-        for layer in self.layers[1:]:
-            kl = kl + self._penalised_kl(layer, free_bits)
+        kls = [self._penalised_kl(layer, free_bits, free_bits_per) for layer in self.layers]
+        if balance is not False and len(kls) > 1:
+            gamma = kl_balance_coefficients(self.layers)  # (L,), no gradient
+            if isinstance(balance, torch.Tensor):  # decided by a tensor: no data-dependent Python branch
+                gamma = torch.where(balance, gamma, torch.ones_like(gamma))
+            kls = [g * kl for g, kl in zip(gamma.unbind(), kls, strict=True)]
+        kl = kls[0]
+        for term in kls[1:]:
+            kl = kl + term
         return -(self.log_px_z.mean() - beta * kl)
 
     @staticmethod
-    def _penalised_kl(layer: LayerKL, free_bits: float) -> torch.Tensor:
-        """A layer's batch-mean KL as the loss sees it: with free bits, each dimension's (or, for a
-        Monte Carlo KL, the layer's) KL below the allowance is not penalised."""
+    def _penalised_kl(layer: LayerKL, free_bits: float, per: str = "dim") -> torch.Tensor:
+        """A layer's batch-mean KL as the loss sees it: with free bits, each dimension's (``per`` dim;
+        for a Monte Carlo KL, the layer's against ``dim * free_bits``) or the layer's (``per`` group)
+        KL below the allowance is not penalised."""
         if free_bits <= 0:
             return layer.kl.mean()
+        if per == "group":
+            return layer.kl.mean().clamp(min=free_bits)
         if layer.kl_per_dim is not None:
             return layer.kl_per_dim.mean(0).clamp(min=free_bits).sum()
         return layer.kl.mean().clamp(min=free_bits * layer.dim)
+
+
+def kl_balance_coefficients(layers: list[LayerKL]) -> torch.Tensor:
+    """NVAE's KL balancing coefficients (Vahdat & Kautz 2020, Appendix A; ``kl_balancer`` in their
+    code): gamma_l proportional to (E_batch |KL_l| + 0.01) / size_l, normalised to average 1 (so they
+    sum to the number of layers), without gradient. A layer that holds much KL per latent unit is
+    penalised more, one that holds little less, so that no group is switched off early in the warm-up.
+    Returns (L,) in the layers' order."""
+    kl = torch.stack([layer.kl.detach().abs().mean() for layer in layers]) + 0.01  # (L,)
+    size = torch.tensor([float(layer.dim) for layer in layers], dtype=kl.dtype, device=kl.device)
+    gamma = kl / size
+    return gamma / gamma.mean()
 
 
 def elbo_terms(
@@ -226,13 +251,21 @@ class ELBOObjective:
 
     k: int = 1
     free_bits: float = 0.0
+    free_bits_per: str = "dim"  # dim | group (see ELBOTerms.loss)
+    # KL balancing while the KL weight is below its final value ``full_beta`` (the warm-up), as NVAE's
+    # ``kl_balancer`` does while its KL coefficient is below 1
+    kl_balance: bool = False
+    full_beta: float = 1.0
 
     @classmethod
     def from_config(cls, t: TrainConfig) -> ELBOObjective:
-        return cls(k=t.iwae_k, free_bits=t.free_bits)
+        return cls(k=t.iwae_k, free_bits=t.free_bits, free_bits_per=t.free_bits_per, kl_balance=t.kl_balance,
+                   full_beta=t.beta)
 
     def __call__(
         self, model: nn.Module, batch: Batch, *, generator: torch.Generator | None, beta: float = 1.0
     ) -> tuple[torch.Tensor, ELBOTerms]:
         terms = elbo(model, batch.x, batch.c, mask=batch.mask, generator=generator, k=self.k)
-        return terms.loss(beta, self.free_bits), terms
+        # beta is a float, or a 0-d tensor (then the comparison is one too, and so is ``balance``)
+        balance = self.kl_balance and beta < self.full_beta
+        return terms.loss(beta, self.free_bits, self.free_bits_per, balance), terms

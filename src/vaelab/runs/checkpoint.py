@@ -48,6 +48,7 @@ class Checkpoint:
     optimizer: dict[str, Any] | None = None  # torch optimizer state_dict
     state: dict[str, Any] = field(default_factory=dict)  # epoch, step, best, counters, ...
     rng: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> uint8 state tensor
+    ema: dict[str, torch.Tensor] | None = None  # moving average of the model's state (train.ema), same names
 
 
 # ---------------------------------------------------------------- RNG state capture
@@ -122,6 +123,7 @@ def serialize(ckpt: Checkpoint) -> bytes:
         tensors.update({k: v.contiguous() for k, v in t.items()})
         meta["optimizer"] = json.dumps(plain)
     tensors.update({f"rng/{k}": v.contiguous() for k, v in ckpt.rng.items()})
+    tensors.update({f"ema/{k}": v.detach().contiguous() for k, v in (ckpt.ema or {}).items()})
     # safetensors refuses tensors that share memory; clone any alias.
     seen: set[int] = set()
     for k, v in tensors.items():
@@ -197,7 +199,7 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """Write ``ckpt`` to ``path`` atomically. Refuses (:class:`NonFiniteError`) to write a model or
     optimizer state holding NaN/Inf, so a diverged state never replaces a good checkpoint."""
     path = Path(path)
-    bad = nonfinite_tensors(ckpt.model)
+    bad = nonfinite_tensors(ckpt.model) + [f"ema/{k}" for k in nonfinite_tensors(ckpt.ema or {})]
     if ckpt.optimizer is not None:
         bad += [f"optimizer state {pid}/{k}" for pid, st in ckpt.optimizer["state"].items()
                 for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step"
@@ -285,6 +287,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     state = _json_field(p, meta, "state", dict, {})
     model = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     rng = {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")}
+    ema = {k[len("ema/") :]: v for k, v in tensors.items() if k.startswith("ema/")} or None
     if not model:
         raise CheckpointError(f"{p}: holds no model tensors")
     optimizer = None
@@ -294,12 +297,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             optimizer = _unflatten_optimizer(tensors, opt_plain)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{p}: optimizer state is incomplete or corrupted ({e!r})") from None
-    ckpt = Checkpoint(config, spec, model, optimizer, state, rng)
+    ckpt = Checkpoint(config, spec, model, optimizer, state, rng, ema)
     if fmt == "vaelab-checkpoint-1":
         ckpt = upgrade_v1(ckpt, str(p))
     # The config's model is compared with the tensors in the file before anyone builds it: a config
     # edited to ask for a huge model is refused here, at no cost (see runs/validate.py).
     check_model_tensors(ckpt.config.model, ckpt.spec, ckpt.model, str(p))
+    if ckpt.ema is not None:  # the moving average holds the same tensors as the model
+        compare_tensors({k: (tuple(v.shape), v.dtype) for k, v in ckpt.model.items()}, ckpt.ema, f"{p} (ema/)")
     return ckpt
 
 
@@ -415,6 +420,12 @@ def read_metadata(path: Path, raw: bytes | None = None) -> dict[str, str]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{path}: corrupted safetensors metadata")
     return meta
+
+
+def use_weights(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The weights a trained run is used with (evaluation, sampling, pictures, export): the moving
+    average when the run keeps one (``train.ema``), else the trained weights."""
+    return ckpt.ema if ckpt.ema is not None else ckpt.model
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -21,7 +21,7 @@ from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..models import build_model
 from ..pipeline import BatchPipeline
-from .checkpoint import load_checkpoint, load_model_state
+from .checkpoint import load_checkpoint, load_model_state, use_weights
 from .pretrained import WEIGHTS_FILE, is_export, load_pretrained
 from .rundir import RunDir
 
@@ -30,7 +30,8 @@ SPLITS = ("train", "val", "test")
 
 class Run:
     """A run directory, one checkpoint file, or an exported model folder, opened for use: the model is
-    in eval mode."""
+    in eval mode, with the moving average of the weights where the run kept one (``train.ema``;
+    :attr:`weights` says which: ``ema`` or ``trained``)."""
 
     def __init__(self, path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None,
                  device: str = "cpu") -> None:
@@ -52,7 +53,9 @@ class Run:
         self.state: dict[str, Any] = ckpt.state
         self.device = resolve_device(device)
         self.model: nn.Module = build_model(ckpt.config.model, ckpt.spec).to(self.device)
-        load_model_state(self.model, ckpt.model, str(self.checkpoint))
+        # a run trained with train.ema is used with its moving average (so are its export and pictures)
+        load_model_state(self.model, use_weights(ckpt), str(self.checkpoint))
+        self.weights = "ema" if ckpt.ema is not None else "trained"
         self.model.eval()
         self.condition: Condition = build_condition(self.config.model.condition, self.spec)
         self.pipeline = BatchPipeline(self.condition, self.config.data.binarize)
@@ -69,6 +72,7 @@ class Run:
         self.checkpoint = p / WEIGHTS_FILE
         self.config, self.spec = pre.config, pre.spec
         self.state = dict(pre.trained)
+        self.weights = "exported"
         self.device = resolve_device(device)
         self.model = pre.build(self.device)
         self.condition = build_condition(self.config.model.condition, self.spec)

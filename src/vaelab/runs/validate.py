@@ -152,7 +152,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, sd: Any, source: str
 
 
 # ---------------------------------------------------------------- training counters
-_COUNTERS = ("epoch", "step", "step_in_epoch", "nonfinite_total", "nonfinite_run")
+_COUNTERS = ("epoch", "step", "step_in_epoch", "nonfinite_total", "nonfinite_run", "skipped_total")
 
 
 def check_train_state(st: Any, source: str) -> dict[str, Any]:

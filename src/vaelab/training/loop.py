@@ -257,9 +257,13 @@ class _Stepper:
         for group in s.optimizer.param_groups:
             group["lr"] = self.schedule(t, position)
         self.beta = beta_at(t, position)
-        return train_step(self.model, s.optimizer, self.objective, batch, self.beta, generator=s.noise,
-                          grad_clip=t.grad_clip, world=s.world, precision=t.precision, scaler=s.scaler,
-                          stop=lambda: self.stop.requested, gradient_pass=self.gradient_pass)
+        r = train_step(self.model, s.optimizer, self.objective, batch, self.beta, generator=s.noise,
+                       grad_clip=t.grad_clip, world=s.world, precision=t.precision, scaler=s.scaler,
+                       stop=lambda: self.stop.requested, gradient_pass=self.gradient_pass,
+                       skip_threshold=t.skip_threshold)
+        if r.applied and s.ema is not None:  # the moving average follows the updates taken, not the skipped
+            s.ema.update(s.model)
+        return r
 
 
 def _epoch(s: Session, step: _Stepper, callbacks: CallbackList, max_steps: int | None) -> tuple[Meters, bool]:
@@ -307,17 +311,21 @@ def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: lis
     t, state = s.cfg.train, s.state
     applied = all_sum([meters.sums["n"]], s.world)[0]
     if applied == 0:
+        why = "non-finite loss or gradient" + (f", or gradient norm >= train.skip_threshold = {t.skip_threshold}"
+                                               if t.skip_threshold is not None else "")
         raise NonFiniteError(
-            f"epoch {state.epoch + 1}: every step was skipped (non-finite loss or gradient), so the epoch "
+            f"epoch {state.epoch + 1}: every step was skipped ({why}), so the epoch "
             f"trained nothing; stopping. Last good checkpoint: {s.last_good()}. Try a lower train.lr or "
             "train.grad_clip, and check the data."
         )
     train_means = meters.means(s.world)
     # An IWAE run (train.iwae_k > 1) is validated by the bound it trains, -L_k with the same k, from the
     # same pass (and draws, seeded per batch) as its ELBO terms; ``best`` is still decided by the ELBO.
+    # With train.ema the moving average is what is validated (and so what decides ``best``).
     k = max(1, t.iwae_k)
-    ev = evaluate_batches(s.model, s.data.val.images, s.data.val.labels, s.pipeline, k=k,
-                          batch_size=t.eval_batch_size, seed=t.seed, rank=s.rank, world=s.world)
+    with s.eval_model() as model:
+        ev = evaluate_batches(model, s.data.val.images, s.data.val.labels, s.pipeline, k=k,
+                              batch_size=t.eval_batch_size, seed=t.seed, rank=s.rank, world=s.world)
     val = ev.means()
     state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, {}
     row = {
@@ -327,6 +335,7 @@ def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: lis
         "val_rec": val["rec"], "val_kl": val["kl"],
         **{f"val_{key}": v for key, v in val.items() if key.startswith("kl_")},  # per layer, with several
         "beta": beta_at(t, state.epoch), "lr": s.optimizer.param_groups[0]["lr"], "nonfinite_total": state.nonfinite_total,
+        **({"skipped_total": state.skipped_total} if t.skip_threshold is not None else {}),
         "elapsed_s": round(state.elapsed, 3),
     }
     improved = math.isfinite(val["elbo"]) and val["elbo"] > state.best_val
@@ -342,9 +351,13 @@ def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: lis
             line = f"train -ELBO {row['train_loss']:.2f}  val {terms}"
         else:  # what the steps minimised is not the ELBO
             weighted = " and ".join(w for w, on in (("β", t.beta != 1 or t.warmup_epochs > 0),
-                                                      ("free bits", t.free_bits > 0)) if on)
+                                                      ("free bits", t.free_bits > 0),
+                                                      ("KL balancing", t.kl_balance)) if on)
             line = f"train loss ({weighted} applied) {row['train_loss']:.2f}  val {terms}"
-        s.say(f"epoch {state.epoch}: {line} nats")
+        line += " nats" + (" (val: the EMA weights)" if t.ema > 0 else "")
+        if t.skip_threshold is not None and state.skipped_total:
+            line += f"; {state.skipped_total} updates skipped so far (gradient norm >= {t.skip_threshold:g})"
+        s.say(f"epoch {state.epoch}: {line}")
     if state.nonfinite_run == 0:
         s.save_epoch(improved)
         callbacks.on_checkpoint(CheckpointInfo((s.run.best, s.run.latest) if improved else (s.run.latest,),

@@ -7,6 +7,7 @@ global torch/numpy/Python RNGs), so a run resumed from any checkpoint continues 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from ..runs.checkpoint import (
 )
 from ..runs.rundir import RunDir
 from ..runs.validate import check_optimizer_state, check_rng, check_rng_tensor, check_train_state
+from .ema import EMA
 from .schedules import SCHEDULES
 from .step import TrainState
 
@@ -74,6 +76,12 @@ class Session:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     scaler: torch.amp.GradScaler | None = None  # fp16 only: the loss scale, saved with the run
     accel: Accelerator = field(default_factory=Accelerator)  # the run's speed tricks (vaelab.accel)
+    ema: EMA | None = None  # the moving average of the weights (train.ema), saved with the run
+
+    def eval_model(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The model validation evaluates: the moving average of the weights where the run keeps one
+        (the model holds it inside the block), else the model as it is."""
+        return self.ema.applied_to(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
 
     def say(self, msg: str) -> None:
         """Print on rank 0 only (through tqdm, so progress bars stay intact)."""
@@ -97,7 +105,8 @@ class Session:
         if self.scaler is not None:
             st["grad_scaler"] = self.scaler.state_dict()
         model = {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
-        ckpt = Checkpoint(self.cfg, self.spec, model, _to_cpu(self.optimizer.state_dict()), st, rng)
+        ckpt = Checkpoint(self.cfg, self.spec, model, _to_cpu(self.optimizer.state_dict()), st, rng,
+                          None if self.ema is None else self.ema.state())
         for path in paths:
             try:
                 save_checkpoint(path, ckpt)
@@ -154,6 +163,11 @@ def _restore(s: Session, ckpt: Checkpoint) -> None:
     (runs/validate.py); errors name the file and the entry."""
     source = str(s.run.latest)
     load_model_state(s.model, ckpt.model, source)
+    if s.ema is not None:
+        if ckpt.ema is None:
+            raise CheckpointError(f"{source}: holds no moving average of the weights (ema/ tensors), "
+                                  f"which train.ema = {s.cfg.train.ema} keeps")
+        s.ema.load(ckpt.ema, f"{source} (ema/)")
     st = check_train_state(ckpt.state, source)
     rng_meta = st.pop("rng_meta", {})
     saved_world = st.pop("world_size", 1)
@@ -240,8 +254,9 @@ def open_session(
     pipeline = BatchPipeline(build_condition(cfg.model.condition, spec), cfg.data.binarize)
     noise = torch.Generator(device=device).manual_seed(t.seed + 7919 * rank)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+    ema = EMA(model, t.ema) if t.ema > 0 else None  # from the initial weights (a resume loads the saved one)
     s = Session(run, cfg, spec, data, model, make_optimizer(model, cfg), noise, TrainState(), pipeline, rank, world,
-                device, scaler, accel)
+                device, scaler, accel, ema)
     if device.type != "cpu" or t.precision != "fp32":
         s.say(f"device {device}, precision {t.precision}")
     s.say(f"data {data.describe()}")

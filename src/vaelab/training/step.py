@@ -1,5 +1,5 @@
 """One optimisation step, and the small units the loop runs around it: the running meters (with
-their reduction over processes) and the non-finite guard."""
+their reduction over processes) and the guard that counts skipped steps."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ class StepResult:
     rec: float  # sum over the batch of the estimate of log P(X|z)
     kl: float  # sum over the batch of sum_l KL_l
     n: int  # datapoints in the batch
-    applied: bool  # whether the update was taken (loss and gradient finite on every process)
+    applied: bool  # whether the update was taken (loss and gradient finite on every process, norm below the threshold)
     stop: bool = False  # some process was asked to stop (SIGTERM/SIGINT): every process stops after this step
+    skipped: bool = False  # finite, but not applied: the gradient norm reached train.skip_threshold
 
 
 def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -89,9 +90,11 @@ def train_step(
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
     gradient_pass: GradientPass = backward_pass,
+    skip_threshold: float | None = None,
 ) -> StepResult:
     """Minimise ``objective`` on ``batch`` by one optimizer step. A non-finite loss or gradient on any
-    process skips the update everywhere (the gradients are dropped), as vdvae's step does.
+    process skips the update everywhere (the gradients are dropped), as vdvae's step does; so does a
+    gradient norm (before clipping) of at least ``skip_threshold`` (vdvae's ``skip_threshold``).
     ``precision`` bf16/fp16 runs the forward pass under autocast (float32 master weights); ``scaler``
     (fp16) scales the loss, and the gradients are unscaled before they are measured or clipped.
     ``gradient_pass`` computes the gradients (default :func:`backward_pass`; :mod:`vaelab.accel` may give
@@ -99,18 +102,21 @@ def train_step(
     report = gradient_pass(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip,
                            precision=precision, scaler=scaler)
     # One synchronisation per step: the loss, the gradient norm and the batch's sums; then one
-    # collective for what every process must agree on: skip the update (non-finite somewhere)? stop
-    # after this step (``stop()``: this process was signalled, so far; StepResult.stop: some process was)?
+    # collective for what every process must agree on: skip the update (non-finite somewhere; a norm
+    # at the threshold)? stop after this step (``stop()``: this process was signalled, so far;
+    # StepResult.stop: some process was)?
     loss_v, gnorm_v, rec_v, kl_v = report.tolist()
-    bad, halt = all_any([not (math.isfinite(loss_v) and math.isfinite(gnorm_v)), stop is not None and stop()], world)
-    ok = not bad
+    finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+    large = finite and skip_threshold is not None and gnorm_v >= skip_threshold
+    bad, halt, large = all_any([not finite, stop is not None and stop(), large], world)
+    ok = not (bad or large)
     if ok:
         optimizer.step() if scaler is None else scaler.step(optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.update()  # after an overflow the scale halves: the guard counts that step as skipped
-    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok, halt)
+    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok, halt, large and not bad)
 
 
 @dataclass
@@ -146,20 +152,26 @@ class TrainState:
     """Counters that a checkpoint carries besides tensors."""
 
     epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken (including skipped non-finite ones)
+    step: int = 0  # optimizer steps taken (including skipped ones)
     step_in_epoch: int = 0  # batches of the current epoch already consumed
     best_val: float = -math.inf  # best validation ELBO (nats, higher is better)
     nonfinite_total: int = 0
     nonfinite_run: int = 0  # consecutive
+    skipped_total: int = 0  # finite steps skipped for their gradient norm (train.skip_threshold)
     sums: dict[str, float] = field(default_factory=dict)  # running train sums of the current epoch
     elapsed: float = 0.0  # training seconds so far
 
 
 def guard_nonfinite(state: TrainState, r: StepResult, limit: int, last_good: Callable[[], str],
                     say: Callable[[str], None]) -> None:
-    """Count a skipped step; ``limit`` in a row stop the run, naming the last good checkpoint."""
+    """Count a skipped step; ``limit`` non-finite ones in a row stop the run, naming the last good
+    checkpoint. A step skipped for its gradient norm is counted apart (``skipped_total``): it neither
+    counts towards the limit nor ends a run of non-finite steps."""
     if r.applied:
         state.nonfinite_run = 0
+        return
+    if r.skipped:
+        state.skipped_total += 1
         return
     state.nonfinite_run += 1
     state.nonfinite_total += 1
