@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 
 from ..errors import DataError, VaelabWarning
@@ -185,6 +186,8 @@ def open_prepared(d: Path, fingerprint: str | None = None) -> Prepared | None:
     otherwise None (absent, stale, or damaged: the caller rebuilds it)."""
     meta = _read_meta(d)
     if meta is None or meta.get("format") != FORMAT or (fingerprint is not None and meta.get("fingerprint") != fingerprint):
+        return None
+    if meta.get("pillow") != PIL.__version__:  # another Pillow may resize to other bits: decode again
         return None
     try:
         shape = tuple(int(v) for v in meta["shape"])
@@ -489,6 +492,7 @@ def build(source: Source, size: int, grayscale: bool, target: Path, fingerprint:
             "num_classes": num_classes, "fingerprint": fingerprint, "files": lst.n_files,
             "skipped": len(skipped), "skipped_examples": skipped[:3], "build_seconds": round(seconds, 3),
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "workers": workers,
+            "pillow": PIL.__version__,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():
@@ -603,6 +607,9 @@ def prepare(source: Source, size: int, grayscale: bool = False, *, cache_dir: st
         except PermissionError as e:
             raise DataError(f"{target.parent}: cannot write the prepared data there ({e.strerror}); set "
                             "data.cache_dir (--set data.cache_dir=DIR) to a writable folder") from None
+        except OSError as e:  # a full disk, say: the partial build was removed
+            raise DataError(f"{target.parent}: preparing {source.label} failed: {e.strerror or e}; nothing was "
+                            "left behind. Free space or set data.cache_dir to another folder") from None
     if got.meta.get("skipped"):
         ex = ", ".join(got.meta.get("skipped_examples") or [])
         warnings.warn(f"{source.label}: skipped {got.meta['skipped']} of {got.meta.get('files')} files that are not "
