@@ -80,6 +80,11 @@ def test_odd_sizes_one_scale_and_the_default_groups():
     assert out.likelihood.mean.shape == (4, 1, 7, 5) and [ly.name for ly in out.layers] == ["z1", "z2"]
     one = _model(shape=(1, 4, 4), hidden=(4,), groups_per_scale=(1,), likelihood="bernoulli")
     assert one.latent_dims == (32,) and [ly.name for ly in one(_images(2, (1, 4, 4))).layers] == ["z"]
+    # VDVAE's bottleneck cells: 1x1 -> 3x3 -> 3x3 -> 1x1 through a quarter of the channels
+    thin = _model(hidden=(8, 8, 8), bottleneck=0.25)
+    convs = [m for m in thin.groups[0].cells.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [(8, 2, 1), (2, 2, 3), (2, 2, 3), (2, 8, 1)]
+    assert thin(_images(2), k=2).likelihood.mean.shape == (4, 3, 12, 12)
 
 
 def test_configuration_errors_are_one_clear_line():

@@ -197,9 +197,12 @@ class ModelConfig:
     # (rounded up); ``latent_dim`` the channels of every latent group (group l holds latent_dim x H_l x W_l
     # numbers); ``groups_per_scale`` how many latent groups sit at each resolution of ``hidden`` (same
     # order; empty: ``layers`` groups at the lowest); ``cells_per_group`` the residual cells after each
-    # group in the top-down path (and, per group, in the bottom-up path; 2 in NVAE's CIFAR-10 model).
+    # group in the top-down path (and, per group, in the bottom-up path; 2 in NVAE's CIFAR-10 model);
+    # ``bottleneck`` the width inside the cells and the groups' heads as a fraction of the channels
+    # (below 1: VDVAE's 1x1-3x3-3x3-1x1 blocks, 0.25 in its models).
     groups_per_scale: tuple[int, ...] = ()
     cells_per_group: int = 2
+    bottleneck: float = 1.0
 
     def __post_init__(self) -> None:
         _normalise(self, "model")
@@ -223,6 +226,7 @@ class ModelConfig:
                f"empty or one count >= 0 per entry of model.hidden, in all 1..{MAX_GROUPS} groups "
                "(and model.layers left at 1 or equal to that total)")
         _check(self, "model", "cells_per_group", 0 <= self.cells_per_group <= MAX_CELLS, f"in 0..{MAX_CELLS}")
+        _check(self, "model", "bottleneck", _finite(self.bottleneck) and 0 < self.bottleneck <= 1, "in (0, 1]")
 
     @property
     def latent_dims(self) -> tuple[int, ...]:

@@ -78,13 +78,13 @@ class LatentGroup(nn.Module):
     through ``cells``."""
 
     def __init__(self, width: int, enc_width: int, latent: int, n_cells: int, activation: str, depth: int,
-                 top: bool) -> None:
+                 top: bool, mid: int) -> None:
         super().__init__()
         self.width, self.latent = width, latent
-        self.prior_head = None if top else Head(width, width, 2 * latent + width, activation)
-        self.posterior_head = Head(width + enc_width, width, 2 * latent, activation)
+        self.prior_head = None if top else Head(width, mid, 2 * latent + width, activation)
+        self.posterior_head = Head(width + enc_width, mid, 2 * latent, activation)
         self.z_in = scale_init_(nn.Conv2d(latent, width, 1), 1 / math.sqrt(depth))
-        self.cells = cells(n_cells, width, activation, depth)
+        self.cells = cells(n_cells, width, activation, depth, mid)
 
     def prior(self, h: torch.Tensor) -> tuple[DiagonalGaussian | None, torch.Tensor | None]:
         """p(z_l | z_>l) from the state h (N, width, H, W) as (N, L_l), and the state's feature; None
@@ -111,7 +111,8 @@ class LatentGroup(nn.Module):
 
 class TopDownVAE(LatentModelBase):
     """Latent groups at the resolutions of ``cfg.hidden`` (``cfg.groups_per_scale`` per resolution, the
-    data's first), ``cfg.latent_dim`` channels each, ``cfg.cells_per_group`` residual cells per group.
+    data's first), ``cfg.latent_dim`` channels each, ``cfg.cells_per_group`` residual cells per group
+    (``cfg.bottleneck`` of the channels wide inside).
 
     Parameter names: ``stem``, ``bottom_up[r]`` (resolution r's downsampling and cells), ``h_top`` (the
     top-down state's start), ``groups[g]`` (top-down order, the top group first), ``upsample[r]`` (from
@@ -135,6 +136,7 @@ class TopDownVAE(LatentModelBase):
         self.sizes = resolutions((height, width), len(widths))
         self.widths, self.groups_per_scale = widths, tuple(groups)
         act, n, zc = cfg.activation, cfg.cells_per_group, cfg.latent_dim
+        mids = [max(1, round(w * cfg.bottleneck)) for w in widths]  # the width inside cells and heads
         total = sum(groups)
 
         # bottom-up: stem, then per resolution (downsampling and) n cells per group there (n for none)
@@ -142,7 +144,7 @@ class TopDownVAE(LatentModelBase):
         self.stem = nn.Conv2d(channels, widths[0], 3, padding=1)
         self.bottom_up = nn.ModuleList(
             nn.Sequential(*([Down(widths[r - 1], widths[r])] if r else []),
-                          *cells(up_cells[r], widths[r], act, sum(up_cells)))
+                          *cells(up_cells[r], widths[r], act, sum(up_cells), mids[r]))
             for r in range(len(widths)))
 
         # top-down: h_top, then per resolution from the lowest (upsampling,) its groups (or n plain cells)
@@ -152,10 +154,11 @@ class TopDownVAE(LatentModelBase):
         self._scale_of: list[int] = []  # resolution of each group, top-down
         for r in reversed(range(len(widths))):
             for _ in range(groups[r]):
-                self.groups.append(LatentGroup(widths[r], widths[r], zc, n, act, depth, top=not self._scale_of))
+                self.groups.append(LatentGroup(widths[r], widths[r], zc, n, act, depth, not self._scale_of, mids[r]))
                 self._scale_of.append(r)
         self.upsample = nn.ModuleList(Up(widths[r + 1], widths[r], self.sizes[r]) for r in range(len(widths) - 1))
-        self.cells = nn.ModuleList(cells(n if g == 0 else 0, widths[r], act, depth) for r, g in enumerate(groups))
+        self.cells = nn.ModuleList(cells(n if g == 0 else 0, widths[r], act, depth, mids[r])
+                                   for r, g in enumerate(groups))
         k = LIKELIHOODS.get(cfg.likelihood).num_params(channels, cfg)
         self.out = nn.Sequential(ACTIVATIONS.get(act)(), nn.Conv2d(widths[0], k, 3, padding=1))
         self.likelihood = build_likelihood(cfg, channels)

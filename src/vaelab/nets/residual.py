@@ -1,10 +1,12 @@
 """Residual cells and resolution changes for hierarchical convolutional VAEs (NVAE, Vahdat & Kautz
 2020; VDVAE, Child 2021), used by :mod:`vaelab.models.topdown`.
 
-A cell is x + s * f(x), f = conv3x3(act(conv3x3(act(x)))) (pre-activation, He et al. 2016), with the
-last convolution of f started at 1/sqrt(depth) of PyTorch's initialisation: a path of ``depth`` cells
-then starts with activations whose variance grows by about (1 + 1/depth) per cell, e^1 in all, not
-2^depth (VDVAE scales the last convolution of every block by sqrt(1/n_blocks) for the same reason).
+A cell is x + f(x), f = conv3x3(act(conv3x3(act(x)))) (pre-activation, He et al. 2016), or with a
+bottleneck (inner width m < channels) VDVAE's block f = conv1x1(act(conv3x3(act(conv3x3(act(conv1x1(act(x)))))))),
+C -> m -> m -> m -> C. The last convolution of f starts at 1/sqrt(depth) of PyTorch's initialisation: a
+path of ``depth`` cells then starts with activations whose variance grows by roughly (1 + c/depth) per
+cell, e^c in all, not (1 + c)^depth (VDVAE scales the last convolution of every block by
+sqrt(1/n_blocks) for the same reason).
 Resolutions halve (rounded up: 28 -> 14 -> 7 -> 4) by 2x2 average pooling and are restored exactly by
 nearest-neighbour upsampling to the size recorded on the way down, so images of any size work.
 """
@@ -30,25 +32,29 @@ def scale_init_(conv: nn.Conv2d, factor: float) -> nn.Conv2d:
 
 
 class ResidualCell(nn.Module):
-    """x + conv3x3(act(conv3x3(act(x)))): channels and resolution kept; the second convolution's
-    initial weights scaled by ``init_scale`` (1/sqrt(cells on the path))."""
+    """x + f(x), channels and resolution kept: f = conv3x3(act(conv3x3(act(x)))), or VDVAE's bottleneck
+    block 1x1 -> 3x3 -> 3x3 -> 1x1 through ``mid`` < channels; the last convolution's initial weights
+    scaled by ``init_scale`` (1/sqrt(cells on the path))."""
 
-    def __init__(self, channels: int, activation: str, init_scale: float = 1.0) -> None:
+    def __init__(self, channels: int, activation: str, init_scale: float = 1.0, mid: int | None = None) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            ACTIVATIONS.get(activation)(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            ACTIVATIONS.get(activation)(),
-            scale_init_(nn.Conv2d(channels, channels, 3, padding=1), init_scale),
-        )
+        mid = channels if mid is None else mid
+        widths = [channels, channels, channels] if mid >= channels else [channels, mid, mid, mid, channels]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            k = 1 if mid < channels and i in (0, len(widths) - 2) else 3  # the bottleneck's 1x1 ends
+            layers += [ACTIVATIONS.get(activation)(), nn.Conv2d(a, b, k, padding=k // 2)]
+        scale_init_(layers[-1], init_scale)
+        self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
 
 
-def cells(n: int, channels: int, activation: str, depth: int) -> nn.Sequential:
-    """n residual cells, each scaled for a path of ``depth`` cells in all."""
-    return nn.Sequential(*(ResidualCell(channels, activation, 1 / math.sqrt(max(depth, 1))) for _ in range(n)))
+def cells(n: int, channels: int, activation: str, depth: int, mid: int | None = None) -> nn.Sequential:
+    """n residual cells (inner width ``mid``), each scaled for a path of ``depth`` cells in all."""
+    scale = 1 / math.sqrt(max(depth, 1))
+    return nn.Sequential(*(ResidualCell(channels, activation, scale, mid) for _ in range(n)))
 
 
 class Head(nn.Module):
