@@ -125,6 +125,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="build processes (default: every core)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads while training (default: torch's)")
     ap.add_argument("--skip-memory-start", action="store_true", help="skip the in-memory start-up and RSS runs")
+    ap.add_argument("--epoch-images", type=int, default=None,
+                    help="train on the first N training images in the s/epoch comparison (default: all)")
+    ap.add_argument("--memory-rss-steps", type=int, default=None,
+                    help="stop the in-memory RSS run after N steps (its peak is reached when the set is loaded and "
+                         "converted, before the first step; default: a whole epoch)")
     a = ap.parse_args()
 
     import torch
@@ -193,7 +198,8 @@ def main() -> None:
         # 3. s/epoch from the map vs from memory, alternating
         print(f"\n3. s/epoch of a conv VAE on {size}x{size}, map vs memory, {a.epochs} alternating epochs each")
         cfg = vaelab.RunConfig(
-            data=vaelab.DataConfig(name=spec, image_size=a.image_size, val_size=1000, cache_dir=str(cache_dir)),
+            data=vaelab.DataConfig(name=spec, image_size=a.image_size, val_size=1000, cache_dir=str(cache_dir),
+                                   limit_train=a.epoch_images),
             model=vaelab.ModelConfig(latent_dim=32, hidden=(32, 64), encoder="conv", decoder="conv",
                                      likelihood="discretized-logistic"),
             train=vaelab.TrainConfig(batch_size=128, progress=False, device="cpu", threads=a.threads))
@@ -237,9 +243,11 @@ def main() -> None:
                                        env=env)
         print(f"   from the cache   {mib(rss_map):>10s}  ({w_map:.1f} s)")
         if not a.skip_memory_start:
+            steps = ["--max-steps", str(a.memory_rss_steps)] if a.memory_rss_steps else []
             w_mem, rss_mem, _ = vaelab_cmd("train", "--data", spec, *net, "--set", "data.cache=false", "--epochs", "1",
-                                           "--run", str(tmp / "rss-mem"), env=env)
-            print(f"   in memory        {mib(rss_mem):>10s}  ({w_mem:.1f} s)")
+                                           *steps, "--run", str(tmp / "rss-mem"), env=env)
+            print(f"   in memory        {mib(rss_mem):>10s}  ({w_mem:.1f} s"
+                  + (f", stopped after {a.memory_rss_steps} steps)" if steps else ")"))
         meta = next(Path(cache_dir).glob("folder-*/meta.json"))
         print(f"   (the prepared file: {mib(os.path.getsize(meta.parent / 'images.npy'))}; "
               f"{json.loads(meta.read_text())['shape']})")

@@ -308,9 +308,9 @@ from vaelab.data.cache import MappedImages
 rank = int(os.environ["RANK"])
 read = []
 real = MappedImages.batches
-def batches(self, positions, pin):
+def batches(self, positions, pin, **kw):
     read.extend(int(r) for p in positions for r in self.rows[p.numpy()])
-    return real(self, positions, pin)
+    return real(self, positions, pin, **kw)
 MappedImages.batches = batches
 out = sys.argv[2]
 for cache_on in (True, False):
@@ -352,3 +352,16 @@ def test_grey_folders_and_the_grayscale_setting_match_memory(tmp_path, photos):
         a, b = quiet(load_data, cfg(spec, **kw)), quiet(load_data, cfg(spec, cache=False, **kw))
         assert a.shape[0] == 1 and a.shape == b.shape
         assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
+
+
+def test_the_read_ahead_float_conversion_is_to_float_bit_for_bit(photos):
+    """Training batches from the cache are converted by numpy in the read-ahead thread: every one of the
+    256 values must give the bits of vaelab.data.to_float (torch's division)."""
+    from vaelab.data import to_float
+
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    assert torch.equal(torch.from_numpy(np.divide(x.numpy(), np.float32(255.0), dtype=np.float32)), to_float(x))
+    data = quiet(load_data, cfg(f"folder:{photos}"))
+    pos = [torch.tensor([3, 0, 7]), torch.tensor([1, 2])]
+    for (f, _), (u, _) in zip(data.train.batches(pos, False, as_float=True), data.train.batches(pos, False), strict=True):
+        assert f.dtype == torch.float32 and torch.equal(f, to_float(u))

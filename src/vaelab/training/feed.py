@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from ..data import ImageSet, to_float
+from ..data.cache import MappedImages
 from ..data.validate import check_model_input
 from ..devices import fits_on
 
@@ -74,6 +75,11 @@ class StreamFeed:
 
     def epoch(self, order: torch.Tensor, start: int, batch_size: int) -> Batches:
         pin = self.device.type == "cuda"
+        if not pin and isinstance(self.train, MappedImages):
+            # read and converted to k/255 by the read-ahead thread: the step's thread only trains
+            # (values k/255 of uint8 pixels lie in [0, 1] by construction: nothing to check)
+            yield from self.train.batches(_slices(order, start, batch_size), False, as_float=True)
+            return
         batches = self.train.batches(_slices(order, start, batch_size), pin)
         if not pin:
             for x, y in batches:
