@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_reliability import assert_same_run, train_args, write_tiny_mnist
 
 from vaelab import cli
 from vaelab.config import RunConfig, TrainConfig
@@ -20,8 +21,6 @@ from vaelab.training import train
 from vaelab.training.ema import EMA
 from vaelab.training.session import open_session
 from vaelab.training.step import StepResult, TrainState, guard_nonfinite, train_step
-
-from test_reliability import assert_same_run, train_args, write_tiny_mnist
 
 
 @pytest.fixture
@@ -70,6 +69,19 @@ def test_free_bits_per_group_trains_differently_from_per_dim(data_dir, tmp_path)
         per[mode] = res.model.state_dict()
         assert res.config.train.free_bits_per == mode
     assert any(not torch.equal(per["dim"][k], per["group"][k]) for k in per["dim"])
+
+
+# ---------------------------------------------------------------- KL warm-up
+def test_warm_up_weighs_every_layers_kl_by_the_same_beta():
+    from vaelab.training.loop import beta_at
+
+    t = TrainConfig(warmup_epochs=4.0, beta=1.0)
+    assert [beta_at(t, e) for e in (0.0, 1.0, 4.0, 9.0)] == [0.0, 0.25, 1.0, 1.0]
+    a = torch.tensor([[1.0, 2.0], [2.0, 1.0]], requires_grad=True)  # z1: batch-mean KL 3.0
+    b = torch.tensor([[0.5, 0.0], [0.5, 0.0]], requires_grad=True)  # z2: 0.5
+    terms = _terms(a, b)
+    terms.loss(0.25).backward()  # = 0.25 * (3.0 + 0.5)
+    assert torch.allclose(a.grad, torch.full_like(a, 0.125)) and torch.allclose(b.grad, torch.full_like(b, 0.125))
 
 
 # ---------------------------------------------------------------- KL balancing
@@ -185,7 +197,7 @@ def test_validation_and_best_follow_the_ema_weights(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
-def test_resume_with_every_aid_is_bit_identical(data_dir, tmp_path, compile):
+def test_resume_with_every_aid_is_bit_identical(data_dir, tmp_path, compile, capsys):
     """Fresh == resumed with every aid on (two layers in their KL warm-up, balanced, free bits per group,
     EMA, skipped updates), eager and compiled (the fused gradient pass computes the balanced loss in its
     graph and reports the norm that train_step's guard reads). This run's gradient norms are 1.6-3.1:
@@ -196,6 +208,8 @@ def test_resume_with_every_aid_is_bit_identical(data_dir, tmp_path, compile):
     cfg = cfg_of(data_dir, 2, *extra)
     straight = train(cfg, tmp_path / "straight")
     assert 0 < straight.state.skipped_total < 20
+    if compile:  # the fused gradient pass ran (not the eager fallback)
+        assert "torch.compile (the whole step)" in capsys.readouterr().out
     # mid-epoch, an epoch's end, mid-epoch again (one stop when compiling: each process compiles anew)
     for stop in (7,) if compile else (7, 10, 13):
         train(cfg, tmp_path / "resumed", max_steps=stop)

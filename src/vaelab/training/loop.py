@@ -311,12 +311,14 @@ def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: lis
     t, state = s.cfg.train, s.state
     applied = all_sum([meters.sums["n"]], s.world)[0]
     if applied == 0:
-        why = "non-finite loss or gradient" + (f", or gradient norm >= train.skip_threshold = {t.skip_threshold}"
-                                               if t.skip_threshold is not None else "")
+        why, higher = "non-finite loss or gradient", ""
+        if t.skip_threshold is not None:
+            why += f", or gradient norm >= train.skip_threshold = {t.skip_threshold:g}"
+            higher = " (or a higher train.skip_threshold)"
         raise NonFiniteError(
             f"epoch {state.epoch + 1}: every step was skipped ({why}), so the epoch "
             f"trained nothing; stopping. Last good checkpoint: {s.last_good()}. Try a lower train.lr or "
-            "train.grad_clip, and check the data."
+            f"train.grad_clip{higher}, and check the data."
         )
     train_means = meters.means(s.world)
     # An IWAE run (train.iwae_k > 1) is validated by the bound it trains, -L_k with the same k, from the
