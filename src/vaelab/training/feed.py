@@ -70,7 +70,8 @@ class StreamFeed:
 
     def _float(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = to_float(x)  # the same k/255 as in memory, one batch at a time
-        check_model_input(x, self.likelihood, self.source)
+        if not isinstance(self.train, MappedImages):  # uint8 from a prepared file: in [0, 1] by construction
+            check_model_input(x, self.likelihood, self.source)  # (and on a GPU the check would wait for it)
         return x, y
 
     def epoch(self, order: torch.Tensor, start: int, batch_size: int) -> Batches:
