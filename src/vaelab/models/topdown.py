@@ -228,7 +228,9 @@ class TopDownVAE(LatentModelBase):
         self, x: torch.Tensor, c: torch.Tensor | None = None, *, generator: torch.Generator | None = None, k: int = 1
     ) -> ModelOutput:
         b = x.shape[0]
-        feats = [repeat_rows(f, k) for f in self._bottom_up(x, c)]  # (k*B, ...), sample-major
+        # (k*B, ...), sample-major, where a group reads them (a resolution without groups needs none)
+        feats = [repeat_rows(f, k) if g else f for f, g in zip(self._bottom_up(x, c), self.groups_per_scale,
+                                                                 strict=True)]
         h, records = self._top_down(k * b, feats, repeat_rows(c, k), lambda g, q, p: q.rsample(generator))
         px = self._likelihood(h)
 
