@@ -46,7 +46,10 @@ def _model_cfg(name: str, prior: str, layers: int, **kw) -> ModelConfig:
     condition = "none" if name == "vae" else "centre-column"
     base = dict(model=name, latent_dim=4, hidden=(16,), prior=prior, layers=layers, prior_components=5,
                 condition=condition)
-    return ModelConfig(**{**base, **kw})
+    cfg = {**base, **kw}
+    if name == "topdown":  # a conv hierarchy: groups at the lowest of three resolutions keep it quick
+        cfg.update(hidden=(8, 8, 16), cells_per_group=1)
+    return ModelConfig(**cfg)
 
 
 def _built(name: str, prior: str, layers: int, shape=(1, 8, 8)):
