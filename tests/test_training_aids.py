@@ -196,7 +196,7 @@ def test_validation_and_best_follow_the_ema_weights(data_dir, tmp_path):
     assert res.state.best_val == row["val_elbo"]
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compile"])
 def test_resume_with_every_aid_is_bit_identical(data_dir, tmp_path, compile, capsys):
     """Fresh == resumed with every aid on (two layers in their KL warm-up, balanced, free bits per group,
     EMA, skipped updates), eager and compiled (the fused gradient pass computes the balanced loss in its
