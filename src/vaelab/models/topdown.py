@@ -62,8 +62,9 @@ from .priors import PRIORS
 
 LOGVAR_BOUND = 10.0  # log-variances soft-clamped to (-10, 10): standard deviations in (e^-5, e^5)
 
-#: chooses a group's z from its posterior (None when generating) and prior: (index top-down, q, p) -> (N, L_l)
-Choose = Callable[[int, DiagonalGaussian | None, Distribution], torch.Tensor]
+#: chooses a group's z from its posterior (None when generating) and prior (None for the top group when
+#: not asked for): (index top-down, q, p) -> (N, L_l)
+Choose = Callable[[int, DiagonalGaussian | None, Distribution | None], torch.Tensor]
 
 
 def soft_clamp(t: torch.Tensor, bound: float = LOGVAR_BOUND) -> torch.Tensor:
@@ -197,13 +198,14 @@ class TopDownVAE(LatentModelBase):
         return h
 
     def _top_down(
-        self, n: int, feats: list[torch.Tensor] | None, c: torch.Tensor | None, choose: Choose
-    ) -> tuple[torch.Tensor, list[tuple[DiagonalGaussian | None, Distribution, torch.Tensor]]]:
+        self, n: int, feats: list[torch.Tensor] | None, c: torch.Tensor | None, choose: Choose, top_prior: bool = True
+    ) -> tuple[torch.Tensor, list[tuple[DiagonalGaussian | None, Distribution | None, torch.Tensor]]]:
         """Run the top-down path on n rows: each group's prior from the state, its posterior from the state
         and ``feats`` (None: no posterior), z = choose(index, q, p), the state updated with z. Returns the
-        state at the data's resolution and (q, p, z) per group, top-down."""
+        state at the data's resolution and (q, p, z) per group, top-down. ``top_prior`` False: the top
+        group's p is None (encoding and decoding do not need it, and a VampPrior costs an encoder pass)."""
         h = self._start(n, c)
-        records: list[tuple[DiagonalGaussian | None, Distribution, torch.Tensor]] = []
+        records: list[tuple[DiagonalGaussian | None, Distribution | None, torch.Tensor]] = []
         g = 0
         for r in reversed(range(len(self.widths))):
             if r < len(self.widths) - 1:
@@ -212,7 +214,7 @@ class TopDownVAE(LatentModelBase):
                 group = self.groups[g]
                 p_l, feat = group.prior(h)
                 q = None if feats is None else group.posterior(h, feats[r], p_l)
-                p = self.prior() if p_l is None else p_l
+                p = p_l if p_l is not None else self.prior() if top_prior else None
                 z = choose(g, q, p)
                 h = group.absorb(h if feat is None else h + feat, z)
                 records.append((q, p, z))
@@ -246,7 +248,7 @@ class TopDownVAE(LatentModelBase):
 
     def encode(self, x: torch.Tensor, c: torch.Tensor | None = None) -> list[Distribution]:
         """Every group's posterior, bottom-up, each given the posterior means of the groups above."""
-        _, records = self._top_down(x.shape[0], self._bottom_up(x, c), c, lambda g, q, p: q.mean)
+        _, records = self._top_down(x.shape[0], self._bottom_up(x, c), c, lambda g, q, p: q.mean, top_prior=False)
         return [q for q, _, _ in reversed(records)]
 
     def top_posterior(self, x: torch.Tensor, c: torch.Tensor | None = None) -> DiagonalGaussian:
@@ -261,10 +263,10 @@ class TopDownVAE(LatentModelBase):
         z_G); the groups below take their prior's mean given everything above."""
         given = list(zs)[::-1]  # top-down
 
-        def choose(g: int, q: DiagonalGaussian | None, p: Distribution) -> torch.Tensor:
-            return given[g] if g < len(given) else p.mean
+        def choose(g: int, q: DiagonalGaussian | None, p: Distribution | None) -> torch.Tensor:
+            return given[g] if g < len(given) else p.mean  # type: ignore[union-attr]  (below the top)
 
-        h, _ = self._top_down(given[0].shape[0], None, c, choose)
+        h, _ = self._top_down(given[0].shape[0], None, c, choose, top_prior=False)
         return self._likelihood(h)
 
     @torch.no_grad()
@@ -277,7 +279,8 @@ class TopDownVAE(LatentModelBase):
         likelihood's mean (or a draw)."""
         temps = layer_temperatures(temperature, len(self._dims))[::-1]  # top-down
 
-        def choose(g: int, q: DiagonalGaussian | None, p: Distribution) -> torch.Tensor:
+        def choose(g: int, q: DiagonalGaussian | None, p: Distribution | None) -> torch.Tensor:
+            assert p is not None
             return p.sample_n(n, generator, temps[g]) if g == 0 else p.sample_n(1, generator, temps[g])[0]
 
         h, _ = self._top_down(n, None, c, choose)
