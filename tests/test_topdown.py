@@ -257,7 +257,7 @@ def test_every_command_works_on_a_topdown_model(td_runs, tmp_path, capsys):
     assert "KL layer z2" in ev.table()
     for f, kw in ((vaelab.sample_run, {"n": 4}), (vaelab.reconstruct_run, {"n": 4}),
                   (vaelab.interpolate_run, {"steps": 3}), (vaelab.manifold_run, {"n": 3, "dims": (0, 5)}),
-                  (vaelab.traverse_run, {"top": 2, "steps": 3})):
+                  (vaelab.traverse_run, {"top": 2, "steps": 3}), (vaelab.traverse_run, {"top": 2, "layer": "z1"})):
         assert f(run, tmp_path / f"{f.__name__}.png", device="cpu", **kw).exists()
     assert np.load(vaelab.encode_run(run, tmp_path / "z.npy", device="cpu")).shape == (60, dims[-1])
     # completion: an unconditional model says what it needs; the conditional one completes
@@ -272,6 +272,19 @@ def test_every_command_works_on_a_topdown_model(td_runs, tmp_path, capsys):
                  ["traverse", str(run), "--dims", "0,1", "--steps", "3", "--device", "cpu"]):
         assert main(argv) == 0, argv
     capsys.readouterr()
+
+
+def test_the_command_line_trains_it_by_the_iwae_bound(td_runs, tmp_path, capsys):
+    from vaelab.cli import main
+
+    argv = ["train", "--model", "topdown", "--data", "mnist", "--data-dir", str(td_runs["root"]), "--limit-train", "48",
+            "--val-size", "16", "--hidden", "4,4,8", "--latent-dim", "2", "--set", "model.groups_per_scale=0,1,1",
+            "--set", "model.cells_per_group=1", "--likelihood", "discretized-logistic", "--iwae-k", "2",
+            "--epochs", "1", "--batch-size", "16", "--threads", "1", "--device", "cpu", "--run", str(tmp_path / "cli")]
+    assert main(argv) == 0
+    assert "-L_2" in capsys.readouterr().out  # an IWAE run validates by -L_k
+    run = vaelab.load_run(tmp_path / "cli", device="cpu")
+    assert run.config.train.iwae_k == 2 and run.model.latent_dims == (2 * 14 * 14, 2 * 7 * 7)
 
 
 def test_the_explorer_api_works_through_encode_and_decode(td_runs):
