@@ -7,10 +7,14 @@ and whether the paper's ordering holds.
     python experiments/reproduce.py iwae-table1 --budget full --device cuda   # the papers' settings (a GPU)
     python experiments/reproduce.py --list
 
-Tables are described in experiments/tables/<name>.toml: the entries (a config, the paper's number),
-the orderings to check, and per budget the data set, the overrides (``section.key=value``, as
-``vaelab train --set``) and the evaluation (k, how many test images). Runs go to OUT/<table>-<budget>/
-<entry>/; running the command again continues unfinished runs and reuses the rows already in the table
+Tables are described in experiments/tables/<name>.toml: the entries (a config, the paper's number, and
+optionally overrides of their own: ``set``, and ``budget_set.<budget>``, e.g. the epochs that give every
+model the same wall-clock), the orderings to check (with ``margin``: by more than that many nats and
+more than the seed-to-seed spread), entries whose every stochastic layer must be active
+(``all_groups_active``), and per budget the data set, the overrides (``section.key=value``, as
+``vaelab train --set``), the evaluation (k, how many test images) and ``seeds`` (each entry trained once
+per seed; the orderings compare the means over seeds). Runs go to OUT/<table>-<budget>/<entry>/ (or
+<entry>-s<seed>/); running the command again continues unfinished runs and reuses the rows already in the table
 (same run, same checkpoint step, same settings). Stopped mid-way (Ctrl-C, SIGTERM, an error in one row), it
 writes the table so far (the rows not done marked so) where the full table goes and prints the command that
 continues it. The table records the environment (torch, vaelab, git commit, CPU/GPU, threads, date). The paper's numbers are
@@ -60,10 +64,12 @@ def load_table(name: str) -> dict[str, Any]:
 
 
 def entry_config(entry: dict[str, Any], budget: dict[str, Any], data: str, data_dir: str | None,
-                 device: str | None, extra: list[str]) -> RunConfig:
-    """The paper's config for ``entry`` with the budget's overrides, the data set, then ``extra``."""
+                 device: str | None, extra: list[str], budget_name: str = "", seed: int | None = None) -> RunConfig:
+    """The paper's config for ``entry`` with the budget's overrides, the entry's own (``set``, and
+    ``budget_set.<budget>``: e.g. its epochs for equal wall-clock), the data set, the seed, then ``extra``."""
     d = load_config_file(ROOT / entry["config"])
-    sets = [*budget.get("set", []), f"data.name={data}", *extra]
+    sets = [*budget.get("set", []), *entry.get("set", []), *entry.get("budget_set", {}).get(budget_name, []),
+            f"data.name={data}", *([] if seed is None else [f"train.seed={seed}"]), *extra]
     if data_dir:
         sets.append(f"data.data_dir={data_dir}")
     if device:
@@ -128,42 +134,91 @@ def command_line(argv: list[str] | None) -> str:
     return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
-def check_orderings(orderings: list[list[str]], nll: dict[str, float]) -> list[dict[str, Any]]:
-    """For each paper ordering (best last), whether our -L_k decreases strictly along it (``holds`` None,
-    not checked, while a row of it is not done)."""
+def entry_stats(rows: list[dict[str, Any]], entries: list[str]) -> dict[str, dict[str, Any]]:
+    """Per entry whose every seed is done: the mean -L_k over its seeds and their spread (max - min)."""
+    stats = {}
+    for name in entries:
+        mine = [r for r in rows if r.get("entry", r["name"]) == name]
+        if mine and all(r.get("done", True) for r in mine):
+            vals = [r["nll"] for r in mine]
+            stats[name] = {"mean": sum(vals) / len(vals), "spread": max(vals) - min(vals), "seeds": len(vals),
+                           "train_seconds": sum(r["train_seconds"] for r in mine) / len(mine)}
+    return stats
+
+
+def check_orderings(orderings: list[list[str]], stats: dict[str, dict[str, Any]],
+                    margin: float = 0.0) -> list[dict[str, Any]]:
+    """For each paper ordering (best last), whether our -L_k (the mean over seeds) decreases along it by
+    more than ``margin`` and more than the seed-to-seed spread of either model (``holds`` None, not
+    checked, while a row of it is not done). With one seed and no margin: strictly decreasing."""
     out = []
     for chain in orderings:
-        if any(n not in nll for n in chain):
-            out.append({"ordering": " > ".join(chain), "holds": None, "values": [nll.get(n) for n in chain]})
+        if any(n not in stats for n in chain):
+            out.append({"ordering": " > ".join(chain), "holds": None,
+                        "values": [stats[n]["mean"] if n in stats else None for n in chain]})
             continue
-        values = [nll[n] for n in chain]
-        holds = all(a > b for a, b in zip(values, values[1:], strict=False))
-        out.append({"ordering": " > ".join(chain), "holds": holds, "values": values})
+        values = [stats[n]["mean"] for n in chain]
+        needed = [max(margin, stats[a]["spread"], stats[b]["spread"]) for a, b in zip(chain, chain[1:], strict=False)]
+        gaps = [a - b for a, b in zip(values, values[1:], strict=False)]
+        holds = all(g > n if n > 0 else g > 0 for g, n in zip(gaps, needed, strict=True))
+        out.append({"ordering": " > ".join(chain), "holds": holds, "values": values, "gaps": gaps,
+                    "needed": needed, "spreads": [stats[n]["spread"] for n in chain]})
+    return out
+
+
+def check_groups_active(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each entry marked ``all_groups_active``: whether every stochastic layer of every seed's run has
+    more than one active unit."""
+    out = []
+    for e in entries:
+        if not e.get("all_groups_active"):
+            continue
+        mine = [r for r in rows if r.get("entry", r["name"]) == e["name"] and r.get("done", True)]
+        holds = bool(mine) and all(a > 1 for r in mine for a, _ in r["active_units"])
+        out.append({"entry": e["name"], "holds": holds if mine else None,
+                    "active_units": [r["active_units"] for r in mine]})
     return out
 
 
 def markdown(table: dict[str, Any], budget: str, rows: list[dict[str, Any]], checks: list[dict[str, Any]],
              meta: dict[str, Any]) -> str:
     k = meta["eval_k"]
+    bpd = any(r.get("bits_per_dim") is not None for r in rows if r.get("done", True))
+    seeded = any(r.get("seed") is not None for r in rows)
     lines = [f"# {table['title']}", "",
-             f"Budget **{budget}**: data `{meta['data']}` (dynamically binarized), evaluated by -L_{k} on "
-             f"{meta['eval_n']} test images; paper: {table['paper_metric']}.", "",
-             f"| model | paper | ours: -L_{k} ± s.e. | ours: -ELBO | active units | epochs | train time |",
-             "|---|---|---|---|---|---|---|"]
+             f"Budget **{budget}**: data `{meta['data']}` ({table.get('data_note', 'dynamically binarized')}), "
+             f"evaluated by -L_{k} on {meta['eval_n']} test images; paper: {table['paper_metric']}.", "",
+             f"| model | {'seed | ' if seeded else ''}paper | ours: -L_{k} ± s.e. | "
+             f"{'bits/dim | ' if bpd else ''}ours: -ELBO | active units | epochs | train time |",
+             "|---|---|---|---|---|---|---|" + ("---|" if seeded else "") + ("---|" if bpd else "")]
     for r in rows:
+        seed = f"{r.get('seed')} | " if seeded else ""
         if not r.get("done", True):
-            lines.append(f"| {r['label']} | {r['paper']:.2f} | not done | | | | |")
+            lines.append(f"| {r['label']} | {seed}{r['paper']:.2f} | not done | | | | |" + (" |" if bpd else ""))
             continue
         au = " + ".join(f"{a}/{d}" for a, d in r["active_units"])
-        lines.append(f"| {r['label']} | {r['paper']:.2f} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | "
+        b = (f"{r['bits_per_dim']:.4f} | " if r.get("bits_per_dim") is not None else "n/a | ") if bpd else ""
+        lines.append(f"| {r['label']} | {seed}{r['paper']:.2f} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | {b}"
                      f"{r['neg_elbo']:.2f} | {au} | {r['epochs']} | {r['train_seconds'] / 60:.1f} min |")
-    lines += ["", "Orderings (in NLL, best last):", ""]
+    margin = table.get("margin", 0.0)
+    rule = (f"the mean over seeds lower by more than {margin:g} nats and more than either model's seed-to-seed "
+            "spread" if seeded or margin else "strictly lower")
+    lines += ["", f"Orderings (in NLL, best last; holds: {rule}):", ""]
     for c in checks:
         if c["holds"] is None:
             lines.append(f"- {c['ordering']}: not checked (a row is not done)")
             continue
         vals = " > ".join(f"{v:.2f}" for v in c["values"])
-        lines.append(f"- {c['ordering']}: {'holds' if c['holds'] else 'does not hold'} ({vals})")
+        detail = ""
+        if seeded or margin:
+            detail = "; gaps " + ", ".join(f"{g:.2f} (needed > {n:.2f})" for g, n in zip(c["gaps"], c["needed"],
+                                                                                      strict=True))
+            detail += "; seed spreads " + ", ".join(f"{v:.2f}" for v in c["spreads"])
+        lines.append(f"- {c['ordering']}: {'holds' if c['holds'] else 'does not hold'} ({vals}{detail})")
+    for g in meta.get("groups_active", []):
+        state = {None: "not checked (a row is not done)", True: "holds", False: "does not hold"}[g["holds"]]
+        units = "; ".join(" + ".join(f"{a}/{d}" for a, d in au) for au in g["active_units"])
+        lines.append(f"- every group of {g['entry']} active (more than one active unit): {state} ({units})")
     lines += ["", f"Time (this invocation): {meta['seconds'] / 60:.1f} min. Command: `{meta['command']}`", ""]
     if not meta.get("complete", True):
         lines[2:2] = [f"**Partial table**: {meta['stopped']}. Continue it with `{meta['command']}`.", ""]
@@ -189,13 +244,14 @@ def previous_rows(path: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]]
 def write_table(out: Path, name: str, budget_name: str, table: dict[str, Any], rows: list[dict[str, Any]],
                 meta: dict[str, Any]) -> str:
     """Write OUT/<table>-<budget>.json and .md atomically (a partial table too); returns the Markdown."""
-    nll = {r["name"]: r["nll"] for r in rows if r.get("done", True)}
+    stats = entry_stats(rows, [e["name"] for e in table["entry"]])
     # the threads training ran with (train.threads; null: torch's default, the environment's torch_threads)
     threads = {r["config"]["train"].get("threads") for r in rows if r.get("done", True)}
     if threads:
         meta["environment"]["train_threads"] = threads.pop() if len(threads) == 1 else sorted(threads, key=str)
-    checks = check_orderings(table.get("orderings", []), nll)
-    result = {**meta, "title": table["title"], "rows": rows, "orderings": checks}
+    checks = check_orderings(table.get("orderings", []), stats, table.get("margin", 0.0))
+    meta["groups_active"] = check_groups_active(table["entry"], rows)
+    result = {**meta, "title": table["title"], "rows": rows, "orderings": checks, "models": stats}
     atomic_write(out / f"{name}-{budget_name}.json", (json.dumps(result, indent=2) + "\n").encode())
     md = markdown(table, budget_name, rows, checks, meta)
     atomic_write(out / f"{name}-{budget_name}.md", md.encode())
@@ -222,23 +278,27 @@ def reproduce(name: str, budget_name: str, out: Path, data: str | None = None, d
                             "command": command or command_line(None), "environment": environment()}
     before = previous_rows(out / f"{name}-{budget_name}.json", meta)
     rows: list[dict[str, Any]] = []
-    entries = table["entry"]
+    seeds: list[int | None] = list(budget.get("seeds", [None]))
+    entries = [(e, s) for e in table["entry"] for s in seeds]  # every entry once per seed
     try:
-        for entry in entries:
-            cfg = entry_config(entry, budget, data, data_dir, device, list(extra))
-            print(f"== {entry['name']}: {entry['label']}", flush=True)
-            res = train(cfg, folder / entry["name"])  # continues an unfinished run; a finished one is kept
+        for entry, seed in entries:
+            row_name = entry["name"] if seed is None else f"{entry['name']}@s{seed}"
+            run_dir = folder / (entry["name"] if seed is None else f"{entry['name']}-s{seed}")
+            cfg = entry_config(entry, budget, data, data_dir, device, list(extra), budget_name, seed)
+            print(f"== {row_name}: {entry['label']}", flush=True)
+            res = train(cfg, run_dir)  # continues an unfinished run; a finished one is kept
             config = json.loads(json.dumps(cfg.to_dict()))
-            old = before.get(entry["name"])
+            old = before.get(row_name)
             if old is not None and old.get("step") == res.state.step and old.get("config") == config:
                 row = {**old, "label": entry["label"], "paper": entry["paper"]}
                 print(f"   reused from the earlier table (run unchanged at step {res.state.step})", flush=True)
             else:
-                ev = evaluate_run(folder / entry["name"], k=k, limit=limit, progress=progress,
+                ev = evaluate_run(run_dir, k=k, limit=limit, progress=progress,
                                   device=cfg.train.device, data_dir=data_dir)
-                row = {"name": entry["name"], "label": entry["label"], "paper": entry["paper"], "done": True,
+                row = {"name": row_name, "entry": entry["name"], "seed": seed, "label": entry["label"],
+                       "paper": entry["paper"], "done": True,
                        "nll": ev.nll, "nll_stderr": ev.nll_stderr, "neg_elbo": ev.neg_elbo, "eval_n": ev.n,
-                       "epochs": res.state.epoch, "step": res.state.step,
+                       "bits_per_dim": ev.bits_per_dim, "epochs": res.state.epoch, "step": res.state.step,
                        "active_units": [(ly["active_units"], ly["dim"]) for ly in ev.layers],
                        "train_seconds": round(res.state.elapsed, 1),  # summed over resumed sessions
                        "config": config}
@@ -247,7 +307,7 @@ def reproduce(name: str, budget_name: str, out: Path, data: str | None = None, d
             print(f"   -L_{k} {row['nll']:.2f} ± {row['nll_stderr']:.2f} nats (paper, MNIST: {entry['paper']:.2f})",
                   flush=True)
     except BaseException as e:
-        at = f"at row {entries[len(rows)]['name']!r} " if len(rows) < len(entries) else ""
+        at = f"at row {entries[len(rows)][0]['name']!r} " if len(rows) < len(entries) else ""
         if isinstance(e, Interrupted):
             why = f"stopped by {signal.Signals(e.exit_code - 128).name} during training"
         elif isinstance(e, KeyboardInterrupt):
@@ -260,8 +320,8 @@ def reproduce(name: str, budget_name: str, out: Path, data: str | None = None, d
             label = "interrupted" if isinstance(e, Interrupted) else "error"
             print(f"{label}: {str(e).split('; resume with:')[0]}", file=sys.stderr, flush=True)
             e.reported = True
-        rows += [{"name": x["name"], "label": x["label"], "paper": x["paper"], "done": False}
-                 for x in entries[len(rows):]]
+        rows += [{"name": x["name"] if sd is None else f"{x['name']}@s{sd}", "entry": x["name"], "seed": sd,
+                  "label": x["label"], "paper": x["paper"], "done": False} for x, sd in entries[len(rows):]]
         try:
             write_table(out, name, budget_name, table, rows, meta)
         except Exception as w:  # the original exception matters more

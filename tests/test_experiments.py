@@ -202,7 +202,7 @@ def test_reproduce_table_records_the_environment(mnist_dir, tmp_path, monkeypatc
     monkeypatch.setattr(mod, "train", lambda cfg, run_dir, **kw: SimpleNamespace(
         state=SimpleNamespace(epoch=1, step=2, elapsed=0.5)))
     monkeypatch.setattr(mod, "evaluate_run", lambda run, **kw: SimpleNamespace(
-        nll=90.0, nll_stderr=1.0, neg_elbo=95.0, n=10, layers=[{"active_units": 3, "dim": 5}]))
+        nll=90.0, nll_stderr=1.0, neg_elbo=95.0, n=10, bits_per_dim=None, layers=[{"active_units": 3, "dim": 5}]))
     assert mod.main(_tiny_table_args(mnist_dir, out)) == 0
     result = json.loads((out / "iwae-table1-small.json").read_text())
     env = result["environment"]
@@ -216,3 +216,34 @@ def test_reproduce_table_records_the_environment(mnist_dir, tmp_path, monkeypatc
     md = (out / "iwae-table1-small.md").read_text()
     assert f"- torch: {torch.__version__}" in md and f"- cpu: {env['cpu']}" in md
     assert f"- vaelab: {vaelab.__version__}" in md and ("git_commit" not in env or f"- git_commit: {env['git_commit']}" in md)
+
+
+def test_orderings_with_seeds_need_a_gap_beyond_the_margin_and_the_seed_spread():
+    mod = _reproduce_module()
+
+    def row(entry, seed, nll, units=((3, 4),)):
+        return {"name": f"{entry}@s{seed}", "entry": entry, "seed": seed, "nll": nll, "train_seconds": 60.0,
+                "active_units": list(units), "done": True}
+
+    rows = [row("one", 0, 100.0), row("one", 1, 100.8), row("ladder", 0, 97.0, ((5, 8), (2, 4))),
+            row("ladder", 1, 97.4, ((5, 8), (1, 4))), row("two", 0, 99.5), row("two", 1, 99.2)]
+    stats = mod.entry_stats(rows, ["one", "ladder", "two"])
+    assert stats["one"]["mean"] == pytest.approx(100.4) and stats["one"]["spread"] == pytest.approx(0.8)
+    checks = mod.check_orderings([["one", "ladder"], ["two", "ladder"], ["one", "two"]], stats, margin=1.5)
+    # 100.4 - 97.2 = 3.2 > max(1.5, 0.8, 0.4); 99.35 - 97.2 = 2.15 > 1.5; 100.4 - 99.35 = 1.05 < 1.5
+    assert [c["holds"] for c in checks] == [True, True, False]
+    assert checks[2]["needed"] == [pytest.approx(1.5)]
+    # a spread wider than the margin is what the gap must beat
+    wide = mod.entry_stats([*rows[:4], row("two", 0, 99.0), row("two", 1, 101.5)], ["one", "ladder", "two"])
+    assert mod.check_orderings([["two", "ladder"]], wide, margin=1.5)[0]["needed"] == [pytest.approx(2.5)]
+    # a seed not done: not checked
+    partial = mod.entry_stats([*rows[:5], {**row("two", 1, 0.0), "done": False}], ["one", "ladder", "two"])
+    assert mod.check_orderings([["two", "ladder"]], partial, 1.5)[0]["holds"] is None
+    # every group active: more than one active unit in every layer of every seed
+    entries = [{"name": "ladder", "all_groups_active": True}, {"name": "one"}]
+    groups = mod.check_groups_active(entries, rows)
+    assert len(groups) == 1 and groups[0]["holds"] is False  # seed 1's top layer has one active unit
+    # without seeds or a margin, the old rule: strictly lower
+    single = mod.entry_stats([{"name": "a", "nll": 2.0, "train_seconds": 1.0}, {"name": "b", "nll": 1.9,
+                                                                                 "train_seconds": 1.0}], ["a", "b"])
+    assert mod.check_orderings([["a", "b"]], single)[0]["holds"] is True

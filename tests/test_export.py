@@ -192,7 +192,8 @@ def _onnx_cases():
     cases += [("vae", "discretized-logistic-mixture", "conv"), ("vae", "bernoulli", "resnet")]
     # the model family of ModelConfig: deeper models and learned priors (the encoder takes x alone)
     cases += [("vae", "bernoulli", "mlp", {"layers": 2}), ("vae", "gaussian", "mlp", {"layers": 3, "prior": "mog"}),
-              ("vae", "discretized-logistic", "conv", {"prior": "vamp", "prior_components": 3, "layers": 2})]
+              ("vae", "discretized-logistic", "conv", {"prior": "vamp", "prior_components": 3, "layers": 2}),
+              ("ladder", "bernoulli", "mlp", {"layers": 3}), ("ladder", "gaussian", "mlp", {"layers": 3, "ladder_skip": True})]
     return [c if len(c) == 4 else (*c, {}) for c in cases]
 
 

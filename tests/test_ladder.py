@@ -54,15 +54,18 @@ def test_layers_are_listed_bottom_up_with_closed_form_kls_conditioned_on_the_dra
         assert torch.equal(ly.p.mu, p.chunk(2, -1)[0])
 
 
-def test_the_elbo_with_closed_form_kls_is_e_q_log_w():
+@pytest.mark.parametrize(("skip", "posterior"), [(False, "precision"), (True, "precision"), (True, "residual"),
+                                                  (False, "residual")], ids=["markov", "skip", "skip-residual",
+                                                                             "markov-residual"])
+def test_the_elbo_with_closed_form_kls_is_e_q_log_w(skip, posterior):
     """Each layer's q and p are conditioned on the draw above, not on its own draw, so the closed-form
     KLs sum to the same expectation as log q - log p at the draws: the ELBO agrees with the mean of
     log w over many draws, within Monte Carlo error (and the closed form has far less noise)."""
-    model = _ladder(layers=3, latent=6, shape=(1, 4, 4)).double()
+    model = _ladder(layers=3, latent=6, shape=(1, 4, 4), ladder_skip=skip, ladder_posterior=posterior).double()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
     x = torch.rand(5, 1, 4, 4, generator=g, dtype=torch.float64).bernoulli()
     n = 20000
     with torch.no_grad():
@@ -73,13 +76,14 @@ def test_the_elbo_with_closed_form_kls_is_e_q_log_w():
     assert (z < 4).all(), (terms.elbo, log_w.mean(0), se)
 
 
-def test_bounds_and_sampling_with_a_temperature_per_layer():
-    model = _ladder(layers=3, latent=8).eval()
+@pytest.mark.parametrize("skip", [False, True], ids=["markov", "skip-residual"])
+def test_bounds_and_sampling_with_a_temperature_per_layer(skip):
+    model = _ladder(layers=3, latent=8, ladder_skip=skip, ladder_posterior="residual" if skip else "precision").eval()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 1, 8, 8, generator=g).bernoulli()
     with torch.no_grad():
         for p in model.parameters():  # a posterior off the true one: the bounds' gaps are wide
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
+            p.add_((0.1 if skip else 0.3) * torch.randn(p.shape, generator=g))  # (the residual state grows fast)
         lk = {k: vaelab.iwae_bound(model, x, k, generator=torch.Generator().manual_seed(1)).mean().item()
               for k in (1, 10, 100)}
     assert lk[1] < lk[10] < lk[100]
@@ -95,13 +99,36 @@ def test_bounds_and_sampling_with_a_temperature_per_layer():
         model.sample(2, temperature=[1.0, float("nan"), 1.0])
 
 
-def test_decode_layers_is_decode_from_a_lower_layer():
-    model = _ladder(layers=3, latent=8).eval()
+@pytest.mark.parametrize("skip", [False, True], ids=["markov", "skip-residual"])
+def test_decode_layers_is_decode_from_a_lower_layer(skip):
+    model = _ladder(layers=3, latent=8, ladder_skip=skip, ladder_posterior="residual" if skip else "precision").eval()
+    if skip:  # the deltas start at zero (q = p): move them so that q differs from p
+        with torch.no_grad():
+            for post in model.posts:
+                post[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(9))
     z3 = torch.randn(4, 2)
-    z2 = model.down[1](z3).chunk(2, -1)[0]
     with torch.no_grad():
+        qs = model.encode(torch.rand(4, 1, 8, 8))
+        assert [q.mean.shape for q in qs] == [(4, 8), (4, 4), (4, 2)]
+        # layers below a given code take their prior's mean: giving those means changes nothing
+        s, priors = model._top_down(z3, lambda level, p, s: p.mean)
+        z2 = priors[1].mean
         assert torch.equal(model.decode(z3).mean, model.decode_layers([z3]).mean)
         assert torch.allclose(model.decode_layers([z2, z3]).mean, model.decode(z3).mean)
+        # and a code given for a lower layer is used: the posterior means decode what encode implies
+        codes = [q.mean for q in qs]
+        assert not torch.allclose(model.decode_layers(codes).mean, model.decode(codes[-1]).mean)
+
+
+def test_with_skip_every_layer_reaches_the_decoder():
+    """Markov: the image depends on z_1 alone; with the skip state, changing z_2 with z_1 fixed changes it."""
+    for skip, changes in ((False, False), (True, True)):
+        model = _ladder(layers=3, latent=8, ladder_skip=skip).eval()
+        with torch.no_grad():
+            z1, z2, z3 = torch.randn(1, 8), torch.randn(1, 4), torch.randn(1, 2)
+            a = model.decode_layers([z1, z2, z3]).mean
+            b = model.decode_layers([z1, z2 + 1.0, z3]).mean
+        assert (not torch.equal(a, b)) == changes
 
 
 @pytest.fixture(scope="module")

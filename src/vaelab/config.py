@@ -192,6 +192,15 @@ class ModelConfig:
     layers: int = 1
     upper_latent: tuple[int, ...] = ()
     upper_hidden: tuple[int, ...] | None = None
+    # The ladder VAE (model = "ladder"): with ``ladder_skip`` its generative path carries a deterministic
+    # top-down state through every layer to the decoder (h_{l-1} = h_l + f([h_l, z_l]), p(z_l | h_l),
+    # p(x | h_0): the skip path of the top-down VAEs of Kingma et al. 2016, NVAE and VDVAE); without it,
+    # Sønderby et al.'s Markov chain p(z_l | z_{l+1}), p(x | z_1). ``ladder_posterior``: "precision"
+    # (Sønderby et al.: the precision-weighted product of the bottom-up estimate and the prior) or
+    # "residual" (NVAE: q = N(mu_p + dmu, sigma_p^2 exp(dlogvar)), the deltas from the state above and the
+    # bottom-up features together).
+    ladder_skip: bool = False
+    ladder_posterior: str = "precision"
     # The top-down residual VAE (model = "topdown": NVAE, Vahdat & Kautz 2020; VDVAE, Child 2021).
     # ``hidden`` gives its channels at each resolution, the data's first, each next one half the size
     # (rounded up); ``latent_dim`` the channels of every latent group (group l holds latent_dim x H_l x W_l
@@ -219,6 +228,8 @@ class ModelConfig:
                f"empty or {self.layers - 1} size(s) >= 1 (one per layer above the first)")
         _check(self, "model", "upper_hidden", self.upper_hidden is None or all(h >= 1 for h in self.upper_hidden),
                "sizes >= 1 (empty: linear; null: two layers as wide as the layer below)")
+        _check(self, "model", "ladder_posterior", self.ladder_posterior in ("precision", "residual"),
+               "precision or residual")
         groups = self.groups_per_scale
         _check(self, "model", "groups_per_scale",
                not groups or (len(groups) == len(self.hidden) and min(groups) >= 0
