@@ -3,19 +3,21 @@ synthetic 64x64 JPEGs (smooth random colour fields in 10 class sub-folders) and 
 
 1. build: ``vaelab data prepare`` (worker processes) against a plain PIL decode loop on the same
    cores (one process, and a multiprocessing.Pool of as many processes as the build's workers);
-2. start-up: the wall time of ``vaelab train ... --max-steps 1`` from command start to exit (so an
-   upper bound on the time to the first step) with a warm cache, and in memory (``data.cache=false``,
+2. start-up: from launching ``vaelab train ... --max-steps 1`` to the start of its first training step
+   (a stamp the child writes) and to its exit, with a warm cache, and in memory (``data.cache=false``,
    which decodes the folder again); ``vaelab sample`` and ``vaelab evaluate -k 4 --limit 100`` on that
    run with the warm cache;
 3. s/epoch of a conv VAE (vaelab's conv nets, hidden 32,64, latent 32, discretized logistic, batch 128)
-   read from the cache vs held in memory: epochs alternate (map, memory, map, ...; each path resumes its
-   own run) so both see the same machine state; the median of the epochs after the first;
-4. peak RSS of a whole ``vaelab train`` command (one epoch over every image) from the cache and from
-   memory (the child's own ru_maxrss, from wait4). Run at two sizes (--images 10000 and 100000) to see
-   that the cache's does not grow with the image count.
+   read from the cache vs held in memory: blocks of --block-steps steps alternate (map, memory, map, ...;
+   each path resumes its own run, bit-exactly) so both see the same machine state, every step is timed,
+   and the ratio is that of the median steps; whether the two runs end with the same weights;
+4. peak RSS of a whole ``vaelab train`` command (one epoch over every image, a small MLP VAE) from the
+   cache and from memory (the child's own ru_maxrss, from wait4). Run at two sizes (--images 10000 and
+   100000) to see that the cache's does not grow with the image count.
 
-    python benchmarks/data_throughput.py [--images 100000] [--dir DIR] [--image-size 32] [--epochs 3]
-                                         [--workers N] [--threads N] [--skip-memory-start]
+    python benchmarks/data_throughput.py [--images 100000] [--dir DIR] [--image-size 32] [--epochs 2]
+                                         [--block-steps 20] [--epoch-images N] [--workers N] [--threads N]
+                                         [--skip-memory-start] [--memory-rss-steps N]
 
 ``--dir`` keeps the generated folder (re-used when it already holds --images JPEGs); without it a
 temporary folder is used and removed. The prepared caches are written under a temporary cache folder.
@@ -297,14 +299,20 @@ def main() -> None:
         print(f"   the two runs' final weights are bit-identical: {same}")
         del memory
 
-        # 4. peak RSS of a whole training command, one epoch over every image
-        print("\n4. peak RSS of `vaelab train --epochs 1` over all images (the command's own process)")
-        w_map, rss_map, _ = vaelab_cmd("train", "--data", spec, *net, "--epochs", "1", "--run", str(tmp / "rss-map"),
+        # 4. peak RSS of a whole training command, one epoch over every image. The network is a small MLP
+        # (memory here is about the data; the conv VAE's steps would make an epoch of 100k images long)
+        small = ["--image-size", size, "--hidden", "64", "--latent-dim", "8", "--batch-size", "128", "--val-size",
+                 "1000", "--device", "cpu", "--no-progress", "--set", f"data.cache_dir={cache_dir}"]
+        if a.threads:
+            small += ["--threads", str(a.threads)]
+        print("\n4. peak RSS of `vaelab train --epochs 1` over every image (a small MLP VAE; the command's own "
+              "process, from wait4)")
+        w_map, rss_map, _ = vaelab_cmd("train", "--data", spec, *small, "--epochs", "1", "--run", str(tmp / "rss-map"),
                                        env=env)
         print(f"   from the cache   {mib(rss_map):>10s}  ({w_map:.1f} s)")
         if not a.skip_memory_start:
             steps = ["--max-steps", str(a.memory_rss_steps)] if a.memory_rss_steps else []
-            w_mem, rss_mem, _ = vaelab_cmd("train", "--data", spec, *net, "--set", "data.cache=false", "--epochs", "1",
+            w_mem, rss_mem, _ = vaelab_cmd("train", "--data", spec, *small, "--set", "data.cache=false", "--epochs", "1",
                                            *steps, "--run", str(tmp / "rss-mem"), env=env)
             print(f"   in memory        {mib(rss_mem):>10s}  ({w_mem:.1f} s"
                   + (f", stopped after {a.memory_rss_steps} steps)" if steps else ")"))
