@@ -140,6 +140,11 @@ def test_an_interrupted_build_leaves_no_cache_and_the_next_one_starts_clean(phot
         f.truncate(1000)
     again = quiet(prepare, FolderSource(str(photos)), 8, workers=1)
     assert again.shape == (60, 3, 8, 8) and (target / "images.npy").stat().st_size == again.offset + 60 * 192
+    for damage in (lambda: (target / "labels.npy").unlink(), lambda: (target / "meta.json").write_text("{[garbage"),
+                   lambda: (target / "meta.json").write_text(json.dumps({**again.meta, "num_classes": "2"}))):
+        damage()
+        fixed = quiet(prepare, FolderSource(str(photos)), 8, workers=1)
+        assert fixed.labels().tolist() == again.labels().tolist() and fixed.meta["num_classes"] == 2
 
 
 def test_parallel_build_in_worker_processes_equals_one_process(photos, monkeypatch, tmp_path):

@@ -142,7 +142,10 @@ class Prepared:
         p = self.dir / "labels.npy"
         if not self.meta.get("labelled"):
             return None
-        arr = np.load(p, allow_pickle=False)
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{p}: unreadable ({e}); remove its folder to rebuild it") from None
         if arr.shape != (self.shape[0],) or arr.dtype != np.int64:
             raise DataError(f"{p}: expected int64 labels ({self.shape[0]},), got {arr.dtype} {arr.shape}; "
                             "remove the folder to rebuild it")
@@ -196,6 +199,10 @@ def open_prepared(d: Path, fingerprint: str | None = None) -> Prepared | None:
     except (OSError, ValueError, KeyError, TypeError, SyntaxError):
         return None
     if npy_shape != shape or dtype != np.uint8 or size != offset + int(np.prod(shape)):
+        return None
+    classes = meta.get("num_classes")
+    if (classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1)) \
+            or not isinstance(meta.get("source"), str) or (meta.get("labelled") and not (d / "labels.npy").is_file()):
         return None
     return Prepared(d, meta, offset)
 
