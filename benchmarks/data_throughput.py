@@ -199,7 +199,8 @@ def main() -> None:
         print(f"   plain PIL loop, 1 process                    {plain1:8.1f} s  {n / plain1:8,.0f} images/s")
         print(f"   plain PIL loop, Pool({workers})                        {plainw:8.1f} s  {n / plainw:8,.0f} images/s")
         print(f"   build / plain loop: {inner / plain1:.2f}x the 1-process time, {inner / plainw:.2f}x the "
-              f"{workers}-process time (the build also reads every header first and writes the cache)")
+              f"{workers}-process time (the build also lists and fingerprints the folder, checks each header against "
+              "the pixel limit, applies EXIF orientation and writes the cache)")
 
         # 2. start-up with a warm cache (and in memory, decoding again)
         print("\n2. from launching `vaelab train ... --max-steps 1` to the start of its first training step (and to exit)")
