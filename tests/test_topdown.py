@@ -90,7 +90,8 @@ def test_odd_sizes_one_scale_and_the_default_groups():
 def test_configuration_errors_are_one_clear_line():
     for kw, text in (({"hidden": (6, 8), "groups_per_scale": (1, 0)}, "last resolution"),
                      ({"upper_latent": (3,), "layers": 2, "groups_per_scale": ()}, "groups_per_scale"),
-                     ({"hidden": (), "groups_per_scale": ()}, "model.hidden")):
+                     ({"hidden": (), "groups_per_scale": ()}, "model.hidden"),
+                     ({"encoder": "conv", "decoder": "conv"}, "leave model.encoder")):
         with pytest.raises(ConfigError, match=text) as e:
             _model(**kw)
         assert "\n" not in str(e.value)

@@ -128,6 +128,9 @@ class TopDownVAE(LatentModelBase):
         if cfg.upper_latent or cfg.upper_hidden is not None:
             raise ConfigError("model.upper_latent and model.upper_hidden shape the MLP hierarchy (model vae); "
                               "the top-down model's groups are model.groups_per_scale and model.latent_dim")
+        if (cfg.encoder, cfg.decoder) != ("mlp", "mlp"):  # the defaults, which it does not read either
+            raise ConfigError("model topdown builds its own residual networks (model.hidden, model.cells_per_group): "
+                              "leave model.encoder and model.decoder unset")
         widths = tuple(cfg.hidden)
         groups = cfg.groups_per_scale or (0,) * (len(widths) - 1) + (cfg.layers,)
         if groups[-1] < 1:
