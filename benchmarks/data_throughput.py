@@ -100,18 +100,29 @@ def plain_loop(files: list[str], size: int, workers: int) -> float:
 
 
 # ---------------------------------------------------------------- commands, timed
+# A small launcher runs the command and reports its peak RSS: a process's ru_maxrss keeps the high-water
+# mark of the image it was forked from (until and across exec), so the command must be forked from a
+# small process, not from this one (which holds torch and data sets).
+LAUNCH = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def vaelab_cmd(*args: str, env: dict[str, str]) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes, the command's own process) and stderr of ``vaelab ARGS``."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "vaelab", *args], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    err = p.stderr.read() if p.stderr else ""
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        sys.exit(f"vaelab {' '.join(args)} failed ({p.returncode}):\n{err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, err
+    with tempfile.NamedTemporaryFile(suffix=".rss") as out:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", LAUNCH, out.name, sys.executable, "-m", "vaelab", *args], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            sys.exit(f"vaelab {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
+        return wall, int(Path(out.name).read_text()), p.stderr
 
 
 FIRST_STEP = """
@@ -146,6 +157,30 @@ def mib(b: float) -> str:
     return f"{b / 2**20:,.0f} MiB"
 
 
+def rss_section(a: argparse.Namespace, spec: str, size: str, cache_dir: Path, tmp: Path, env: dict[str, str]) -> None:
+    # 4. peak RSS of a whole training command, one epoch over every image. The network is a small MLP
+    # (memory here is about the data; the conv VAE's steps would make an epoch of 100k images long)
+    small = ["--image-size", size, "--hidden", "64", "--latent-dim", "8", "--batch-size", "128", "--val-size",
+             "1000", "--device", "cpu", "--no-progress", "--set", f"data.cache_dir={cache_dir}"]
+    if a.threads:
+        small += ["--threads", str(a.threads)]
+    print("\n4. peak RSS of `vaelab train --epochs 1` over every image (a small MLP VAE; the command's own "
+          "process, launched from a small process, from wait4)")
+    w_map, rss_map, _ = vaelab_cmd("train", "--data", spec, *small, "--epochs", "1", "--run", str(tmp / "rss-map"),
+                                   env=env)
+    print(f"   from the cache   {mib(rss_map):>10s}  ({w_map:.1f} s)")
+    if not a.skip_memory_start:
+        steps = ["--max-steps", str(a.memory_rss_steps)] if a.memory_rss_steps else []
+        w_mem, rss_mem, _ = vaelab_cmd("train", "--data", spec, *small, "--set", "data.cache=false", "--epochs", "1",
+                                       *steps, "--run", str(tmp / "rss-mem"), env=env)
+        print(f"   in memory        {mib(rss_mem):>10s}  ({w_mem:.1f} s"
+              + (f", stopped after {a.memory_rss_steps} steps)" if steps else ")"))
+    meta = next(Path(cache_dir).glob("folder-*/meta.json"))
+    print(f"   (the prepared file: {mib(os.path.getsize(meta.parent / 'images.npy'))}; "
+          f"{json.loads(meta.read_text())['shape']})")
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=100_000)
@@ -156,6 +191,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="build processes (default: every core)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads while training (default: torch's)")
     ap.add_argument("--skip-memory-start", action="store_true", help="skip the in-memory start-up and RSS runs")
+    ap.add_argument("--only-rss", action="store_true", help="prepare the cache, then measure section 4 alone")
     ap.add_argument("--epoch-images", type=int, default=None,
                     help="train on the first N training images in the s/epoch comparison (default: all)")
     ap.add_argument("--memory-rss-steps", type=int, default=None,
@@ -186,9 +222,12 @@ def main() -> None:
               + (f" (generated in {gen:.1f} s)" if gen else " (re-used)"))
 
         # 1. build vs a plain PIL loop on the same cores
-        print(f"\n1. decode {len(files):,} images to {size}x{size}")
         build, _, _ = vaelab_cmd("data", "prepare", spec, "--image-size", size, "--cache-dir", str(cache_dir),
                                  "--workers", str(workers), "--no-progress", env=env)
+        if a.only_rss:
+            rss_section(a, spec, size, cache_dir, tmp, env)
+            return
+        print(f"\n1. decode {len(files):,} images to {size}x{size}")
         plain1 = plain_loop(files, a.image_size, 1)
         plainw = plain_loop(files, a.image_size, workers) if workers > 1 else plain1
         n = len(files)
@@ -300,27 +339,7 @@ def main() -> None:
         print(f"   the two runs' final weights are bit-identical: {same}")
         del memory
 
-        # 4. peak RSS of a whole training command, one epoch over every image. The network is a small MLP
-        # (memory here is about the data; the conv VAE's steps would make an epoch of 100k images long)
-        small = ["--image-size", size, "--hidden", "64", "--latent-dim", "8", "--batch-size", "128", "--val-size",
-                 "1000", "--device", "cpu", "--no-progress", "--set", f"data.cache_dir={cache_dir}"]
-        if a.threads:
-            small += ["--threads", str(a.threads)]
-        print("\n4. peak RSS of `vaelab train --epochs 1` over every image (a small MLP VAE; the command's own "
-              "process, from wait4)")
-        w_map, rss_map, _ = vaelab_cmd("train", "--data", spec, *small, "--epochs", "1", "--run", str(tmp / "rss-map"),
-                                       env=env)
-        print(f"   from the cache   {mib(rss_map):>10s}  ({w_map:.1f} s)")
-        if not a.skip_memory_start:
-            steps = ["--max-steps", str(a.memory_rss_steps)] if a.memory_rss_steps else []
-            w_mem, rss_mem, _ = vaelab_cmd("train", "--data", spec, *small, "--set", "data.cache=false", "--epochs", "1",
-                                           *steps, "--run", str(tmp / "rss-mem"), env=env)
-            print(f"   in memory        {mib(rss_mem):>10s}  ({w_mem:.1f} s"
-                  + (f", stopped after {a.memory_rss_steps} steps)" if steps else ")"))
-        meta = next(Path(cache_dir).glob("folder-*/meta.json"))
-        print(f"   (the prepared file: {mib(os.path.getsize(meta.parent / 'images.npy'))}; "
-              f"{json.loads(meta.read_text())['shape']})")
-        print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+        rss_section(a, spec, size, cache_dir, tmp, env)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
