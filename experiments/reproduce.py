@@ -180,6 +180,10 @@ def check_groups_active(entries: list[dict[str, Any]], rows: list[dict[str, Any]
     return out
 
 
+def _paper(row: dict[str, Any]) -> str:
+    return "—" if row.get("paper") is None else f"{row['paper']:.2f}"
+
+
 def markdown(table: dict[str, Any], budget: str, rows: list[dict[str, Any]], checks: list[dict[str, Any]],
              meta: dict[str, Any]) -> str:
     k = meta["eval_k"]
@@ -194,11 +198,11 @@ def markdown(table: dict[str, Any], budget: str, rows: list[dict[str, Any]], che
     for r in rows:
         seed = f"{r.get('seed')} | " if seeded else ""
         if not r.get("done", True):
-            lines.append(f"| {r['label']} | {seed}{r['paper']:.2f} | not done | | | | |" + (" |" if bpd else ""))
+            lines.append(f"| {r['label']} | {seed}{_paper(r)} | not done | | | | |" + (" |" if bpd else ""))
             continue
         au = " + ".join(f"{a}/{d}" for a, d in r["active_units"])
         b = (f"{r['bits_per_dim']:.4f} | " if r.get("bits_per_dim") is not None else "n/a | ") if bpd else ""
-        lines.append(f"| {r['label']} | {seed}{r['paper']:.2f} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | {b}"
+        lines.append(f"| {r['label']} | {seed}{_paper(r)} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | {b}"
                      f"{r['neg_elbo']:.2f} | {au} | {r['epochs']} | {r['train_seconds'] / 60:.1f} min |")
     margin = table.get("margin", 0.0)
     rule = (f"the mean over seeds lower by more than {margin:g} nats and more than either model's seed-to-seed "
@@ -290,13 +294,13 @@ def reproduce(name: str, budget_name: str, out: Path, data: str | None = None, d
             config = json.loads(json.dumps(cfg.to_dict()))
             old = before.get(row_name)
             if old is not None and old.get("step") == res.state.step and old.get("config") == config:
-                row = {**old, "label": entry["label"], "paper": entry["paper"]}
+                row = {**old, "label": entry["label"], "paper": entry.get("paper")}
                 print(f"   reused from the earlier table (run unchanged at step {res.state.step})", flush=True)
             else:
                 ev = evaluate_run(run_dir, k=k, limit=limit, progress=progress,
                                   device=cfg.train.device, data_dir=data_dir)
                 row = {"name": row_name, "entry": entry["name"], "seed": seed, "label": entry["label"],
-                       "paper": entry["paper"], "done": True,
+                       "paper": entry.get("paper"), "done": True,
                        "nll": ev.nll, "nll_stderr": ev.nll_stderr, "neg_elbo": ev.neg_elbo, "eval_n": ev.n,
                        "bits_per_dim": ev.bits_per_dim, "epochs": res.state.epoch, "step": res.state.step,
                        "active_units": [(ly["active_units"], ly["dim"]) for ly in ev.layers],
@@ -304,7 +308,7 @@ def reproduce(name: str, budget_name: str, out: Path, data: str | None = None, d
                        "config": config}
             rows.append(row)
             meta["eval_n"] = row.get("eval_n", meta["eval_n"])
-            print(f"   -L_{k} {row['nll']:.2f} ± {row['nll_stderr']:.2f} nats (paper, MNIST: {entry['paper']:.2f})",
+            print(f"   -L_{k} {row['nll']:.2f} ± {row['nll_stderr']:.2f} nats (paper: {_paper(row)})",
                   flush=True)
     except BaseException as e:
         at = f"at row {entries[len(rows)][0]['name']!r} " if len(rows) < len(entries) else ""
@@ -321,7 +325,7 @@ def reproduce(name: str, budget_name: str, out: Path, data: str | None = None, d
             print(f"{label}: {str(e).split('; resume with:')[0]}", file=sys.stderr, flush=True)
             e.reported = True
         rows += [{"name": x["name"] if sd is None else f"{x['name']}@s{sd}", "entry": x["name"], "seed": sd,
-                  "label": x["label"], "paper": x["paper"], "done": False} for x, sd in entries[len(rows):]]
+                  "label": x["label"], "paper": x.get("paper"), "done": False} for x, sd in entries[len(rows):]]
         try:
             write_table(out, name, budget_name, table, rows, meta)
         except Exception as w:  # the original exception matters more

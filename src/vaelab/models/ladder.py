@@ -26,6 +26,7 @@ on its batch, and evaluation must not.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,10 @@ class LadderVAE(LatentModelBase):
         d1 = cfg.hidden[-1] if cfg.hidden else 2 * dims[0]
         act = ACTIVATIONS.get(cfg.activation)
         self.likelihood = build_likelihood(cfg, c)
-        self.encoder = build_encoder(cfg, spec.shape, spec.cond_dim, d1)
+        # f_1: for an MLP, the widths of ``hidden`` with the last as d_1 (as deep as the VAE's features);
+        # another registered encoder gives d_1 as its output layer
+        f1 = replace(cfg, hidden=cfg.hidden[:-1]) if cfg.encoder == "mlp" and cfg.hidden else cfg
+        self.encoder = build_encoder(f1, spec.shape, spec.cond_dim, d1)
         self.encoder_act = act()
         widths = [d1]
         blocks = []
