@@ -247,3 +247,26 @@ def test_orderings_with_seeds_need_a_gap_beyond_the_margin_and_the_seed_spread()
     single = mod.entry_stats([{"name": "a", "nll": 2.0, "train_seconds": 1.0}, {"name": "b", "nll": 1.9,
                                                                                  "train_seconds": 1.0}], ["a", "b"])
     assert mod.check_orderings([["a", "b"]], single)[0]["holds"] is True
+
+
+def test_elbo_check_compares_the_reported_elbo_with_e_q_log_w(mnist_dir, tmp_path, capsys):
+    import importlib.util
+
+    import vaelab
+    from vaelab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    cfg = RunConfig(data=DataConfig(name="mnist", data_dir=str(mnist_dir), val_size=20, download=False,
+                                    limit_train=60, binarize="dynamic"),
+                    model=ModelConfig(latent_dim=6, layers=2, hidden=(16,)),
+                    train=TrainConfig(epochs=1, batch_size=20, progress=False, threads=1, device="cpu"))
+    vaelab.train(cfg, tmp_path / "run")
+    spec = importlib.util.spec_from_file_location("elbo_check", ROOT / "experiments" / "elbo_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(tmp_path / "run"), "--images", "20", "--draws", "400"]) == 0
+    out = capsys.readouterr().out
+    assert "1 with a prior that depends on their own draw" in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    ours = float(lines["vaelab"].split("(paired s.e.; ")[1].split(" s.e.")[0])
+    assert ours < 4  # vaelab's ELBO is E_q[log w] within its Monte Carlo error
+    assert mod.main([str(tmp_path / "nothing")]) == 2 and "no such run" in capsys.readouterr().err
