@@ -337,7 +337,30 @@ def main() -> None:
             vaelab.load_run(tmp / "epochs-map", "latest").model.state_dict().values(),
             vaelab.load_run(tmp / "epochs-memory", "latest").model.state_dict().values(), strict=True))
         print(f"   the two runs' final weights are bit-identical: {same}")
-        del memory
+
+        # 3b. the data path alone (the steps are the same computation on the same tensors): one epoch of
+        # batches as training takes them, without training, three times each, alternating; the best
+        from vaelab.training.feed import make_feed
+        from vaelab.training.loop import epoch_order
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            all_mapped = load_data(dataclasses.replace(cfg.data, limit_train=None))
+            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+                all_memory = load_data(dataclasses.replace(cfg.data, limit_train=None, cache=False))
+        feeds = {k: make_feed(d.train, torch.device("cpu"), "discretized-logistic", k)
+                 for k, d in (("map", all_mapped), ("memory", all_memory))}
+        order = epoch_order(len(all_mapped.train), 0, 0)
+        best = {k: float("inf") for k in feeds}
+        for _ in range(3):
+            for k, f in feeds.items():
+                t0 = time.perf_counter()
+                for _x, _y in f.epoch(order, 0, 128):
+                    pass
+                best[k] = min(best[k], time.perf_counter() - t0)
+        print(f"   the data path alone, one epoch of {len(order):,} images in batches of 128 (best of 3): "
+              f"map {best['map']:.2f} s, memory {best['memory']:.2f} s (index_select from the float copy)")
+        del memory, all_memory, feeds
 
         rss_section(a, spec, size, cache_dir, tmp, env)
     finally:
