@@ -47,9 +47,25 @@ def runs(tmp_path_factory):
         train=vaelab.TrainConfig(epochs=2, batch_size=32, progress=False, threads=1, device="cpu", lr=3e-3),
     )
     out = {}
-    for name, kw in {"vae": {}, "cvae": {"model": "cvae", "condition": "left-half"}}.items():
+    for name, kw in {"vae": {}, "cvae": {"model": "cvae", "condition": "left-half"},
+                     "wide": {"latent_dim": 24}}.items():
         out[name] = vaelab.train(base.replace(model=replace(base.model, **kw)), root / name).run_dir
+    _silence_first_two_dims(out["wide"] / "checkpoints" / "best.safetensors")
     return out
+
+
+def _silence_first_two_dims(path: Path) -> None:
+    """Rewrite a one-hidden-layer VAE's checkpoint so that the posterior mean of z[0] and z[1] is the
+    same for every image (their rows of the encoder's (mu, logvar) output layer zeroed): the two
+    dimensions a pad starting on z[0] x z[1] would show carry no information."""
+    from vaelab.runs.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(path)
+    two_l = 2 * ck.config.model.latent_dim
+    (w,) = [k for k, v in ck.model.items() if k.startswith("encoder.") and k.endswith(".weight") and v.shape[0] == two_l]
+    ck.model[w][:2] = 0.0
+    ck.model[w[: -len("weight")] + "bias"][:2] = 0.0
+    save_checkpoint(path, ck)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +161,9 @@ def test_explorer_pad_slider_and_upload(runs, page, tmp_path):
         assert "checkpoint best.safetensors" in page.inner_text("#info")
         _shot(page, tmp_path, "explore-start")
 
-        # drag on the pad: z[0], z[1] move and the decoded image changes
+        # drag on the pad: its two dimensions move and the decoded image changes
+        dx, dy = int(page.input_value("#dimx")), int(page.input_value("#dimy"))
+        other = min({0, 1, 2, 3} - {dx, dy})
         box = page.locator("#pad").bounding_box()
         decodes = int(page.get_attribute("body", "data-decodes"))
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
@@ -155,13 +173,13 @@ def test_explorer_pad_slider_and_upload(runs, page, tmp_path):
         _wait(page, f"Number(document.body.dataset.decodes) > {decodes}")
         _wait(page, f"document.getElementById('decoded').src !== {first!r}")
         moved = _src(page, "#decoded")
-        assert float(page.inner_text("#zval0")) > 2.5 and float(page.inner_text("#zval1")) > 2.5
+        assert float(page.inner_text(f"#zval{dx}")) > 2.5 and float(page.inner_text(f"#zval{dy}")) > 2.5
         # a slider of another dimension: the image changes again
-        page.eval_on_selector("input.zslider[data-dim='3']",
+        page.eval_on_selector(f"input.zslider[data-dim='{other}']",
                               "e => { e.value = -2.5; e.dispatchEvent(new Event('input', {bubbles: true})); }")
         _wait(page, f"document.getElementById('decoded').src !== {moved!r}")
-        assert page.inner_text("#zval3") == "-2.50"
-        assert page.is_disabled("input.zslider[data-dim='0']")  # on the pad, not a slider
+        assert page.inner_text(f"#zval{other}") == "-2.50"
+        assert page.is_disabled(f"input.zslider[data-dim='{dx}']")  # on the pad, not a slider
         _shot(page, tmp_path, "explore-moved")
 
         # upload an image: its reconstruction and samples from Q(z|X) appear
@@ -198,6 +216,92 @@ def test_explorer_pad_slider_and_upload(runs, page, tmp_path):
     finally:
         err = srv.close()
     assert "Traceback" not in err
+
+
+def test_explorer_pad_starts_on_active_dims_saves_copies_and_labels_thumbs(runs, browser, tmp_path):
+    """A 24-D model whose z[0], z[1] carry nothing: the pad starts on its two most active dimensions,
+    all 24 sliders are on the page (no box scrolled inside it), the decoded image downloads as the
+    server's PNG, z goes to the clipboard as JSON (or into a text field without one), and the test
+    thumbnails show their index and class."""
+    import base64
+    import json
+
+    run = vaelab.load_run(runs["wide"], device="cpu")
+    x = run.data("test").images.float() / 255
+    with vaelab.evaluation.eval_mode(run.model):
+        var = run.model.encode(x)[-1].mean.detach().var(0)  # (24,) the activity of each unit
+    expected = sorted(int(i) for i in var.argsort(descending=True)[:2])
+    assert float(var[:2].max()) < 1e-10 and 0 not in expected and 1 not in expected
+
+    ctx = browser.new_context(viewport={"width": 1200, "height": 900}, accept_downloads=True)
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"])
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    srv = Server(runs["wide"])
+    try:
+        page.goto(srv.url)
+        page.wait_for_selector("body[data-ready='1']", timeout=15_000)
+        assert [int(page.input_value("#dimx")), int(page.input_value("#dimy"))] == expected
+        assert f"z[{expected[0]}] and z[{expected[1]}]" in page.inner_text("#pad-why")
+
+        # every slider on the page, none inside a box that scrolls
+        assert page.locator("input.zslider").count() == 24
+        assert page.eval_on_selector("#sliders", "e => e.scrollHeight <= e.clientHeight + 1 && "
+                                     "e.scrollWidth <= e.clientWidth + 1")
+        outer = page.locator("#sliders").bounding_box()
+        for b in page.eval_on_selector_all("input.zslider", "es => es.map(e => e.getBoundingClientRect().toJSON())"):
+            assert b["width"] > 60 and b["height"] > 0
+            assert outer["x"] - 1 <= b["x"] and b["x"] + b["width"] <= outer["x"] + outer["width"] + 1
+            assert outer["y"] - 1 <= b["y"] and b["y"] + b["height"] <= outer["y"] + outer["height"] + 1
+            assert b["x"] + b["width"] <= 1200  # nothing past the window's right edge
+        assert page.eval_on_selector("html", "e => e.scrollWidth <= e.clientWidth")  # no sideways scroll
+
+        # move the pad, then save the decoded image: the file is the PNG the server sent, with z in it
+        box = page.locator("#pad").bounding_box()
+        first = _src(page, "#decoded")
+        page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.3)
+        _wait(page, f"document.getElementById('decoded').src !== {first!r}")
+        _wait(page, "document.getElementById('save').href === document.getElementById('decoded').src")
+        with page.expect_download() as dl:
+            page.click("#save")
+        saved = Path(dl.value.path()).read_bytes()
+        assert dl.value.suggested_filename == "wide-decoded.png"
+        assert saved == base64.b64decode(_src(page, "#decoded").split(",", 1)[1])
+        im = Image.open(io.BytesIO(saved))
+        assert im.size == (28, 28) and im.text["picture"] == "decoded z" and len(im.text["z"].split(",")) == 24
+
+        # copy z: JSON on the clipboard, the pad's values in it
+        page.click("#copy-z")
+        page.wait_for_selector("body[data-copied='1']")
+        z = json.loads(page.evaluate("() => navigator.clipboard.readText()"))
+        shown = [float(page.inner_text(f"#zval{i}")) for i in range(24)]
+        assert len(z) == 24 and all(abs(a - b) <= 0.006 for a, b in zip(z, shown, strict=True))
+        assert z[expected[0]] > 1 and z[expected[1]] > 1 and page.is_hidden("#z-json")
+        # no clipboard (a page served over http from another host): the JSON in a selected text field
+        page.evaluate("() => Object.defineProperty(navigator, 'clipboard', {value: undefined, configurable: true})")
+        page.click("#copy-z")
+        page.wait_for_selector("body[data-copied='2']")
+        assert page.is_visible("#z-json") and json.loads(page.input_value("#z-json")) == z
+        assert page.evaluate("() => document.activeElement.id") == "z-json"
+
+        # the test thumbnails carry their index and class label
+        page.wait_for_selector("#thumbs figure")
+        caps = page.eval_on_selector_all("#thumbs figcaption", "es => es.map(e => e.textContent)")
+        labels = run.data("test", limit=len(caps)).labels.tolist()
+        assert len(caps) == 32 and caps == [f"#{i} · {k}" for i, k in enumerate(labels)]
+        assert page.inner_text("#thumbs-key") == "#index · class label"
+        for fig in page.eval_on_selector_all("#thumbs figure", "es => es.slice(0, 3).map(e => ["
+                                             "e.querySelector('img').getBoundingClientRect().toJSON(), "
+                                             "e.querySelector('figcaption').getBoundingClientRect().toJSON()])"):
+            img_box, cap_box = fig
+            assert cap_box["y"] >= img_box["y"] + img_box["height"] - 1 and cap_box["width"] <= 48  # under it, no wider
+        _shot(page, tmp_path, "explore-wide")
+        assert not errors, errors
+    finally:
+        srv.close()
+        ctx.close()
 
 
 def test_explorer_completion_on_a_cvae(runs, page, tmp_path):

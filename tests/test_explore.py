@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -285,6 +286,36 @@ def test_the_pad_and_random_draws_follow_the_models_own_prior(clients, runs):
     assert len(a) == 2 and a == b and a != c
     assert clients["vamp2"].post("/api/prior", json={"seed": -1}).status_code == 400
     assert clients["reg"].post("/api/prior", json={}).status_code in (400, 409)  # no latent variables
+
+
+def _silence_first_two_dims(model) -> None:
+    """Make the posterior mean of z[0] and z[1] constant: the encoder's last linear layer outputs
+    (mu, logvar); its mu rows 0 and 1 zeroed, those dimensions carry no information about X."""
+    last = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight[:2] = 0.0
+        last.bias[:2] = 0.0
+
+
+def test_the_pad_starts_on_the_two_most_active_dimensions(runs):
+    ex = Explorer.open(runs["vae"], device="cpu")
+    _silence_first_two_dims(ex.model)
+    client = TestClient(make_app(ex), raise_server_exceptions=False)
+    info = client.get("/api/info").json()
+    # the variance of the posterior mean over the test images, computed here by hand
+    run = vaelab.load_run(runs["vae"], device="cpu")
+    _silence_first_two_dims(run.model)
+    x = run.data("test").images.float() / 255
+    with torch.no_grad():
+        var = run.model.encode(x)[-1].mean.var(0)
+    assert float(var[:2].max()) < 1e-10  # z[0], z[1]: nothing
+    assert info["pad_dims"] == sorted(int(i) for i in var.argsort(descending=True)[:2])
+    assert info["activity_images"] == 60
+    # a label CVAE too (the condition goes with the images); a 2-D top layer starts on both dimensions
+    lab = TestClient(make_app(Explorer.open(runs["label"])), raise_server_exceptions=False)
+    pad = lab.get("/api/info").json()["pad_dims"]
+    assert len(pad) == 2 and pad[0] != pad[1] and all(0 <= d < 4 for d in pad)
+    assert TestClient(make_app(Explorer.open(runs["vamp2"]))).get("/api/info").json()["pad_dims"] == [0, 1]
 
 
 def test_numbers_past_pythons_digit_limit_or_not_ascii_are_400s_not_500s(clients):

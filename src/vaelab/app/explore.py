@@ -55,6 +55,7 @@ MAX_SAMPLES = 16  # samples / completions per request
 MAX_GRID = 64  # images in one sample grid
 MAX_STEPS = 32  # interpolation steps
 MAX_THUMBS = 64  # test images per listing
+ACTIVITY_IMAGES = 500  # test images whose posterior means pick the pad's starting dimensions
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -265,6 +266,7 @@ class Explorer:
         self.dims = tuple(self.model.latent_dims)
         self.top = self.dims[-1] if self.dims else 0
         self._range: float | None = None
+        self._pad: list[int] | None = None
         self.cond = self.run.condition
         self.kind = ("label" if isinstance(self.cond, LabelCondition) else
                      "mask" if isinstance(self.cond, MaskCondition) else "none")
@@ -325,7 +327,8 @@ class Explorer:
             "shape": list(self.spec.shape), "latent_dims": list(self.dims), "top": self.top,
             "condition": self.kind, "condition_text": self.cond.describe(), "classes": self.spec.num_classes,
             "tests": self.test_count(), "max_body": MAX_BODY, "max_samples": MAX_SAMPLES, "max_steps": MAX_STEPS,
-            "prior": r.config.model.prior, "range": self.latent_range(),
+            "prior": r.config.model.prior, "range": self.latent_range(), "pad_dims": self.pad_dims(),
+            "activity_images": min(self.test_count(), ACTIVITY_IMAGES),
         }
         if self.kind == "mask":
             out["include_mask"] = bool(self.cond.include_mask)
@@ -347,6 +350,20 @@ class Explorer:
                 mu, sd = gen.prior_spread(self.model)
             self._range = max(1.0, math.ceil(2 * float((mu.abs() + 3 * sd).max()) - 0.4) / 2)
         return self._range
+
+    def pad_dims(self) -> list[int]:
+        """The two top-layer dimensions the pad starts on: the most active ones, whose posterior mean
+        varies most over the first :data:`ACTIVITY_IMAGES` test images
+        (:func:`vaelab.viz.generate.most_active_dims`), in increasing order; [0, 1] when the test
+        images cannot be loaded, [0, 0] for a 1-D top layer."""
+        if self._pad is None:
+            dims: tuple[int, ...] = (0, 1) if self.top > 1 else (0, 0)
+            if self.top > 1 and self.test_count() > 0:
+                with self.lock:
+                    b, _ = gen.first_test_images(self.run, ACTIVITY_IMAGES)
+                    dims = gen.most_active_dims(self.model, b.x, b.c, top=2)
+            self._pad = list(dims)
+        return self._pad
 
     @torch.no_grad()
     def prior_draw(self, d: dict[str, Any]) -> dict[str, Any]:

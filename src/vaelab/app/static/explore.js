@@ -77,7 +77,10 @@ function buildSliders() {
     const out = document.createElement("span");
     out.className = "zval"; out.id = `zval${i}`;
     s.addEventListener("input", () => { state.z[i] = Number(s.value); syncSliders(); drawPad(); requestDecode(); });
-    box.append(label, s, out);
+    const row = document.createElement("div");
+    row.className = "zrow";
+    row.append(label, s, out);
+    box.append(row);
   });
   syncSliders();
 }
@@ -101,7 +104,9 @@ async function requestDecode() {
     do {
       state.pending = false;
       const res = await postJSON("/api/decode", { z: state.z, ...condition() });
-      $("decoded").src = await blobToDataURL(await res.blob());
+      const url = await blobToDataURL(await res.blob());
+      $("decoded").src = url;
+      $("save").href = url; // the PNG as the server wrote it, with its provenance (z included)
       state.decodes += 1;
       document.body.dataset.decodes = String(state.decodes);
     } while (state.pending);
@@ -126,7 +131,7 @@ function setupPad() {
   cv.addEventListener("pointerdown", (ev) => { cv.setPointerCapture(ev.pointerId); move(ev); });
   cv.addEventListener("pointermove", (ev) => { if (ev.buttons) move(ev); });
   const L = state.z.length;
-  for (const [id, dflt] of [["dimx", 0], ["dimy", Math.min(1, L - 1)]]) {
+  for (const [id, dflt] of [["dimx", state.dx], ["dimy", state.dy]]) {
     const sel = $(id);
     for (let i = 0; i < L; i++) sel.add(new Option(String(i), String(i)));
     sel.value = String(dflt);
@@ -158,6 +163,28 @@ function setupPad() {
     inp.addEventListener("change", requestDecode);
     const l = document.createElement("label"); l.append("observing test image ", inp); cc.append(l);
   }
+}
+
+// z as a JSON list (5 decimals), to the clipboard; where the page has no clipboard (served over plain
+// http from another host, or permission refused) it is shown selected in a text field instead
+async function copyZ() {
+  const text = JSON.stringify(state.z.map((v) => Math.round(v * 1e5) / 1e5));
+  const field = $("z-json");
+  field.value = text;
+  let copied = false;
+  try {
+    if (navigator.clipboard && window.isSecureContext) { await navigator.clipboard.writeText(text); copied = true; }
+  } catch (e) { /* refused: the text field below */ }
+  field.hidden = copied;
+  if (copied) status(`copied z (${state.z.length} numbers, JSON) to the clipboard`, true);
+  else { field.focus(); field.select(); status("this page cannot reach the clipboard: z is selected in the text field, copy it from there", true); }
+  document.body.dataset.copied = String(Number(document.body.dataset.copied || 0) + 1);
+}
+
+function setupSave() {
+  const name = state.info.run.split(/[\\/]/).filter(Boolean).pop() || "vaelab";
+  $("save").download = `${name}-decoded.png`;
+  $("copy-z").addEventListener("click", copyZ);
 }
 
 // ---------------------------------------------------------------- drawing canvases
@@ -249,11 +276,17 @@ async function testThumbs(box, onPick, count) {
   if (!res.ok) throw new Error(await errorOf(res));
   const out = await res.json();
   out.images.forEach((src, i) => {
-    const t = img(src, `test image ${i}` + (out.labels ? ` (class ${out.labels[i]})` : ""));
-    t.title = t.alt; t.dataset.index = i;
-    t.addEventListener("click", () => onPick(i, t));
-    box.append(t);
+    const k = out.start + i, label = out.labels ? out.labels[i] : null;
+    const t = img(src, `test image ${k}` + (label !== null ? `, class ${label}` : ""));
+    t.title = t.alt; t.dataset.index = k;
+    t.addEventListener("click", () => onPick(k, t));
+    const fig = document.createElement("figure"), cap = document.createElement("figcaption");
+    cap.textContent = label !== null ? `#${k} · ${label}` : `#${k}`;
+    fig.append(t, cap);
+    box.append(fig);
   });
+  const key = out.labels ? "#index · class label" : "#index (this data set has no labels)";
+  document.querySelectorAll("#thumbs-key, .thumbs-key").forEach((e) => { e.textContent = key; });
 }
 
 function showFrame(i) {
@@ -369,9 +402,13 @@ async function main() {
       `(epoch ${info.epoch}, step ${info.step}); ${layers}` + (info.condition_text ? `; ${info.condition_text}` : "");
     if (info.top > 0) {
       state.z = new Array(info.top).fill(0);
-      state.dy = Math.min(1, info.top - 1);
+      [state.dx, state.dy] = info.pad_dims;
+      if (info.top > 2 && info.activity_images > 0) {
+        $("pad-why").textContent = `The pad starts on z[${state.dx}] and z[${state.dy}], the two dimensions whose ` +
+          `posterior mean E[z|X] varies most over the first ${info.activity_images} test images (the most active units).`;
+      }
       ["latent-panel", "encode-panel"].forEach((id) => { $(id).hidden = false; });
-      setupPad(); buildSliders(); drawPad(); setupEncode();
+      setupPad(); buildSliders(); drawPad(); setupSave(); setupEncode();
       if (info.condition !== "mask") { $("interp-panel").hidden = false; setupInterp(); }
       if (info.condition === "label") { $("class-panel").hidden = false; setupClass(); }
       await requestDecode();
