@@ -345,6 +345,10 @@ def test_report_images_load_without_console_errors(runs, page, tmp_path):
     for section in ("health", "config", "curves", "evaluation", "samples", "reconstructions", "interpolation",
                     "kl", "active"):
         assert page.locator(f"section#{section}").count() == 1, section
+    # the evaluation's table and note are all on the page: nothing behind a sideways scroll
+    assert page.eval_on_selector("section#evaluation pre", "e => e.scrollWidth <= e.clientWidth")
+    assert "note:" not in page.inner_text("section#evaluation pre")
+    assert page.eval_on_selector("html", "e => e.scrollWidth <= e.clientWidth")
     _shot(page, tmp_path, "report")
     assert not page.errors, page.errors
     # the picture of the training curves is a PNG with its provenance

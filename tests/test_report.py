@@ -205,3 +205,46 @@ def test_evaluation_says_which_checkpoint_and_epoch(runs, capsys):
     assert main(["evaluate", str(run), "-k", "3", "--no-progress", "--json", "--checkpoint", "latest"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["extra"]["checkpoint"].endswith("latest.safetensors") and d["extra"]["epoch"] == 2
+
+
+@pytest.mark.parametrize("name", ["vae2", "half"])
+def test_the_evaluation_note_wraps_instead_of_scrolling(runs, name):
+    """The sentence saying what the number means (and a CVAE's condition) are paragraphs, which wrap;
+    the table's box wraps its lines too, so nothing in it is hidden behind a sideways scroll."""
+    html = rp.render_html(rp.build_report(runs[name], k=5))
+    ev = re.search(r'<section id="evaluation">(.*?)</section>', html, re.S).group(1)
+    meaning = re.search(r'<p class="meaning"><b>What the number means here:</b> (.*?)\.</p>', ev).group(1)
+    assert len(meaning) > 80  # the long sentence that was cut off
+    (table,) = re.findall(r"<pre>(.*?)</pre>", ev, re.S)
+    assert "note:" not in table and meaning not in table and "-ELBO" in table
+    if name == "half":
+        cond = vaelab.load_run(runs[name]).condition.describe()
+        assert cond not in table and re.search(rf'<p class="note">{re.escape(rp._esc(cond))}; \d+ scored', ev)
+    pre_css = re.search(r"(?m)^pre\{([^}]*)\}", rp._CSS).group(1)
+    assert "white-space:pre-wrap" in pre_css and "overflow" not in pre_css.replace("overflow-wrap", "")
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_curve_legends_cover_no_line(per_layer):
+    """Every legend of the training curves lies outside every plotted line (the KL lines on the twin
+    axis included) and inside the figure: checked on the drawn figure, in display coordinates."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = [{"epoch": e, "train_loss": 540 - 40 * e, "val_elbo": -(500 - 30 * e), "train_rec": -(520 - 45 * e),
+             "val_rec": -(510 - 40 * e), "train_kl": 2 + 3 * e, "val_kl": 1 + 3.5 * e,
+             **({"val_kl_z1": 1 + 2 * e, "val_kl_z2": 0.5 * e} if per_layer else {})} for e in range(1, 6)]
+    fig = rp.curves_figure(rows)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    legends = [a.get_legend() for a in fig.axes if a.get_legend() is not None]
+    assert len(legends) == (3 if per_layer else 2)
+    lines = [ln for a in fig.axes for ln in a.get_lines()]
+    assert any(ln.get_label() == "validation KL" for ln in lines)
+    for leg in legends:
+        box = leg.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1  # not cut off
+        for ln in lines:
+            assert not box.overlaps(ln.get_window_extent(renderer)), (leg.get_texts()[0].get_text(), ln.get_label())
+        for a in fig.axes:
+            assert not box.overlaps(a.patch.get_window_extent(renderer))  # outside every plotting area
+            assert not box.overlaps(a.xaxis.label.get_window_extent(renderer))

@@ -160,13 +160,21 @@ def _series(rows: Sequence[dict[str, Any]], key: str, sign: float = 1.0) -> list
     return out
 
 
-def _curves(r: Run, rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return _missing("training curves", f"{r.dir.metrics} holds no epochs yet")
+def _legend_below(ax: Any, handles: list[Any] | None = None, labels: list[str] | None = None) -> None:
+    """The legend of ``ax`` under its x label, outside the plotted area, so it covers no curve
+    (``loc="best"`` only avoids the lines of its own axes, not those of a twin)."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+
+
+def curves_figure(rows: Sequence[dict[str, Any]]) -> Any:
+    """The training curves of ``rows`` (metrics.jsonl) as a matplotlib Figure: loss, reconstruction
+    and KL (a twin axis), and KL per stochastic layer when the rows carry it; legends under the axes."""
     ep = [r_.get("epoch", i + 1) for i, r_ in enumerate(rows)]
     layers = layer_kl_series(rows)
     panels = 3 if layers else 2
-    fig = _new_figure(4.2 * panels, 3.2)
+    fig = _new_figure(4.2 * panels, 3.9)
     axes = fig.subplots(1, panels)
     ax = axes[0]
     ax.plot(ep, _series(rows, "train_loss"), "o-", label="train loss (-ELBO, β-weighted)")
@@ -182,17 +190,25 @@ def _curves(r: Run, rows: list[dict[str, Any]]) -> str:
     ax2.set_ylabel("KL (nats)")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7)
+    _legend_below(ax, h1 + h2, l1 + l2)
     if layers:
         ax = axes[2]
         for name, vals in layers.items():
             ax.plot(ep, vals, "o-" if name.startswith("train") else "s--", label=name)
         ax.set_title("KL per stochastic layer (nats)")
-        ax.legend(fontsize=7)
+        _legend_below(ax)
     for a in axes:
         a.set_xlabel("epoch")
         a.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _legend_below(axes[0])
+    return fig
+
+
+def _curves(r: Run, rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return _missing("training curves", f"{r.dir.metrics} holds no epochs yet")
+    fig = curves_figure(rows)
+    layers = layer_kl_series(rows)
     prov = run_provenance(r, "training curves from metrics.jsonl", _call(r))
     note = "" if layers else " This run's metrics.jsonl logs the KL summed over layers (no per-layer columns)."
     return _figure(_plot_png(fig, prov), "training curves",
@@ -237,7 +253,10 @@ def _evaluation_section(r: Run, ev: EvalResult, where: str) -> str:
     _, meaning = describe_likelihood(r.config)  # this run's case, whatever an older file said
     ev.meaning = meaning
     parts = [f"<p class=\"meaning\"><b>What the number means here:</b> {_esc(meaning)}.</p>",
-             f"<pre>{_esc(ev.table())}</pre>", f"<p class=\"note\">{_esc(where)}</p>"]
+             f"<pre>{_esc(ev.table(notes=False))}</pre>"]
+    if ev.conditional:
+        parts.append(f"<p class=\"note\">{_esc(ev.condition)}; {ev.scored_dims:.0f} scored dimensions per datapoint.</p>")
+    parts.append(f"<p class=\"note\">{_esc(where)}</p>")
     return "".join(parts)
 
 
@@ -520,7 +539,7 @@ def build_report(run: RunLike, *, which: str = "best", k: int = 100, limit: int 
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1b1b1b}
 h1{font-size:1.5em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:13px}
+pre{background:#f6f6f6;padding:.8em;white-space:pre-wrap;overflow-wrap:anywhere;font-size:13px}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
 table.pairs td,table.pairs th{border:none}th.rowlabel{font-weight:normal;color:#555;text-align:right;vertical-align:middle}
 img.grid{image-rendering:pixelated;max-width:100%}figure{margin:.5em 0}figcaption,.caption,.note{color:#555;font-size:13px}

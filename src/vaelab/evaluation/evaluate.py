@@ -63,7 +63,9 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def table(self) -> str:
+    def table(self, notes: bool = True) -> str:
+        """The numbers as aligned text; ``notes``: end with what the number means and the condition
+        (the report prints those as wrapping paragraphs instead)."""
         # conditional: x = what the likelihood scores, c = the condition (see the note)
         px, q, p = ("P(x|c)", "Q(z|x,c)", "P(z|c)") if self.conditional else ("P(X)", "Q(z|X)", "P(z)")
         lik = "P(x|z,c)" if self.conditional else "P(X|z)"
@@ -95,6 +97,8 @@ class EvalResult:
             lines.insert(0, f"checkpoint {self.extra['checkpoint']} (epoch {self.extra.get('epoch')}, "
                             f"step {self.extra.get('step')})")
         lines += [f"  {a.ljust(w)}  {b}" for a, b in rows]
+        if not notes:
+            return "\n".join(lines)
         lines.append(f"  note: {self.meaning}")
         if self.conditional:
             lines.append(f"  {self.condition}; {self.scored_dims:.0f} scored dimensions per datapoint")
