@@ -248,3 +248,23 @@ def test_curve_legends_cover_no_line(per_layer):
         for a in fig.axes:
             assert not box.overlaps(a.patch.get_window_extent(renderer))  # outside every plotting area
             assert not box.overlaps(a.xaxis.label.get_window_extent(renderer))
+
+
+def test_a_mask_files_extension_is_not_repeated_in_the_default_name(runs, tmp_path, capsys):
+    """`vaelab complete RUN --mask holes.png` wrote completions-mask_holes.png.png."""
+    import numpy as np
+
+    from vaelab.viz.complete import condition_part
+
+    arr = np.zeros((28, 28), np.uint8)
+    arr[:, :14] = 255
+    (tmp_path / "masks").mkdir()
+    mask = tmp_path / "masks" / "holes.png"
+    Image.fromarray(arr).save(mask)
+    run = runs["half"]
+    assert main(["complete", str(run), "--mask", str(mask), "-n", "2", "--samples", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == str(run / "completions-mask-holes.png")
+    assert vaelab.complete_run(run, n=2, samples=2, condition=f"mask:{mask}").path.name == "completions-mask-holes.png"
+    assert vaelab.complete_run(run, n=2, samples=2, mask=mask, seed=3).path.name == "completions-mask-holes-seed3.png"
+    assert condition_part("mask:a/b/my mask.v2.jpeg") == "mask-my_mask.v2" and condition_part("top-half") == "top-half"
+    assert not list(run.glob("*.png.png"))

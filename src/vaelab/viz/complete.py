@@ -199,7 +199,7 @@ def complete_run(
     cond = _mask_condition(r.condition, condition, r.spec.cond_dim)
     comp = complete_images(r.model, x, samples=samples, seed=seed, condition=cond, regressor=reg_model)
     name = variant_name(
-        "completions", None if condition is None else slug(Path(condition).name if mask is not None else condition),
+        "completions", None if condition is None else condition_part(condition),
         None if regressor is None else f"vs-{slug(Path(regressor).name)}", None if split == "test" else split,
         None if start == 0 else f"from{start}", None if seed == 0 else f"seed{seed}", checkpoint_part(r))
     cols = "observed | CVAE completions" + (" | regressor" if reg_model is not None else "") + " | ground truth"
@@ -209,6 +209,16 @@ def complete_run(
                           seed=seed, temperature=1.0, condition=cond.describe())
     path = save_grid(comp.grid_images(), out_path or r.root / name, nrow=comp.columns(), provenance=prov)
     return CompletionResult(path, comp, comp.metrics(), cond.describe())
+
+
+def condition_part(condition: str) -> str:
+    """The part of a default file name that names a condition given by name: ``left-half``, or
+    ``mask-holes`` for ``mask:some/dir/holes.png`` (the mask file's stem: its own extension is not
+    repeated before the picture's ``.png``)."""
+    kind, sep, path = condition.partition(":")
+    if sep and kind == "mask":
+        return f"mask-{slug(Path(path).stem)}"
+    return slug(condition)
 
 
 @torch.no_grad()
