@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test fuzz venv lint bench clean
+.PHONY: demo test fuzz venv lint bench api clean
 
 $(BIN)/vaelab: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,14 @@ lint: venv
 
 bench: venv
 	$(BIN)/python benchmarks/train_throughput.py
+
+# The API reference of the public names (vaelab.__all__) from their docstrings, by pdoc: docs/api/vaelab.html
+# (generated, not committed; it builds offline, and the page loads nothing from the network).
+api: venv
+	$(BIN)/python -c "import pdoc" 2>/dev/null || $(BIN)/pip install -q -e ".[docs]"
+	rm -rf docs/api
+	$(BIN)/python -m pdoc vaelab --docformat restructuredtext -o docs/api
+	@echo "docs/api/vaelab.html"
 
 clean:
 	rm -rf runs .pytest_cache
