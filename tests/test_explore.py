@@ -362,3 +362,106 @@ def test_uploads_decoded_at_once_are_bounded_by_a_pixel_budget(clients, monkeypa
     _refused(c.post("/api/encode", json={"image": bad}), 400, "not a readable image")
     assert explore._decoding.in_flight == 0
     assert c.post("/api/encode", json={"image": small}).status_code == 200
+
+
+# ---------------------------------------------------------------- slow clients (issue 25)
+@pytest.fixture
+def live(runs):
+    """The explorer's own server (vaelab.app.explore.server_config) on a free port, in a thread."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from vaelab.app.explore import _bind, server_config
+
+    started = []
+
+    def start(header_timeout: float = 10.0) -> int:
+        sock = _bind("127.0.0.1", 0)
+        server = uvicorn.Server(server_config(make_app(Explorer.open(runs["vae"])), header_timeout))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        started.append((server, thread, sock))
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return sock.getsockname()[1]
+
+    yield start
+    for server, thread, sock in started:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _slow_socket(port: int, data: bytes):
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(data)
+    return s
+
+
+def _closed_within(s, seconds: float) -> bool:
+    """Whether the server closed ``s`` (EOF or reset) within ``seconds``."""
+    import socket
+
+    s.settimeout(seconds)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def _get(port: int, path: str = "/api/info") -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.status
+
+
+def test_connections_that_never_finish_their_headers_do_not_lock_the_user_out(live):
+    """70 connections that send half a request head and wait: before, they filled uvicorn's 64
+    connection slots and every request got 503; now one client keeps at most 8 such connections
+    (a new one closes its oldest), and the user's request is answered at once."""
+    port = live()
+    slow = [_slow_socket(port, b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n") for _ in range(70)]
+    try:
+        assert _get(port) == 200
+        closed = sum(_closed_within(s, 0.2) for s in slow)
+        assert closed >= 70 - 8, closed
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_a_connection_that_stalls_its_headers_is_closed_after_the_header_timeout(live):
+    import time
+
+    port = live(header_timeout=0.5)
+    s = _slow_socket(port, b"GET /api/info HTTP/1.1\r\nHost: 12")
+    t0 = time.monotonic()
+    try:
+        assert _closed_within(s, 5.0) and time.monotonic() - t0 < 3.0
+    finally:
+        s.close()
+    assert _get(port) == 200  # a request that sends its head at once is not affected
+
+
+def test_a_stalled_request_body_is_answered_408(live, monkeypatch):
+    import vaelab.app.explore as explore
+
+    monkeypatch.setattr(explore, "BODY_TIMEOUT", 0.5)
+    port = live()
+    s = _slow_socket(port, b"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 100\r\n\r\n{\"z\": [0")
+    try:
+        s.settimeout(5.0)
+        head = s.recv(4096)
+    finally:
+        s.close()
+    assert head.startswith(b"HTTP/1.1 408"), head[:200]
+    assert b"stalled" in head

@@ -495,10 +495,14 @@ def _static(name: str) -> bytes:
     return resources.files("vaelab.app").joinpath("static", name).read_bytes()
 
 
-async def read_body(request: Any, limit: int = MAX_BODY) -> bytes:
+async def read_body(request: Any, limit: int = MAX_BODY, timeout: float | None = None) -> bytes:
     """The request body, refused (413) as soon as it passes ``limit`` bytes: the declared length is
     checked first, then the bytes actually received, chunk by chunk (a lying or absent header does
-    not get past)."""
+    not get past); 408 when the client sends nothing for ``timeout`` seconds (default
+    :data:`BODY_TIMEOUT`) in the middle of it, so a stalled upload does not hold a request slot."""
+    import asyncio
+
+    timeout = BODY_TIMEOUT if timeout is None else timeout
     declared = request.headers.get("content-length")
     if declared is not None:
         if not _ASCII_DIGITS.fullmatch(declared):
@@ -506,11 +510,85 @@ async def read_body(request: Any, limit: int = MAX_BODY) -> bytes:
         if int(declared) > limit:
             raise BadRequest(f"the request body is {int(declared)} bytes, the limit is {limit}", 413)
     buf = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise BadRequest(f"the request body stalled: nothing received for {timeout:g} s", 408) from None
         buf += chunk
         if len(buf) > limit:
             raise BadRequest(f"the request body passed the limit of {limit} bytes", 413)
     return bytes(buf)
+
+
+HEADER_TIMEOUT = 10.0  # seconds a connection has to send a request's headers (from connecting, or its last response)
+BODY_TIMEOUT = 30.0  # seconds a request body may stall between two chunks
+SLOW_PER_CLIENT = 8  # connections of one client address still sending headers; past it, its oldest is closed
+
+
+def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, per_client: int = SLOW_PER_CLIENT) -> type:
+    """uvicorn's h11 protocol with the two guards a slow client needs, which uvicorn lacks: a
+    connection that has not sent a request's headers within ``header_timeout`` seconds is closed, and
+    one client address keeps at most ``per_client`` connections waiting for their headers (a new one
+    closes its oldest). Connections that never finish their headers can then neither pile up nor
+    fill uvicorn's ``limit_concurrency``, so they do not lock the user out (all local clients share
+    127.0.0.1: the newest connection wins, as the user's own does). One class per server: the
+    waiting connections are counted per class."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    waiting: dict[str, dict[Any, None]] = {}  # client host -> its connections waiting for headers, oldest first
+
+    class GuardedH11Protocol(H11Protocol):
+        _timer: Any = None
+
+        def _host(self) -> str:
+            return self.client[0] if self.client else ""
+
+        def _await_headers(self) -> None:
+            queue = waiting.setdefault(self._host(), {})
+            queue[self] = None
+            while len(queue) > per_client:
+                next(iter(queue))._drop()
+            self._timer = self.loop.call_later(header_timeout, self._drop)
+
+        def _headers_done(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            queue = waiting.get(self._host(), {})
+            queue.pop(self, None)
+            if not queue:
+                waiting.pop(self._host(), None)
+
+        def _drop(self) -> None:
+            self._headers_done()
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._await_headers()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers arrived
+                self._headers_done()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self._timer is None and self.cycle is not None \
+                    and self.cycle.response_complete:
+                self._await_headers()  # kept alive: the next request's headers are timed again
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headers_done()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
 
 
 #: sent with every response: the page loads its own script and style only, and images from data: URIs
@@ -651,6 +729,16 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_config(app: Any, header_timeout: float = HEADER_TIMEOUT) -> Any:
+    """uvicorn's settings for the explorer: the guarded h11 protocol (header timeout, slow connections
+    per client), short keep-alive, at most 64 connections and requests in flight (503 past it), and
+    request heads of at most 64 KiB."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=guarded_protocol(header_timeout), log_level="warning", access_log=False,
+                          timeout_keep_alive=5, limit_concurrency=64, h11_max_incomplete_event_size=64 * 1024)
+
+
 def serve(run: RunLike, *, host: str = "127.0.0.1", port: int = 8765, which: str = "best", device: str = "auto",
           data_dir: str | None = None) -> None:
     """Open ``run`` once and serve the explorer at http://host:port/ until interrupted (port 0: any free one).
@@ -670,8 +758,7 @@ def serve(run: RunLike, *, host: str = "127.0.0.1", port: int = 8765, which: str
           f"{explorer.run.state.get('epoch')}) at http://{shown}:{bound}/  (Ctrl-C to stop)", flush=True)
     if not local:
         print(f"vaelab explore: warning: listening on {host}, reachable from other machines", file=sys.stderr)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
-                            limit_concurrency=64, h11_max_incomplete_event_size=64 * 1024)
+    config = server_config(app)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
