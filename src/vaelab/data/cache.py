@@ -297,18 +297,24 @@ class MappedImages(ImageSet):
         self.store.read_into(self.rows[positions], out.numpy())
         return out
 
-    def batches(self, positions: Sequence[torch.Tensor], pin: bool, as_float: bool = False,
+    def batches(self, positions: Sequence[torch.Tensor], pin: bool, as_float: bool = False, ahead: bool = True,
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each batch of ``positions`` (into this set) as uint8 images and labels, in order; the next
         batch is read by a helper thread while this one is used (numpy releases the GIL while it gathers).
         ``as_float``: float32 intensities k/255, converted in the helper thread too, by numpy on one
-        core (the same IEEE division as :func:`~vaelab.data.to_float`, so the same bits; tested)."""
+        core (the same IEEE division as :func:`~vaelab.data.to_float`, so the same bits; tested).
+        ``ahead`` False: each batch read when asked for, in the caller's thread (training on the CPU,
+        where a reader thread would compete with the compute threads for the cores)."""
         def load(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             x = self.read(p.numpy(), pin)
             if as_float:
                 x = torch.from_numpy(np.divide(x.numpy(), np.float32(255.0), dtype=np.float32))
             return x, None if self.labels is None else self.labels.index_select(0, p)
 
+        if not ahead:
+            for p in positions:
+                yield load(p)
+            return
         with cf.ThreadPoolExecutor(1, thread_name_prefix="vaelab-read") as pool:
             ahead = [pool.submit(load, p) for p in positions[:2]]
             for i in range(len(positions)):
