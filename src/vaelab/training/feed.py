@@ -4,10 +4,10 @@ permutation of the training split, sharded by rank):
 * :class:`MemoryFeed`: the whole training split in memory as float32 (on the device when it fits,
   else in pinned host memory, each batch copied over as it is used): batching is indexing.
 * :class:`StreamFeed`: a prepared data set read from disk (:class:`vaelab.data.cache.MappedImages`,
-  the next batch read by a helper thread while this one trains) or a Dataset too large for memory
+  each batch gathered from its memory map between steps) or a Dataset too large for memory
   (:class:`vaelab.data.python.StreamedImages`, each batch read through a DataLoader); the same
   permutation, so the same batches, converted to float one batch at a time. On a GPU the batches
-  come in pinned host memory and are copied on a side stream one batch ahead of the step.
+  come in pinned host memory, read one batch ahead, and are copied on a side stream one batch ahead.
 """
 
 from __future__ import annotations
