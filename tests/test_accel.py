@@ -625,12 +625,15 @@ def test_a_kl_warm_up_does_not_recompile_the_step(data_dir, tmp_path, monkeypatc
 def test_every_run_compiles_its_own_step_past_dynamos_limit(data_dir, tmp_path, monkeypatch):
     # dynamo keeps at most recompile_limit graphs per code object: without a copy per run, the runs
     # after the limit went on eagerly without a word (and a resume mixed compiled and eager steps)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # (dynamo's own patch: monkeypatch's undo left torch._dynamo.config without recompile_limit, and
+    # every later torch.compile in the process failed with an AttributeError)
     monkeypatch.setattr(compiler, "BACKEND", "eager")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for i in range(3):
-        train(tiny_cfg(data_dir, 1, 0, "--compile"), tmp_path / f"run{i}")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for i in range(3):
+            train(tiny_cfg(data_dir, 1, 0, "--compile"), tmp_path / f"run{i}")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 3
+    assert torch._dynamo.config.recompile_limit == 8  # put back
 
 
 # ---------------------------------------------------------------- bf16
