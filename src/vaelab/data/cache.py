@@ -27,6 +27,7 @@ touched) no longer matches the fingerprint and is rebuilt. Images refused by the
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures as cf
 import dataclasses
 import hashlib
@@ -90,7 +91,7 @@ class Listing:
     skipped: list[str] = dataclasses.field(default_factory=list)  # found unusable while listing
 
 
-class Source:
+class Source(abc.ABC):
     """An image source that can be prepared: a stable identity, a cheap fingerprint, a full listing."""
 
     kind = ""
@@ -99,17 +100,21 @@ class Source:
         self.arg = arg
 
     @property
+    @abc.abstractmethod
     def label(self) -> str:  # what messages and ImageSet.source call it
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def identity(self) -> str:  # the same source wherever the command runs from
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def fingerprint(self) -> str:  # changes when the data change (names, sizes, mtimes)
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def listing(self) -> Listing:
-        raise NotImplementedError
+        ...
 
     @property
     def spec(self) -> str:
