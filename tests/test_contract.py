@@ -131,7 +131,8 @@ class TwoLayerVAE(LatentModelBase):
         z2 = q2.rsample(generator)
         p1 = _gaussian(self.p1(z2))  # p(z1|z2)
         px = self.likelihood(self.px(flat_draws(z1, k), repeat_rows(c, k)))
-        return ModelOutput(px, [StochasticLayer("z1", q1, p1, z1), StochasticLayer("z2", q2, self.prior(), z2)], k)
+        return ModelOutput(px, [StochasticLayer("z1", q1, p1, z1, prior_depends_on_z=True),  # p1 at a z2 drawn from z1
+                                StochasticLayer("z2", q2, self.prior(), z2)], k)
 
     @torch.no_grad()
     def sample(self, n, c=None, *, generator=None, temperature=1.0, mean=True) -> torch.Tensor:
@@ -197,8 +198,10 @@ def test_evaluation_bounds_rise_with_k_and_are_reported_per_layer(trained, name)
     assert [ly["name"] for ly in layers] == (["z1", "z2"] if name == "test-two-layer" else ["z"])
     assert all(0 <= ly["active_units"] <= ly["dim"] for ly in layers)
     mc = name == "test-mixture-prior"
-    assert [ly["closed_form"] for ly in layers] == [not mc] * len(layers)
-    assert (layers[0]["kl_per_dim"] is None) == mc
+    # the two-layer model's z1: its prior p(z1|z2) is evaluated at a z2 drawn from z1 (Monte Carlo, issue 26)
+    closed = [not mc] * len(layers) if name != "test-two-layer" else [False, True]
+    assert [ly["closed_form"] for ly in layers] == closed
+    assert (layers[0]["kl_per_dim"] is None) == (not closed[0])
     assert math.isclose(res[200].kl, sum(ly["kl"] for ly in layers), rel_tol=1e-9, abs_tol=1e-9)
     table = res[200].table()
     assert ("KL layer z2" in table) == (name == "test-two-layer") and "active units" in table
@@ -278,9 +281,11 @@ def test_objective_sums_layers_and_free_bits_apply_per_layer():
     model = TwoLayerVAE(ModelConfig(latent_dim=4, hidden=(8,)), DataSpec((1, 2, 3)))
     x = torch.rand(7, 1, 2, 3)
     t = elbo(model, x, generator=torch.Generator().manual_seed(0))
-    assert [ly.kl.shape for ly in t.layers] == [(7,), (7,)] and t.kl_per_dim.shape == (7, 6)
+    # z1's KL is Monte Carlo (its prior depends on its own draw): no per-dimension KL; z2's is closed form
+    assert [ly.kl.shape for ly in t.layers] == [(7,), (7,)] and t.kl_per_dim.shape == (7, 2)
+    assert [ly.closed_form for ly in t.layers] == [False, True]
     torch.testing.assert_close(t.elbo, t.log_px_z - t.layers[0].kl - t.layers[1].kl)
-    # free bits of 100 nats per dimension: every dimension of both layers is clamped
+    # free bits of 100 nats per dimension: z2's dimensions are clamped, z1 as one group of 4 x 100 nats
     torch.testing.assert_close(t.loss(free_bits=100.0), -(t.log_px_z.mean() - 100.0 * 6))
     torch.testing.assert_close(t.loss(beta=0.0), -t.log_px_z.mean())
     # k draws: log w sums log p - log q over both layers, and L_1 is an unbiased ELBO estimate

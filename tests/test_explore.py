@@ -405,14 +405,13 @@ def _slow_socket(port: int, data: bytes):
 
 def _closed_within(s, seconds: float) -> bool:
     """Whether the server closed ``s`` (EOF or reset) within ``seconds``."""
-    import socket
 
     s.settimeout(seconds)
     try:
         return s.recv(1) == b""
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

@@ -7,10 +7,12 @@ from .base import (
     ModelOutput,
     StochasticLayer,
     build_model,
+    check_model_object,
     device_of,
     flat_draws,
     full_precision,
     generator_for,
+    own_model,
     repeat_rows,
 )
 from .ladder import LadderVAE
@@ -31,10 +33,12 @@ __all__ = [
     "StochasticLayer",
     "TopDownVAE",
     "build_model",
+    "check_model_object",
     "device_of",
     "fixed_weights",
     "flat_draws",
     "full_precision",
     "generator_for",
+    "own_model",
     "repeat_rows",
 ]

@@ -179,3 +179,30 @@ MODELS: Registry[Callable[[ModelConfig, DataSpec], nn.Module]] = Registry("model
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     """The registered model ``cfg.model`` for data described by ``spec`` (a :class:`LatentModel`)."""
     return MODELS.get(cfg.model)(cfg, spec)
+
+
+_CONTRACT = ("config", "spec", "latent_dims", "forward", "encode", "decode", "prior", "sample")
+
+
+def check_model_object(model: object) -> None:
+    """A module given in place of a registered model follows the latent contract, or one line says what
+    it lacks."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model=: expected a torch.nn.Module following vaelab's latent contract, got "
+                          f"{type(model).__name__}")
+    missing = [name for name in _CONTRACT if not hasattr(model, name)]
+    if missing:
+        raise ConfigError(f"model=: {type(model).__name__} does not follow the latent contract "
+                          f"(vaelab.models.LatentModel): it has no {', '.join(missing)}")
+    if not isinstance(model.config, ModelConfig) or not isinstance(model.spec, DataSpec):
+        raise ConfigError(f"model=: {type(model).__name__}.config must be a vaelab.ModelConfig and .spec a "
+                          "vaelab.DataSpec (what the run records to describe the model)")
+
+
+def own_model(model: nn.Module, spec: DataSpec, where: str = "model=") -> nn.Module:
+    """The user's module, checked against the data (or checkpoint) it is used with."""
+    check_model_object(model)
+    if model.spec != spec:
+        raise ConfigError(f"{where}: {type(model).__name__} was built for {model.spec.describe()}; the data give "
+                          f"{spec.describe()}")
+    return model

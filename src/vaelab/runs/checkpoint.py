@@ -269,11 +269,12 @@ def _json_field(p: Path, meta: dict[str, str], key: str, kind: type, default: An
     return value
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], module: nn.Module | None = None) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (safetensors + JSON only).
 
     Nothing in the file is ever unpickled or executed; every problem (pickle, truncation, corrupted
-    bytes, a foreign file) is a :class:`CheckpointError` that names the file."""
+    bytes, a foreign file) is a :class:`CheckpointError` that names the file. ``module``: the user's own
+    module of a run trained with ``train(..., model=...)``, against which the tensors are checked."""
     p = Path(path)
     raw = read_regular(p, CheckpointError, "checkpoint")
     refuse_unsafe(p, raw[:16])
@@ -302,7 +303,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         ckpt = upgrade_v1(ckpt, str(p))
     # The config's model is compared with the tensors in the file before anyone builds it: a config
     # edited to ask for a huge model is refused here, at no cost (see runs/validate.py).
-    check_model_tensors(ckpt.config.model, ckpt.spec, ckpt.model, str(p))
+    check_model_tensors(ckpt.config.model, ckpt.spec, ckpt.model, str(p), module)
     if ckpt.ema is not None:  # the moving average holds the same tensors as the model
         compare_tensors({k: (tuple(v.shape), v.dtype) for k, v in ckpt.model.items()}, ckpt.ema, f"{p} (ema/)")
     return ckpt

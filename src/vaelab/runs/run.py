@@ -19,9 +19,9 @@ from ..config import DataConfig, DataSpec, RunConfig
 from ..data import DataSplits, ImageSet, load_data
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
-from ..models import build_model
+from ..models import build_model, own_model
 from ..pipeline import BatchPipeline
-from .checkpoint import load_checkpoint, load_model_state, use_weights
+from .checkpoint import Checkpoint, load_checkpoint, load_model_state, use_weights
 from .pretrained import WEIGHTS_FILE, is_export, load_pretrained
 from .rundir import RunDir
 
@@ -34,7 +34,7 @@ class Run:
     :attr:`weights` says which: ``ema`` or ``trained``)."""
 
     def __init__(self, path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", model: nn.Module | None = None) -> None:
         p = Path(path)
         if is_export(p):  # a folder written by `vaelab export`: weights only, no checkpoint
             self._open_export(p, which, data_dir, device)
@@ -47,12 +47,12 @@ class Run:
             self.dir = RunDir.of(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
         else:
             raise CheckpointError(f"{p}: no such run directory or checkpoint file")
-        ckpt = load_checkpoint(self.checkpoint)
+        ckpt = load_checkpoint(self.checkpoint, model)
         self.config: RunConfig = ckpt.config
         self.spec: DataSpec = ckpt.spec
         self.state: dict[str, Any] = ckpt.state
         self.device = resolve_device(device)
-        self.model: nn.Module = build_model(ckpt.config.model, ckpt.spec).to(self.device)
+        self.model: nn.Module = _model_for(ckpt, model, self.checkpoint).to(self.device)
         # a run trained with train.ema is used with its moving average (so are its export and pictures)
         load_model_state(self.model, use_weights(ckpt), str(self.checkpoint))
         self.weights = "ema" if ckpt.ema is not None else "trained"
@@ -123,7 +123,22 @@ class Run:
 
 
 def load_run(path: str | os.PathLike[str], which: str = "best", *, data_dir: str | None = None,
-             device: str = "cpu") -> Run:
+             device: str = "cpu", model: nn.Module | None = None) -> Run:
     """Open a run directory (``which`` = best | latest) or a checkpoint file; the model in eval mode on
-    ``device`` (default the CPU, where your own tensors are; ``auto`` takes a GPU when one is visible)."""
-    return Run(path, which, data_dir=data_dir, device=device)
+    ``device`` (default the CPU, where your own tensors are; ``auto`` takes a GPU when one is visible).
+    ``model``: for a run trained from a module of your own (``train(..., model=...)``), a fresh module of
+    the same kind, into which the weights are loaded; the returned :class:`Run` goes to every
+    ``*_run`` function (``sample_run(run, ...)``, ``evaluate_run(run, ...)``)."""
+    return Run(path, which, data_dir=data_dir, device=device, model=model)
+
+
+def _model_for(ckpt: Checkpoint, model: nn.Module | None, path: Path) -> nn.Module:
+    """The module a checkpoint's weights go into: the user's own (checked against the checkpoint's
+    model settings and data), or the registered model its config names."""
+    if model is not None:
+        own_model(model, ckpt.spec, f"{path}: model=")
+        if model.config != ckpt.config.model:
+            raise ConfigError(f"{path}: model=: {type(model).__name__}.config differs from the model settings the run "
+                              "was trained with (its config.json [model])")
+        return model
+    return build_model(ckpt.config.model, ckpt.spec)

@@ -27,11 +27,19 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:_TOO_MANY]) + (" ..." if len(names) > _TOO_MANY else "")
 
 
-def expected_tensors(cfg: ModelConfig, spec: DataSpec, source: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def expected_tensors(cfg: ModelConfig, spec: DataSpec, source: str,
+                     model: torch.nn.Module | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every tensor in the state dict of the model ``cfg`` and ``spec``
-    describe, found by building it on the meta device (no memory is allocated for its weights)."""
-    from ..models import build_model
+    describe, found by building it on the meta device (no memory is allocated for its weights), or of
+    ``model``, the user's own module the checkpoint is opened with."""
+    from ..models import MODELS, build_model
 
+    if model is not None:
+        return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    if isinstance(cfg.model, str) and cfg.model not in MODELS:
+        raise CheckpointError(f"{source}: the run's model {cfg.model!r} is not a registered model (was it trained "
+                              "from a module of your own?); open it with vaelab.load_run(path, model=YourModule(...)) "
+                              "or train(..., model=YourModule(...)), or register the class (vaelab.MODELS.add)")
     try:
         with torch.device("meta"):
             model = build_model(cfg, spec)
@@ -63,9 +71,10 @@ def compare_tensors(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
         raise CheckpointError(f"{source}: checkpoint does not match its model config:\n  " + "\n  ".join(problems))
 
 
-def check_model_tensors(cfg: ModelConfig, spec: DataSpec, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """The model tensors of a checkpoint against its config, before the model is built."""
-    compare_tensors(expected_tensors(cfg, spec, source), state, source)
+def check_model_tensors(cfg: ModelConfig, spec: DataSpec, state: Mapping[str, torch.Tensor], source: str,
+                        model: torch.nn.Module | None = None) -> None:
+    """The model tensors of a checkpoint against its config (or the user's ``model``), before the model is built."""
+    compare_tensors(expected_tensors(cfg, spec, source, model), state, source)
 
 
 # ---------------------------------------------------------------- optimizer state

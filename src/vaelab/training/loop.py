@@ -34,6 +34,7 @@ from ..devices import resolve_device
 from ..distributed import all_any, all_sum, dist_info, launch_command, peer_failures, setup_distributed
 from ..errors import CheckpointError, ConfigError, Interrupted, NonFiniteError
 from ..evaluation.loop import evaluate_batches
+from ..models import check_model_object
 from ..objectives import ELBOObjective, Objective
 from ..progress import Progress
 from ..runs.checkpoint import read_config
@@ -83,6 +84,7 @@ def train(
     max_steps: int | None = None,
     objective: Objective | None = None,
     optimizer: OptimizerFactory = make_optimizer,
+    model: nn.Module | None = None,
 ) -> TrainResult:
     """Train a model by the ELBO into ``run_dir``.
 
@@ -99,6 +101,13 @@ def train(
     splits (the run's ``data.name`` becomes ``python:...``; resuming needs the same data again; with
     ``data.val_size`` left unset, 10% of the training images, at most 5000, are held out for validation,
     or on resume the number the run recorded).
+    ``model``: a module of your own that follows the latent contract (:class:`vaelab.models.LatentModel`:
+    ``config``, ``spec``, ``latent_dims``, ``forward``, ``encode``, ``decode``, ``prior``, ``sample``),
+    trained instead of the one ``cfg.model`` names, as Lightning's ``fit(module)`` takes one; the run
+    records ``model.config`` as its model settings, and resuming or opening the run later takes the same
+    kind of module again (``train(..., model=...)``, ``load_run(..., model=...)``). Seed torch before you
+    build it for the same bits from the same seed. Registering the class (``vaelab.MODELS``) instead
+    makes it a ``model.model`` name the command line can use.
     ``max_steps`` stops after that many optimizer steps in total (tests, dry runs).
     ``objective`` (default: the ELBO, or L_k with ``train.iwae_k``) and ``optimizer`` (a factory
     ``(model, cfg) -> Optimizer``, default fused Adam) may be replaced. ``callbacks``:
@@ -108,6 +117,9 @@ def train(
     """
     if not isinstance(overwrite, bool):
         raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
+    if model is not None:  # a module of the user's own: its settings are the run's model settings
+        check_model_object(model)
+        cfg = cfg.replace(model=model.config)
     if overwrite and resume:
         raise ConfigError("overwrite=True starts the run afresh; it cannot also resume it (resume=True)")
     if overwrite:
@@ -138,7 +150,7 @@ def train(
         # A peer that dies or freezes makes a collective fail after train.dist_timeout: one line naming it.
         hint = lambda: _resume_hint(run)  # noqa: E731
         with peer_failures(cfg.train.dist_timeout, hint):
-            s = open_session(cfg, run, data, resume, rank, world, optimizer)
+            s = open_session(cfg, run, data, resume, rank, world, optimizer, model)
         cbs.start(RunInfo(run.root, s.cfg, s.spec, s.model, s.state.step, s.state.epoch, rank, world))
         history = run.read_metrics() if rank == 0 else []
         # The signal handlers stay in place while a failure is reported (torchrun sends SIGTERM to the

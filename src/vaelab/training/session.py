@@ -28,7 +28,7 @@ from ..data.validate import check_splits
 from ..devices import autocast, resolve_device
 from ..distributed import all_gather, unwrap
 from ..errors import CheckpointError, NonFiniteError
-from ..models import build_model
+from ..models import build_model, own_model
 from ..models.priors import PRIORS
 from ..pipeline import BatchPipeline
 from ..runs.checkpoint import (
@@ -148,9 +148,9 @@ def _to_cpu(sd: dict[str, Any]) -> dict[str, Any]:
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
-def _previous(run: RunDir, resume: bool | None) -> Checkpoint | None:
+def _previous(run: RunDir, resume: bool | None, model: nn.Module | None = None) -> Checkpoint | None:
     if run.latest.exists() and resume is not False:
-        return load_checkpoint(run.latest)
+        return load_checkpoint(run.latest, model)
     if resume:
         raise CheckpointError(f"{run.root}: nothing to resume (no {run.latest})")
     if run.latest.exists():
@@ -212,14 +212,15 @@ def _restore(s: Session, ckpt: Checkpoint) -> None:
 
 def open_session(
     cfg: RunConfig, run: RunDir, data: DataSplits | None, resume: bool | None, rank: int, world: int,
-    make_optimizer: OptimizerFactory = make_optimizer,
+    make_optimizer: OptimizerFactory = make_optimizer, model_object: nn.Module | None = None,
 ) -> Session:
     """A fresh run in ``run`` with ``cfg``, or the run already there resumed with ``cfg``'s resumable
-    settings (any other difference is an error that lists it)."""
+    settings (any other difference is an error that lists it); ``model_object``: the user's own module
+    to train instead of building ``cfg.model``."""
     if rank == 0:  # left by a process killed mid-write (checkpoints, config.json, metrics.jsonl); we hold the lock
         remove_stale_temps(run.checkpoints)
         remove_stale_temps(run.root)
-    ckpt = _previous(run, resume)
+    ckpt = _previous(run, resume, model_object)
     if ckpt is not None:
         cfg = ckpt.config.resume_with(cfg)
     t = cfg.train
@@ -246,7 +247,7 @@ def open_session(
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2**32)
     random.seed(t.seed)
-    model = build_model(cfg.model, spec).to(device)
+    model = (build_model(cfg.model, spec) if model_object is None else own_model(model_object, spec)).to(device)
     # the kernels: this machine's persisted decisions (train.kernels auto), recorded in the config
     accel = Accelerator.for_model(t.kernels, model, rows=t.batch_size, compile=t.compile, say=_say(rank))
     cfg = cfg.replace(train=dataclasses.replace(t, kernels=accel.kernels))
