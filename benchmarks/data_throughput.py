@@ -128,14 +128,14 @@ def vaelab_cmd(*args: str, env: dict[str, str]) -> tuple[float, int, str]:
 FIRST_STEP = """
 import sys, time
 import vaelab.training.loop as loop
-real = loop.train_step
+real = loop.take_step
 def first(*a, **k):
     if not getattr(first, "done", False):
         first.done = True
         with open(sys.argv[1], "w") as f:
             f.write(repr(time.time()))
     return real(*a, **k)
-loop.train_step = first
+loop.take_step = first
 from vaelab.cli import main
 sys.exit(main(sys.argv[2:]))
 """

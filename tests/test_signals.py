@@ -32,7 +32,7 @@ def data_dir(tmp_path):
 def _signal_before_step(monkeypatch, sig: int, step: int) -> list[int]:
     """Send ``sig`` to this process as 0-based training step ``step`` starts: training stops after
     that step, the ``step + 1``-th."""
-    real, calls = loopmod.train_step, [0]
+    real, calls = loopmod.take_step, [0]
 
     def spy(*a, **k):
         if calls[0] == step:
@@ -40,7 +40,7 @@ def _signal_before_step(monkeypatch, sig: int, step: int) -> list[int]:
         calls[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(loopmod, "train_step", spy)
+    monkeypatch.setattr(loopmod, "take_step", spy)
     return calls  # steps started so far
 
 

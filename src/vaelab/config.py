@@ -303,6 +303,8 @@ class TrainConfig:
     skip_threshold: float | None = None  # skip an update whose gradient norm (before clipping) is at least this (vdvae)
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for evaluation (vdvae 0.9999); 0: off
     max_nonfinite: int = resumable(20)  # consecutive skipped (non-finite) steps before the run stops
+    # on a GPU, the host reads the steps' numbers (losses, skips) every N steps, not at each (docs/speed.md)
+    sync_every: int = resumable(16)
     seed: int = 0
     device: str = resumable("auto")  # auto | cpu | cuda | cuda:N | mps (auto: a GPU when one is visible)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, float32 master weights and reductions)
@@ -343,6 +345,7 @@ class TrainConfig:
         c("ema", _finite(self.ema) and 0 <= self.ema < 1, "in [0, 1) (0: no moving average)")
         c("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: only at each epoch's end)")
         c("max_nonfinite", self.max_nonfinite >= 1, ">= 1")
+        c("sync_every", 1 <= self.sync_every <= 10_000, "in 1..10000")
         c("dist_timeout", _finite(self.dist_timeout) and self.dist_timeout > 0, "> 0 seconds (a finite number)")
         c("iwae_k", self.iwae_k >= 1, ">= 1")
         c("threads", self.threads is None or 1 <= self.threads <= MAX_THREADS, f"in 1..{MAX_THREADS} (or null)")

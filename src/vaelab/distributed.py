@@ -99,6 +99,14 @@ def all_any(flags: list[bool], world: int) -> list[bool]:
     return [v > 0 for v in t.tolist()]
 
 
+def all_max_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s element-wise maximum over the ranks, returned where ``t`` lives. Under nccl the tensor
+    stays on the GPU and nothing waits for it; under gloo it goes through the CPU."""
+    out = t.to(_comm_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(t.device)
+
+
 def all_sum(values: list[float], world: int) -> list[float]:
     """Element-wise sum of ``values`` over the ranks (float64)."""
     if world <= 1:

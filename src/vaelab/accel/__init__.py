@@ -56,6 +56,8 @@ class Accelerator:
     gives the training step's objective and gradient pass; :meth:`passes` the evaluation's passes;
     :meth:`state` the checkpoint's opaque section; :meth:`training` the context a run trains in."""
 
+    device_guard = False  # decide the steps on the device on the CPU too (tests and benchmarks set it)
+
     def __init__(self, plan: KernelPlan | None = None, compile: bool = False,
                  say: Callable[[str], None] = print, setting: str | None = None) -> None:
         self.plan, self.compile, self.say = plan or KernelPlan(), compile, say
@@ -105,6 +107,19 @@ class Accelerator:
             return objective, fused
         self.step_kind = "objective"
         return CompiledObjective(objective, batch_size, self.say), backward_pass
+
+    def guard(self, optimizer: Any, device: Any, every: int, limit: int, run: int) -> Any:
+        """Where the training steps are decided (:class:`~vaelab.training.step.StepGuard`): on the device,
+        read by the host every ``every`` steps (``train.sync_every``), where the optimizer skips an
+        update inside its kernel (``found_inf``: torch's fused Adam, AdamW, SGD, Adagrad) and the device
+        is not the CPU; else by the host at each step (on the CPU reading a step costs nothing, and
+        deciding there saves the device-side bookkeeping). Both give the same updates, bit for bit."""
+        from ..training.step import StepGuard
+
+        # the protocol torch.amp.GradScaler drives: optimizer.found_inf, honoured by the fused kernels
+        masked = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        masked = masked and (device.type != "cpu" or self.device_guard)
+        return StepGuard(masked, every, limit, run, device)
 
     def passes(self) -> Any:
         """The evaluation's forward passes: None (the loop's eager ones) or compiled ones."""

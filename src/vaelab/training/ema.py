@@ -31,14 +31,18 @@ class EMA:
         self.tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One step of the average towards ``model``'s weights (call after an applied update only)."""
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """One step of the average towards ``model``'s weights, after an applied update; or, with
+        ``skip`` (a 0-d tensor, 1 where the step's update was skipped: decided on the device, see
+        :class:`~vaelab.training.step.StepGuard`), one that is a no-op where ``skip`` is 1, with nothing
+        read by the host. Both compute the same bits."""
         for name, v in model.state_dict(keep_vars=True).items():
             avg = self.tensors[name]
             if isinstance(v, nn.Parameter) and v.requires_grad and avg.is_floating_point():
-                avg.mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+                new = avg.mul(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
             else:
-                avg.copy_(v.detach())
+                new = v.detach()
+            avg.copy_(new if skip is None else torch.where(skip > 0, avg, new))
 
     def state(self) -> dict[str, torch.Tensor]:
         """The averaged tensors, on the CPU (for a checkpoint)."""

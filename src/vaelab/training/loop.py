@@ -45,7 +45,7 @@ from .feed import make_feed
 from .schedules import SCHEDULES
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
-from .step import Meters, StepResult, TrainState, guard_nonfinite, train_step
+from .step import Meters, PendingStep, StepGuard, TrainState, guard_nonfinite, read_steps, take_step
 
 EpochCallback = Callable[[dict[str, Any]], None]  # the older form of a callback (see .callbacks)
 
@@ -255,6 +255,9 @@ class _Stepper:
         self.objective, self.gradient_pass = s.accel.step_parts(
             s.model, s.optimizer, objective, batch_size=t.batch_size, precision=t.precision, grad_clip=t.grad_clip,
             world=s.world, scaler=s.scaler)
+        # where the guard decides (on the device, or read by the host at each step) and how often the
+        # host reads the steps' numbers
+        self.guard = s.accel.guard(s.optimizer, s.device, t.sync_every, t.max_nonfinite, s.state.nonfinite_run)
         self.model.train()
 
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -263,41 +266,66 @@ class _Stepper:
         order = epoch_order(len(self.feed), s.cfg.train.seed, epoch)[: self.usable][s.rank :: s.world]
         return self.feed.epoch(order, start, s.cfg.train.batch_size)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, position: float) -> StepResult:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, position: float) -> PendingStep:
         s, t = self.s, self.s.cfg.train
         batch = s.pipeline(x, y, s.noise, train=True)
         for group in s.optimizer.param_groups:
             group["lr"] = self.schedule(t, position)
         self.beta = beta_at(t, position)
-        r = train_step(self.model, s.optimizer, self.objective, batch, self.beta, generator=s.noise,
-                       grad_clip=t.grad_clip, world=s.world, precision=t.precision, scaler=s.scaler,
-                       stop=lambda: self.stop.requested, gradient_pass=self.gradient_pass,
-                       skip_threshold=t.skip_threshold)
-        if r.applied and s.ema is not None:  # the moving average follows the updates taken, not the skipped
-            s.ema.update(s.model)
-        return r
+        p = take_step(self.model, s.optimizer, self.objective, batch, self.beta, generator=s.noise,
+                      grad_clip=t.grad_clip, world=s.world, precision=t.precision, scaler=s.scaler,
+                      gradient_pass=self.gradient_pass, skip_threshold=t.skip_threshold,
+                      masked=self.guard.masked, frozen=self.guard.frozen)
+        self.guard.follow(p)
+        if s.ema is not None and p.decided is not False:  # the average follows the updates taken
+            s.ema.update(s.model, None if p.decided else p.skip)
+        return p
 
 
 def _epoch(s: Session, step: _Stepper, callbacks: CallbackList, max_steps: int | None) -> tuple[Meters, bool]:
     """The steps of the current epoch from where it stands; stops early at ``max_steps`` or a signal
-    (with a checkpoint). Returns the epoch's meters and whether a signal stopped it."""
+    (with a checkpoint). Returns the epoch's meters and whether a signal stopped it.
+
+    The steps' numbers stay on the device until the host reads them (:func:`~.step.read_steps`): every
+    ``step.guard.every`` steps, before a checkpoint, at the epoch's end, at a stop, and at every step for
+    callbacks that watch steps. Reading replays them in order: the meters, the count of skipped steps and
+    its limit (:func:`~.step.guard_nonfinite`), the callbacks."""
     t, state, epoch, n = s.cfg.train, s.state, s.state.epoch, step.steps_per_epoch
     bar = Progress(n, f"epoch {epoch + 1}/{t.epochs}", initial=state.step_in_epoch, enabled=t.progress and s.rank == 0)
     meters, t0, signalled = Meters(state.sums), time.perf_counter(), False
     batches = step.batches(epoch, state.step_in_epoch)
+    pending: list[PendingStep] = []
+
+    def read() -> None:
+        first = state.step - len(pending)
+        results = read_steps(pending)
+        pending.clear()
+        for j, r in enumerate(results):
+            meters.add(r)
+            guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say, at=first + j)
+            if callbacks.wants_steps:  # read at every step then: this step's own numbers and settings
+                callbacks.on_step(StepInfo(first + j + 1, epoch, state.step_in_epoch, step.beta,
+                                           s.optimizer.param_groups[0]["lr"], r))
+
     for i in range(state.step_in_epoch, n):
-        r = step(*next(batches), epoch + i / n)
-        meters.add(r)
-        guard_nonfinite(state, r, t.max_nonfinite, s.last_good, s.say)
+        pending.append(step(*next(batches), epoch + i / n))
         state.step, state.step_in_epoch = state.step + 1, i + 1
-        if callbacks.wants_steps:  # numbers the step already brought to the host: no added sync
-            callbacks.on_step(StepInfo(state.step, epoch, i + 1, step.beta, s.optimizer.param_groups[0]["lr"], r))
+        limit = max_steps is not None and state.step >= max_steps
+        save = i + 1 < n and bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0
+        # points every process reaches at the same step: there the processes agree on a stop
+        common = state.step % step.guard.every == 0 or i + 1 == n or limit or save
+        alone = s.world == 1 and step.stop.requested
+        if common or alone or callbacks.wants_steps:
+            read()
+        if common and s.world > 1:
+            signalled = all_any([step.stop.requested], s.world)[0]
+        elif s.world == 1:
+            signalled = alone
         if i % 20 == 0 and meters.sums["n"]:
             bar.set_postfix(f"loss {meters.loss:.2f}")
         bar.update(1)
-        signalled = r.stop  # agreed by every process in the step's collective
-        halt = signalled or (max_steps is not None and state.step >= max_steps)
-        if i + 1 < n and (halt or (t.checkpoint_every and state.step % t.checkpoint_every == 0)):
+        halt = signalled or limit
+        if i + 1 < n and (halt or save):
             state.sums, state.elapsed = dict(meters.sums), state.elapsed + time.perf_counter() - t0
             t0 = time.perf_counter()
             _save_mid_epoch(s, callbacks)

@@ -3,6 +3,7 @@ their reduction over processes) and the guard that counts skipped steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..conditioning import Batch
 from ..devices import autocast
-from ..distributed import all_any, all_sum
+from ..distributed import all_any, all_max_tensor, all_sum
 from ..errors import NonFiniteError
 from ..objectives import ELBOTerms, Objective
 
@@ -76,6 +77,100 @@ def backward_pass(model: nn.Module, optimizer: torch.optim.Optimizer, objective:
     return step_report(loss, gnorm, terms)
 
 
+@dataclass(frozen=True)
+class PendingStep:
+    """A step whose numbers are still where the model lives (nothing read back yet): its report
+    (:func:`step_report`), its flags [non-finite, gradient norm at the threshold] (agreed by every
+    process), whether the update was skipped, and ``decided``: that decision as a Python
+    bool where the host made it (:func:`take_step` with ``masked=False``), else None."""
+
+    report: torch.Tensor
+    flags: torch.Tensor
+    skip: torch.Tensor  # 0-d float: 1 where the update was not taken
+    n: int
+    decided: bool | None = None
+
+
+def step_flags(report: torch.Tensor, skip_threshold: float | None) -> torch.Tensor:
+    """[loss or gradient norm non-finite, gradient norm >= ``skip_threshold``] as 0/1 floats on the
+    report's device (nothing read by the host)."""
+    bad = ~torch.isfinite(report[:2]).all()
+    large = torch.zeros_like(bad) if skip_threshold is None else report[1] >= skip_threshold
+    return torch.stack([bad, large]).float()
+
+
+def take_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective,
+    batch: Batch,
+    beta: float,
+    *,
+    generator: torch.Generator | None,
+    grad_clip: float | None = None,
+    world: int = 1,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+    gradient_pass: GradientPass = backward_pass,
+    skip_threshold: float | None = None,
+    masked: bool = False,
+    frozen: torch.Tensor | None = None,
+) -> PendingStep:
+    """One step, decided where the model lives: the gradient pass, the guard, the update.
+
+    A non-finite loss or gradient norm on any process skips the update everywhere, as vdvae's step
+    does; so does a gradient norm (before clipping) of at least ``skip_threshold``; so does a
+    ``frozen`` of 1 (a 0-d float: the run already reached its limit of non-finite steps and is only
+    waiting for the host to read that). The flags are agreed by one collective on the device (world > 1).
+
+    ``masked`` (an optimizer that takes ``found_inf``, as torch's Adam, AdamW, SGD and Adagrad do in
+    the form :class:`torch.amp.GradScaler` drives): the update kernel itself skips the step when told
+    to, so the host never reads anything and nothing waits for the device. Otherwise the host reads the
+    decision (one synchronisation; free on the CPU, where host and device are one) and skips by a
+    branch. Both take the same updates, bit for bit."""
+    report = gradient_pass(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip,
+                           precision=precision, scaler=scaler)
+    flags = step_flags(report, skip_threshold)
+    if world > 1:
+        flags = all_max_tensor(flags)
+    skip = flags.amax()  # 1.0: skip the update
+    if frozen is not None:
+        skip = torch.maximum(skip, frozen)
+    decided = None
+    if masked:
+        optimizer.found_inf = skip  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+    else:
+        decided = not skip.item()
+        if decided:
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.update()  # after an overflow the scale halves: the guard counts that step as skipped
+    return PendingStep(report, flags, skip, batch.x.shape[0], decided)
+
+
+def read_steps(steps: Sequence[PendingStep]) -> list[StepResult]:
+    """The host's copy of pending steps, all in one transfer (the one synchronisation)."""
+    if not steps:
+        return []
+    flat = torch.cat([torch.stack([p.report for p in steps]).flatten().float(),
+                      torch.stack([p.flags for p in steps]).flatten().float(),
+                      torch.stack([p.skip for p in steps]).float()]).tolist()
+    k = len(steps)
+    out = []
+    for i, p in enumerate(steps):
+        loss_v, gnorm_v, rec_v, kl_v = flat[4 * i : 4 * i + 4]
+        bad, large = flat[4 * k + 2 * i] > 0, flat[4 * k + 2 * i + 1] > 0
+        applied = flat[6 * k + i] == 0
+        out.append(StepResult(loss_v, gnorm_v, rec_v, kl_v, p.n, applied, False, large and not bad and not applied))
+    return out
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -91,32 +186,49 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     gradient_pass: GradientPass = backward_pass,
     skip_threshold: float | None = None,
+    masked: bool = False,
 ) -> StepResult:
-    """Minimise ``objective`` on ``batch`` by one optimizer step. A non-finite loss or gradient on any
-    process skips the update everywhere (the gradients are dropped), as vdvae's step does; so does a
-    gradient norm (before clipping) of at least ``skip_threshold`` (vdvae's ``skip_threshold``).
-    ``precision`` bf16/fp16 runs the forward pass under autocast (float32 master weights); ``scaler``
-    (fp16) scales the loss, and the gradients are unscaled before they are measured or clipped.
-    ``gradient_pass`` computes the gradients (default :func:`backward_pass`; :mod:`vaelab.accel` may give
-    a faster one of the same maths); the guard, the update and the report are this function's."""
-    report = gradient_pass(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip,
-                           precision=precision, scaler=scaler)
-    # One synchronisation per step: the loss, the gradient norm and the batch's sums; then one
-    # collective for what every process must agree on: skip the update (non-finite somewhere; a norm
-    # at the threshold)? stop after this step (``stop()``: this process was signalled, so far;
-    # StepResult.stop: some process was)?
-    loss_v, gnorm_v, rec_v, kl_v = report.tolist()
-    finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
-    large = finite and skip_threshold is not None and gnorm_v >= skip_threshold
-    bad, halt, large = all_any([not finite, stop is not None and stop(), large], world)
-    ok = not (bad or large)
-    if ok:
-        optimizer.step() if scaler is None else scaler.step(optimizer)
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.update()  # after an overflow the scale halves: the guard counts that step as skipped
-    return StepResult(loss_v, gnorm_v, rec_v, kl_v, batch.x.shape[0], ok, halt, large and not bad)
+    """Minimise ``objective`` on ``batch`` by one optimizer step (:func:`take_step`) and read its numbers
+    (:func:`read_steps`). A non-finite loss or gradient on any process skips the update everywhere (the
+    gradients are dropped), as vdvae's step does; so does a gradient norm (before clipping) of at least
+    ``skip_threshold`` (vdvae's ``skip_threshold``). ``precision`` bf16/fp16 runs the forward pass under
+    autocast (float32 master weights); ``scaler`` (fp16) scales the loss, and the gradients are unscaled
+    before they are measured or clipped. ``gradient_pass`` computes the gradients (default
+    :func:`backward_pass`; :mod:`vaelab.accel` may give a faster one of the same maths). ``masked``
+    skips inside the update kernel (:func:`take_step`; the gradients of a skipped step then stay).
+    ``stop``: this process was asked to stop; StepResult.stop says whether some process was (one
+    collective). The training loop calls :func:`take_step` and reads its steps every few steps instead."""
+    p = take_step(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip, world=world,
+                  precision=precision, scaler=scaler, gradient_pass=gradient_pass, skip_threshold=skip_threshold,
+                  masked=masked)
+    (r,) = read_steps([p])
+    halt = all_any([stop is not None and stop()], world)[0]
+    return dataclasses.replace(r, stop=halt)
+
+
+class StepGuard:
+    """Where a run's steps are decided, and how often the host reads them.
+
+    ``masked``: the update is skipped inside the optimizer's kernel (:func:`take_step`), so a step
+    never waits for the device, and the host reads the steps' numbers every ``every`` steps. The device
+    also counts the current run of consecutive non-finite steps and, from the step whose run reaches
+    ``limit`` (``train.max_nonfinite``) on, freezes every update (:attr:`frozen`) until the host reads
+    the steps and stops the run: the halt is exact (the weights are those of that step; no checkpoint is
+    written in between), only up to ``every - 1`` steps later. Otherwise the host decides each step as it
+    is taken and reads it at once (``every`` = 1)."""
+
+    def __init__(self, masked: bool, every: int, limit: int, run: int, device: torch.device) -> None:
+        self.masked, self.every, self.limit = masked, every if masked else 1, limit
+        self.run = torch.tensor(float(run), device=device) if masked else None
+        self.frozen = torch.zeros((), device=device) if masked else None
+
+    def follow(self, p: PendingStep) -> None:
+        """Count ``p`` into the device's run of non-finite steps (applied: 0; non-finite: + 1; skipped
+        for its norm: unchanged), and freeze the updates once it reaches the limit."""
+        if self.run is None or self.frozen is None:
+            return
+        self.run = (self.run + p.flags[0]) * p.skip
+        self.frozen = torch.maximum(self.frozen, (self.run >= self.limit).float())
 
 
 @dataclass
@@ -163,10 +275,12 @@ class TrainState:
 
 
 def guard_nonfinite(state: TrainState, r: StepResult, limit: int, last_good: Callable[[], str],
-                    say: Callable[[str], None]) -> None:
+                    say: Callable[[str], None], at: int | None = None) -> None:
     """Count a skipped step; ``limit`` non-finite ones in a row stop the run, naming the last good
     checkpoint. A step skipped for its gradient norm is counted apart (``skipped_total``): it neither
-    counts towards the limit nor ends a run of non-finite steps."""
+    counts towards the limit nor ends a run of non-finite steps. ``at``: the step's number (default
+    ``state.step``; the loop reads its steps a few at a time)."""
+    at = state.step if at is None else at
     if r.applied:
         state.nonfinite_run = 0
         return
@@ -175,9 +289,9 @@ def guard_nonfinite(state: TrainState, r: StepResult, limit: int, last_good: Cal
         return
     state.nonfinite_run += 1
     state.nonfinite_total += 1
-    say(f"step {state.step}: non-finite loss or gradient, update skipped ({state.nonfinite_run} in a row)")
+    say(f"step {at}: non-finite loss or gradient, update skipped ({state.nonfinite_run} in a row)")
     if state.nonfinite_run >= limit:
         raise NonFiniteError(
-            f"{state.nonfinite_run} consecutive non-finite losses/gradients at step {state.step}; stopping. "
+            f"{state.nonfinite_run} consecutive non-finite losses/gradients at step {at}; stopping. "
             f"Last good checkpoint: {last_good()}. Try a lower train.lr or train.grad_clip, and check the data."
         )
