@@ -183,3 +183,143 @@ def test_sync_every_is_checked_in_one_line(data_dir, tmp_path, capsys):
                      "--set", "train.sync_every=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sync_every" in err[0] and "1..10000" in err[0]
+
+
+# ---------------------------------------------------------------- CUDA graphs: the fallback, here
+def test_a_step_that_cannot_be_captured_runs_compiled_without_graphs_and_computes_the_same(monkeypatch):
+    """Where capturing the step in CUDA graphs fails, one line says so and the step runs compiled
+    without them, from the same random state (so the same bits as a step never captured)."""
+    import copy
+
+    import vaelab.accel.step as speed
+    from vaelab import DataSpec, ModelConfig
+    from vaelab.accel import compiler
+    from vaelab.conditioning import Batch
+    from vaelab.objectives import ELBOObjective
+    from vaelab.training.step import train_step
+
+    if not compiler.has("trace_autograd"):
+        pytest.skip("this torch's dynamo cannot trace torch.autograd.grad")
+    monkeypatch.setattr(compiler, "BACKEND", "eager")
+    real = compiler.compiled
+
+    def no_capture(fn, backend=None, graphs=False):
+        if not graphs:
+            return real(fn, backend)
+
+        def fails(*a, **k):
+            raise RuntimeError("skipping cudagraphs due to mutated inputs")
+
+        return fails
+
+    monkeypatch.setattr(compiler, "compiled", no_capture)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(latent_dim=3, hidden=(16,)), DataSpec((1, 6, 6)))
+    twin = copy.deepcopy(model)
+    opt, twin_opt = (torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (model, twin))
+    said: list[str] = []
+    plain = speed.FusedGradients(model, ELBOObjective(), 8, "fp32", None, say=lambda s: None)
+    graphed = speed.FusedGradients(twin, ELBOObjective(), 8, "fp32", None, say=said.append, graphs=True)
+    g, g_twin = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for i in range(3):
+        batch = Batch(torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(i)), None, None)
+        r = train_step(model, opt, ELBOObjective(), batch, 1.0, generator=g, gradient_pass=plain)
+        f = train_step(twin, twin_opt, ELBOObjective(), batch, 1.0, generator=g_twin, gradient_pass=graphed)
+        assert (r.loss, r.grad_norm) == (f.loss, f.grad_norm)
+    lines = [s for s in said if "CUDA graphs" in s]
+    assert lines == ["CUDA graphs are not possible for this step (RuntimeError: skipping cudagraphs due to "
+                     "mutated inputs); it runs compiled without them"]
+    assert not graphed.graphs and graphed.compiled is not None
+    assert torch.equal(g.get_state(), g_twin.get_state())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------- on a GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_a_training_step_on_the_gpu_never_waits_for_it(data_dir, tmp_path, monkeypatch, compile_):
+    """torch's sync debug mode raises at any host synchronisation: none in a step (the batch, the
+    pipeline, the schedule, the step, the guard, the moving average), past the first steps (lazy
+    state, compiling)."""
+    real, calls = loopmod._Stepper.__call__, [0]
+
+    def strict(self, x, y, position):
+        calls[0] += 1
+        if calls[0] <= 3:
+            return real(self, x, y, position)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(self, x, y, position)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(loopmod._Stepper, "__call__", strict)
+    extra = ["--set", "train.ema=0.9", "--set", "train.warmup_epochs=1", *(["--compile"] if compile_ else [])]
+    cfg = tiny_cfg(data_dir, 2, 0, "--device", "cuda", "--set", "train.sync_every=8", *extra)
+    res = train(cfg, tmp_path / "run", objective=None)
+    assert calls[0] == 20 and res.state.nonfinite_total == 0
+
+
+@needs_cuda
+def test_on_the_gpu_the_device_and_host_decisions_give_the_same_bits(data_dir, tmp_path, monkeypatch):
+    cfg = tiny_cfg(data_dir, 2, 0, "--device", "cuda", "--set", "train.skip_threshold=60")
+    monkeypatch.setattr(Accelerator, "device_guard", False)
+    train(cfg, tmp_path / "host", objective=Poisoned({3, 4, 14}))
+    monkeypatch.setattr(Accelerator, "device_guard", None)  # the default on a GPU: on the device
+    train(cfg, tmp_path / "device", objective=Poisoned({3, 4, 14}))
+    assert_same_run(tmp_path / "host", tmp_path / "device")
+
+
+@needs_cuda
+def test_the_step_captured_in_cuda_graphs_computes_the_compiled_step():
+    import copy
+
+    import vaelab.accel.step as speed
+    from vaelab import DataSpec, ModelConfig
+    from vaelab.conditioning import Batch
+    from vaelab.objectives import ELBOObjective
+    from vaelab.training.step import train_step
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(latent_dim=3, hidden=(16,)), DataSpec((1, 6, 6))).cuda()
+    twin = copy.deepcopy(model)
+    opt, twin_opt = (torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (model, twin))
+    said: list[str] = []
+    plain = speed.FusedGradients(model, ELBOObjective(), 8, "fp32", 1.0, say=lambda s: None)
+    graphed = speed.FusedGradients(twin, ELBOObjective(), 8, "fp32", 1.0, say=said.append, graphs=True)
+    g, g_twin = torch.Generator("cuda").manual_seed(3), torch.Generator("cuda").manual_seed(3)
+    for i in range(6):
+        batch = Batch(torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(i)).cuda(), None, None)
+        r = train_step(model, opt, ELBOObjective(), batch, 1.0, generator=g, gradient_pass=plain)
+        f = train_step(twin, twin_opt, ELBOObjective(), batch, 1.0, generator=g_twin, gradient_pass=graphed)
+        assert abs(r.loss - f.loss) <= 1e-4 * abs(r.loss), (i, r.loss, f.loss)
+    assert graphed.graphs, said  # captured, no fallback
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------- conv nets: channels_last (forced here)
+def test_a_conv_run_in_channels_last_is_reproducible_resumable_and_computes_the_same_model(data_dir, tmp_path,
+                                                                                          monkeypatch):
+    """On a GPU conv models train channels_last (NHWC); forced on this CPU: the weights and batches are
+    NHWC, a run is bit-identical to itself and to its resumed twin (the optimizer's moments are put back
+    in the weights' layout after a checkpoint's plain tensors), and it trains the same model as NCHW up
+    to the convolutions' summation order."""
+    conv = ("--encoder", "conv", "--decoder", "conv", "--hidden", "4,8")
+    cfg = tiny_cfg(data_dir, 2, 4, *conv)
+    train(cfg, tmp_path / "nchw")
+    monkeypatch.setattr(Accelerator, "channels_last_on", True)
+    res = train(cfg, tmp_path / "nhwc")
+    convs = [m for m in res.model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert any(not m.weight.is_contiguous() for m in convs)  # (a 1-channel weight is both)
+    train(cfg, tmp_path / "again")
+    assert_same_run(tmp_path / "nhwc", tmp_path / "again")
+    for stop in (7, 13):
+        train(cfg, tmp_path / "resumed", max_steps=stop)
+    train(cfg, tmp_path / "resumed")
+    assert_same_run(tmp_path / "nhwc", tmp_path / "resumed")
+    a, b = (RunDir.of(tmp_path / r).read_metrics() for r in ("nchw", "nhwc"))
+    assert abs(a[-1]["val_elbo"] - b[-1]["val_elbo"]) < 1e-3 * abs(a[-1]["val_elbo"])

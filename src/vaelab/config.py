@@ -305,6 +305,9 @@ class TrainConfig:
     max_nonfinite: int = resumable(20)  # consecutive skipped (non-finite) steps before the run stops
     # on a GPU, the host reads the steps' numbers (losses, skips) every N steps, not at each (docs/speed.md)
     sync_every: int = resumable(16)
+    # on a GPU, let cuDNN time its convolution algorithms and pick the fastest: faster conv nets, but a
+    # run is then not bit-identical to the same command again (docs/reliability.md)
+    cudnn_benchmark: bool = resumable(False)
     seed: int = 0
     device: str = resumable("auto")  # auto | cpu | cuda | cuda:N | mps (auto: a GPU when one is visible)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, float32 master weights and reductions)

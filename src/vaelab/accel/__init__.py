@@ -56,13 +56,18 @@ class Accelerator:
     gives the training step's objective and gradient pass; :meth:`passes` the evaluation's passes;
     :meth:`state` the checkpoint's opaque section; :meth:`training` the context a run trains in."""
 
-    device_guard = False  # decide the steps on the device on the CPU too (tests and benchmarks set it)
+    # where the steps are decided: None, on the device except on the CPU; True/False: on the device
+    # everywhere / nowhere (tests and benchmarks set it)
+    device_guard: bool | None = None
+    # conv models channels_last: None, on a CUDA GPU; True/False: everywhere / nowhere (tests set it)
+    channels_last_on: bool | None = None
 
     def __init__(self, plan: KernelPlan | None = None, compile: bool = False,
                  say: Callable[[str], None] = print, setting: str | None = None) -> None:
         self.plan, self.compile, self.say = plan or KernelPlan(), compile, say
         self.setting = setting or str(self.plan)
         self.step_kind = "eager"  # what step_parts chose: eager, fused or objective
+        self.channels_last, self.device_type, self.cudnn_benchmark = False, "cpu", False  # set by place()
 
     @classmethod
     def for_model(cls, setting: str, model: nn.Module, *, rows: int, compile: bool = False,
@@ -118,8 +123,46 @@ class Accelerator:
 
         # the protocol torch.amp.GradScaler drives: optimizer.found_inf, honoured by the fused kernels
         masked = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-        masked = masked and (device.type != "cpu" or self.device_guard)
+        masked = masked and (device.type != "cpu" if self.device_guard is None else self.device_guard)
         return StepGuard(masked, every, limit, run, device)
+
+    def place(self, model: nn.Module, device: Any, *, cudnn_benchmark: bool = False) -> None:
+        """The device's layout and convolution settings for a training run. On a CUDA GPU a model with
+        2-d convolutions holds its conv weights channels_last (NHWC), and :meth:`layout` gives it
+        channels_last batches: cuDNN's tensor-core kernels take NHWC, and with the weights in it the
+        decoder's activations are NHWC too. :meth:`training` then has cuDNN choose its algorithms by
+        deterministic heuristics among deterministic ones (a run is bit-identical to the same command
+        again), or with ``cudnn_benchmark`` by timing them (faster; not bit-identical)."""
+        import torch
+
+        want = device.type == "cuda" if self.channels_last_on is None else self.channels_last_on
+        self.channels_last = want and any(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in model.modules())
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.device_type, self.cudnn_benchmark = device.type, cudnn_benchmark and device.type == "cuda"
+        if cudnn_benchmark and device.type == "cuda":
+            self.say("cudnn_benchmark: cuDNN times its convolution algorithms; this run will not be "
+                     "bit-identical to the same command again")
+
+    def layout(self, x: Any) -> Any:
+        """A batch of images in the layout :meth:`place` chose for the model."""
+        import torch
+
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def match_layouts(self, optimizer: Any) -> None:
+        """After an optimizer's state was loaded (a checkpoint holds plain contiguous tensors): each
+        state tensor of a parameter's shape in that parameter's layout again, as a fresh run has it (an
+        update kernel walks a parameter and its moments element by element in memory)."""
+        import torch
+
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for k, v in optimizer.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                        optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
     def passes(self) -> Any:
         """The evaluation's forward passes: None (the loop's eager ones) or compiled ones."""
@@ -146,8 +189,18 @@ class Accelerator:
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
-        """The context a run trains in (denormals flushed)."""
+        """The context a run trains in: denormals flushed; on a CUDA GPU cuDNN's algorithm choice as
+        :meth:`place` set it (the process's settings are put back after)."""
+        import torch
+
         from .step import flush_denormal
 
-        with flush_denormal():
-            yield
+        cudnn = torch.backends.cudnn
+        before = (cudnn.benchmark, cudnn.deterministic)
+        if self.device_type == "cuda":
+            cudnn.benchmark, cudnn.deterministic = self.cudnn_benchmark, not self.cudnn_benchmark
+        try:
+            with flush_denormal():
+                yield
+        finally:
+            cudnn.benchmark, cudnn.deterministic = before

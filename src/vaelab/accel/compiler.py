@@ -69,13 +69,30 @@ def _own_code(fn: Callable) -> Callable:
     return copy if owner is None else types.MethodType(copy, owner)
 
 
-def compiled(fn: Callable, backend: str | Callable | None = None) -> Callable:
+def compiled(fn: Callable, backend: str | Callable | None = None, graphs: bool = False) -> Callable:
     """``torch.compile(fn)`` for fixed shapes, with vaelab's cache and backend, compiled apart from
-    every other use of ``fn`` (:func:`_own_code`)."""
+    every other use of ``fn`` (:func:`_own_code`). ``graphs`` (CUDA, inductor): the compiled code is
+    captured in CUDA graphs and replayed (inductor's ``reduce-overhead`` mode), and where capture is
+    not possible the call raises instead of silently running without them
+    (``triton.cudagraph_or_error``), so the caller can say so and choose."""
     import torch
 
     cache_dir()
-    return torch.compile(_own_code(fn), dynamic=False, backend=backend or BACKEND)
+    backend = backend or BACKEND
+    if graphs and backend == "inductor":
+        return torch.compile(_own_code(fn), dynamic=False, backend=backend,
+                             options={"triton.cudagraphs": True, "triton.cudagraph_or_error": True})
+    return torch.compile(_own_code(fn), dynamic=False, backend=backend)
+
+
+def graph_step_begin() -> None:
+    """Tell inductor's CUDA graphs that a new training step begins: the outputs of the last replay
+    (overwritten by the next) are no longer read."""
+    import torch
+
+    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+    if mark is not None:
+        mark()
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,9 @@ def leaves_no_trace(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 def _scalar(beta: float, batch: Batch) -> torch.Tensor:
     """The KL weight as a 0-d tensor: a float would be a constant of the graph, and a warm-up that
-    changes it at every step would recompile at every step."""
-    return torch.tensor(beta, dtype=torch.float32, device=batch.x.device)
+    changes it at every step would recompile at every step. Filled on the device (a tensor made from a
+    Python number on a GPU is copied over, and the copy waits for the GPU)."""
+    return torch.empty((), dtype=torch.float32, device=batch.x.device).fill_(beta)
 
 
 def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
@@ -82,10 +83,11 @@ class _Compiled:
 
     kind = ""
 
-    def __init__(self, fn: Callable, batch_size: int, say: Callable[[str], None], backend) -> None:
-        self.batch_size, self.say = batch_size, say
+    def __init__(self, fn: Callable, batch_size: int, say: Callable[[str], None], backend,
+                 graphs: bool = False) -> None:
+        self.batch_size, self.say, self.fn, self.backend, self.graphs = batch_size, say, fn, backend, graphs
         self.cache = compiler.cache_dir()
-        self.compiled: Callable | None = compiler.compiled(fn, backend)
+        self.compiled: Callable | None = compiler.compiled(fn, backend, graphs)
         self.noise: NoiseRecorder | None = None  # the draws of one full batch
         self.started: float | None = None
 
@@ -101,11 +103,21 @@ class _Compiled:
                      f"(compiling; cache {self.cache})")
             self.started = 0.0
 
-    def _failed(self, e: Exception, generator: torch.Generator | None, state: torch.Tensor | None) -> None:
+    def _failed(self, e: Exception, generator: torch.Generator | None, state: torch.Tensor | None) -> bool:
+        """After a failed compiled call: the generator put back, and one line. Returns whether to try
+        again: a step captured in CUDA graphs falls back to the compiled step without them, that one
+        to eager (the call returns False: the caller takes the eager pass)."""
         if generator is not None and state is not None:
             generator.set_state(state)
+        if self.graphs:
+            self.graphs = False
+            self.compiled = compiler.compiled(self.fn, self.backend)
+            self.say(f"CUDA graphs are not possible for this step ({compiler.root_cause(e)}); "
+                     "it runs compiled without them")
+            return True
         self.compiled = None
         self.say(f"torch.compile is not available here ({compiler.root_cause(e)}); training eagerly")
+        return False
 
 
 class CompiledObjective(_Compiled):
@@ -143,7 +155,7 @@ class CompiledObjective(_Compiled):
             loss, log_px_z, kl = self.compiled(model, batch, self.noise.draw(generator), _scalar(beta, batch))
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, said once)
             self._failed(e, generator, state)
-            return self.objective(model, batch, generator=generator, beta=beta)
+            return self(model, batch, generator=generator, beta=beta)
         return loss, ELBOTerms(log_px_z, [LayerKL("total", 0, kl, None, True)])
 
 
@@ -170,9 +182,9 @@ class FusedGradients(_Compiled):
 
     def __init__(self, model: nn.Module, objective: Objective, batch_size: int, precision: str,
                  grad_clip: float | None, say: Callable[[str], None] = print,
-                 backend: str | Callable | None = None) -> None:
+                 backend: str | Callable | None = None, graphs: bool = False) -> None:
         self.bound, self.grad_clip = _Bound(model, objective, precision), grad_clip
-        super().__init__(self._grads, batch_size, say, backend)
+        super().__init__(self._grads, batch_size, say, backend, graphs)
         self.names: list[str] = []  # the parameters that get a gradient (those an eager step updates)
         self.params: list[nn.Parameter] = []
         self.known: set[tuple] = set()  # signatures (:meth:`_signature`) of calls that ran compiled
@@ -182,10 +194,13 @@ class FusedGradients(_Compiled):
     def build(cls, model: nn.Module, objective: Objective, batch_size: int, precision: str,
               grad_clip: float | None, world: int, scaler: object | None,
               say: Callable[[str], None] = print) -> FusedGradients | None:
-        """A fused pass for this run, or None where it cannot compute the same pass."""
+        """A fused pass for this run, or None where it cannot compute the same pass. On a CUDA GPU the
+        pass is captured in CUDA graphs (one per batch shape, replayed each step: the step's hundreds of
+        kernel launches become one), falling back to the compiled pass without them with one line."""
         if world != 1 or scaler is not None or not compiler.has("trace_autograd", say):
             return None
-        return cls(model, objective, batch_size, precision, grad_clip, say)
+        graphs = any(p.device.type == "cuda" for p in model.parameters())
+        return cls(model, objective, batch_size, precision, grad_clip, say, graphs=graphs)
 
     def _grads(self, params: list[torch.Tensor], batch: Batch, noise: PreDrawn, beta: torch.Tensor):
         """(gradients after clipping, the step's report): the graph."""
@@ -259,12 +274,18 @@ class FusedGradients(_Compiled):
         optimizer.zero_grad(set_to_none=True)  # the last step's gradients freed before the graph allocates its own
         state = None if generator is None else generator.get_state()
         try:
+            if self.graphs:  # the last replay's outputs (the gradients, just dropped) are not read again
+                compiler.graph_step_begin()
             grads, report = self._graph([p.detach() for p in self.params], batch, self.noise.draw(generator),
                                         self._beta(beta, batch))
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, said once)
-            self._failed(e, generator, state)
+            if self._failed(e, generator, state):
+                self.known.clear()
+                return self(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip,
+                            precision=precision, scaler=scaler)
             return backward_pass(model, optimizer, objective, batch, beta, generator=generator,
                                  grad_clip=grad_clip, precision=precision, scaler=scaler)
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
-        return report
+        # a replay overwrites its outputs: the report is read only steps later (StepGuard), so it is copied
+        return report.clone() if self.graphs else report

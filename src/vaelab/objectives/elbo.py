@@ -135,7 +135,8 @@ def kl_balance_coefficients(layers: list[LayerKL]) -> torch.Tensor:
     penalised more, one that holds little less, so that no group is switched off early in the warm-up.
     Returns (L,) in the layers' order."""
     kl = torch.stack([layer.kl.detach().abs().mean() for layer in layers]) + 0.01  # (L,)
-    size = torch.tensor([float(layer.dim) for layer in layers], dtype=kl.dtype, device=kl.device)
+    # each size filled where the KL is (a tensor made from a list would be copied from the host: a wait on a GPU)
+    size = torch.stack([kl.new_full((), float(layer.dim)) for layer in layers])
     gamma = kl / size
     return gamma / gamma.mean()
 

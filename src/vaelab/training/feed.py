@@ -51,9 +51,10 @@ class MemoryFeed:
         return int(self.x.shape[0])
 
     def epoch(self, order: torch.Tensor, start: int, batch_size: int) -> Batches:
-        """Float batches (B, C, H, W) on the device and their labels, from batch ``start`` of ``order``."""
-        for idx in _slices(order, start, batch_size):
-            idx = idx.to(self.x.device)
+        """Float batches (B, C, H, W) on the device and their labels, from batch ``start`` of ``order``.
+        The epoch's order goes where the images are in one copy (a copy per batch would make every step
+        wait for the GPU)."""
+        for idx in _slices(order.to(self.x.device), start, batch_size):
             x, y = self.x.index_select(0, idx), None if self.y is None else self.y.index_select(0, idx)
             if self.moves:  # pinned host memory -> the device, overlapping the copy with compute
                 x = x.to(self.device, non_blocking=True)

@@ -269,6 +269,8 @@ class _Stepper:
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None, position: float) -> PendingStep:
         s, t = self.s, self.s.cfg.train
         batch = s.pipeline(x, y, s.noise, train=True)
+        if s.accel.channels_last:  # the layout the model's convolutions take (vaelab.accel)
+            batch = dataclasses.replace(batch, x=s.accel.layout(batch.x))
         for group in s.optimizer.param_groups:
             group["lr"] = self.schedule(t, position)
         self.beta = beta_at(t, position)

@@ -187,6 +187,7 @@ def _restore(s: Session, ckpt: Checkpoint) -> None:
     try:
         if ckpt.optimizer is not None:
             s.optimizer.load_state_dict(ckpt.optimizer)
+            s.accel.match_layouts(s.optimizer)
         s.state = TrainState(**st)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{source}: corrupted optimizer or training state ({e!r})") from None
@@ -252,6 +253,7 @@ def open_session(
     accel = Accelerator.for_model(t.kernels, model, rows=t.batch_size, compile=t.compile, say=_say(rank))
     cfg = cfg.replace(train=dataclasses.replace(t, kernels=accel.kernels))
     accel.prepare(model)
+    accel.place(model, device, cudnn_benchmark=t.cudnn_benchmark)
     pipeline = BatchPipeline(build_condition(cfg.model.condition, spec), cfg.data.binarize)
     noise = torch.Generator(device=device).manual_seed(t.seed + 7919 * rank)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
