@@ -279,8 +279,8 @@ class _Stepper:
                       gradient_pass=self.gradient_pass, skip_threshold=t.skip_threshold,
                       masked=self.guard.masked, frozen=self.guard.frozen)
         self.guard.follow(p)
-        if s.ema is not None and p.decided is not False:  # the average follows the updates taken
-            s.ema.update(s.model, None if p.decided else p.skip)
+        if s.ema is not None and (p.result is None or p.result.applied):  # the average follows the updates taken
+            s.ema.update(s.model, p.skip)
         return p
 
 

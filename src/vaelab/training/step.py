@@ -79,16 +79,16 @@ def backward_pass(model: nn.Module, optimizer: torch.optim.Optimizer, objective:
 
 @dataclass(frozen=True)
 class PendingStep:
-    """A step whose numbers are still where the model lives (nothing read back yet): its report
+    """A step taken, its numbers not necessarily read yet. Decided on the device: its report
     (:func:`step_report`), its flags [non-finite, gradient norm at the threshold] (agreed by every
-    process), whether the update was skipped, and ``decided``: that decision as a Python
-    bool where the host made it (:func:`take_step` with ``masked=False``), else None."""
+    process) and ``skip`` (1 where the update was not taken) are tensors where the model lives, read
+    later by :func:`read_steps`. Decided by the host: ``result`` holds what it read and decided."""
 
     report: torch.Tensor
-    flags: torch.Tensor
-    skip: torch.Tensor  # 0-d float: 1 where the update was not taken
+    flags: torch.Tensor | None
+    skip: torch.Tensor | None  # 0-d float: 1 where the update was not taken
     n: int
-    decided: bool | None = None
+    result: StepResult | None = None
 
 
 def step_flags(report: torch.Tensor, skip_threshold: float | None) -> torch.Tensor:
@@ -126,48 +126,58 @@ def take_step(
     ``masked`` (an optimizer that takes ``found_inf``, as torch's Adam, AdamW, SGD and Adagrad do in
     the form :class:`torch.amp.GradScaler` drives): the update kernel itself skips the step when told
     to, so the host never reads anything and nothing waits for the device. Otherwise the host reads the
-    decision (one synchronisation; free on the CPU, where host and device are one) and skips by a
-    branch. Both take the same updates, bit for bit."""
+    report (one synchronisation; free on the CPU, where host and device are one), decides, and skips
+    by a branch. Both take the same updates, bit for bit."""
     report = gradient_pass(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip,
                            precision=precision, scaler=scaler)
-    flags = step_flags(report, skip_threshold)
-    if world > 1:
-        flags = all_max_tensor(flags)
-    skip = flags.amax()  # 1.0: skip the update
-    if frozen is not None:
-        skip = torch.maximum(skip, frozen)
-    decided = None
+    n = batch.x.shape[0]
     if masked:
+        flags = step_flags(report, skip_threshold)
+        if world > 1:
+            flags = all_max_tensor(flags)
+        skip = flags.amax()  # 1.0: skip the update
+        if frozen is not None:
+            skip = torch.maximum(skip, frozen)
         optimizer.found_inf = skip  # type: ignore[attr-defined]
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf  # type: ignore[attr-defined]
-    else:
-        decided = not skip.item()
-        if decided:
+        pending = PendingStep(report, flags, skip, n)
+    else:  # the host reads the report (one synchronisation) and decides by a branch
+        loss_v, gnorm_v, rec_v, kl_v = report.tolist()
+        finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+        large = finite and skip_threshold is not None and gnorm_v >= skip_threshold
+        bad, large = all_any([not finite, large], world)
+        ok = not (bad or large)
+        if ok:
             optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
+        pending = PendingStep(report, None, None, n, StepResult(loss_v, gnorm_v, rec_v, kl_v, n, ok, False,
+                                                                 large and not bad))
     if scaler is not None:
         scaler.update()  # after an overflow the scale halves: the guard counts that step as skipped
-    return PendingStep(report, flags, skip, batch.x.shape[0], decided)
+    return pending
 
 
 def read_steps(steps: Sequence[PendingStep]) -> list[StepResult]:
-    """The host's copy of pending steps, all in one transfer (the one synchronisation)."""
-    if not steps:
-        return []
-    flat = torch.cat([torch.stack([p.report for p in steps]).flatten().float(),
-                      torch.stack([p.flags for p in steps]).flatten().float(),
-                      torch.stack([p.skip for p in steps]).float()]).tolist()
-    k = len(steps)
-    out = []
-    for i, p in enumerate(steps):
+    """The host's copy of pending steps: those decided on the device all in one transfer (the one
+    synchronisation), those the host decided as it read them."""
+    on_device = [p for p in steps if p.result is None]
+    flat = torch.cat([torch.stack([p.report for p in on_device]).flatten().float(),
+                      torch.stack([p.flags for p in on_device]).flatten().float(),  # type: ignore[misc]
+                      torch.stack([p.skip for p in on_device]).float()]).tolist() if on_device else []  # type: ignore[misc]
+    k, i, out = len(on_device), 0, []
+    for p in steps:
+        if p.result is not None:
+            out.append(p.result)
+            continue
         loss_v, gnorm_v, rec_v, kl_v = flat[4 * i : 4 * i + 4]
         bad, large = flat[4 * k + 2 * i] > 0, flat[4 * k + 2 * i + 1] > 0
         applied = flat[6 * k + i] == 0
         out.append(StepResult(loss_v, gnorm_v, rec_v, kl_v, p.n, applied, False, large and not bad and not applied))
+        i += 1
     return out
 
 
