@@ -10,7 +10,8 @@ own training time (validation excluded), the median over every epoch after each 
 variants must give the same model bit for bit: the script checks it. "reads/epoch" counts the host's
 reads of the steps' numbers (each one waits for the device).
 
-    python benchmarks/step_sync.py [--runs 4] [--epochs 3] [--device cpu|cuda] [--limit-train N] [--compile]
+    python benchmarks/step_sync.py [--runs 4] [--epochs 3] [--device cpu|cuda] [--limit-train N] [--data-dir D]
+                                    [--compile]
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from vaelab.accel import Accelerator
 from vaelab.data import DataSplits, ImageSet
 
 
-def _data(limit: int | None) -> DataSplits:
+def _data(limit: int | None, data_dir: str | None) -> DataSplits:
     try:
-        return vaelab.load_data(vaelab.DataConfig(name="fashion-mnist", limit_train=limit, val_size=1000,
-                                                  limit_test=1000, download=False))
+        return vaelab.load_data(vaelab.DataConfig(name="fashion-mnist", data_dir=data_dir, limit_train=limit,
+                                                  val_size=1000, limit_test=1000, download=False))
     except Exception:  # noqa: BLE001  (no data set here: random images of the same shape)
         n = limit or 20000
         images = torch.randint(0, 256, (n + 2000, 1, 28, 28), generator=torch.Generator().manual_seed(0),
@@ -45,15 +46,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--data-dir", default=None, help="where Fashion-MNIST is (else found as vaelab finds it)")
     ap.add_argument("--sync-every", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="the compiled step (on a GPU: in CUDA graphs)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = _data(args.limit_train)
+    data = _data(args.limit_train, args.data_dir)
     cfg = vaelab.RunConfig(
-        data=vaelab.DataConfig(name=data.name if data.name != "random" else "random", val_size=1000),
+        data=vaelab.DataConfig(name=data.name, val_size=1000),
         model=vaelab.ModelConfig(latent_dim=20, hidden=(400,), likelihood="bernoulli"),
         train=vaelab.TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, progress=False, device=args.device,
                                  threads=args.threads, sync_every=args.sync_every, compile=args.compile),
