@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 
 import torch
 
@@ -38,6 +39,31 @@ def _data(limit: int | None, data_dir: str | None) -> DataSplits:
                                dtype=torch.uint8)
         return DataSplits(ImageSet(images[:n]), ImageSet(images[n : n + 1000]), ImageSet(images[n + 1000 :]),
                           "random")
+
+
+def tiny_step_us(masked: bool, steps: int = 3000) -> float:
+    """Microseconds a step of a tiny model (4x4 images, latent 2, hidden 8, batch 8) takes, the step
+    decided by the host or on the device, read back as the loop does: what the decision itself costs,
+    the model's compute being next to nothing."""
+    from vaelab.conditioning import Batch
+    from vaelab.objectives import ELBOObjective
+    from vaelab.training.step import StepGuard, read_steps, take_step
+
+    torch.manual_seed(0)
+    model = vaelab.build_model(vaelab.ModelConfig(latent_dim=2, hidden=(8,)), vaelab.DataSpec((1, 4, 4)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    guard = StepGuard(masked, 16, 20, 0, torch.device("cpu"))
+    batch, g, objective = Batch(torch.rand(8, 1, 4, 4), None, None), torch.Generator().manual_seed(0), ELBOObjective()
+    pending = []
+    t0 = time.perf_counter()
+    for i in range(steps):
+        p = take_step(model, opt, objective, batch, 1.0, generator=g, masked=masked, frozen=guard.frozen)
+        guard.follow(p)
+        pending.append(p)
+        if (i + 1) % guard.every == 0:
+            read_steps(pending)
+            pending.clear()
+    return (time.perf_counter() - t0) / steps * 1e6
 
 
 def main() -> None:
@@ -100,6 +126,10 @@ def main() -> None:
         key = "host" if name.startswith("host") else "device"
         print(f"{name:34s} {med:8.3f} {n_reads[key] / args.epochs:12.1f} {steps / args.epochs:12.0f}  "
               + " ".join(f"{t:.3f}" for t in times[key]))
+    if args.device == "cpu":
+        tiny = {m: statistics.median(tiny_step_us(m) for _ in range(3)) for m in (False, True)}
+        print(f"a tiny model's whole step (what the decision costs): host {tiny[False]:.0f} us, "
+              f"device {tiny[True]:.0f} us")
     q = sorted(d / h for d, h in zip(times["device"], times["host"], strict=False))
     print(f"device / host: {dev / host:.3f} (epoch by epoch, paired: median {statistics.median(q):.3f}, "
           f"range {q[0]:.3f}-{q[-1]:.3f}); the same model bit for bit: {'yes' if same else 'NO'}")

@@ -307,6 +307,29 @@ def test_training_from_the_cache_is_bit_identical_to_training_from_memory(photos
     assert res.n == 6
 
 
+def test_evaluation_reads_a_prepared_split_batch_by_batch_and_gives_the_in_memory_numbers(photos, tmp_path,
+                                                                                         monkeypatch):
+    """Evaluating a prepared split never reads it whole (memory holds one batch), and every number is
+    the in-memory evaluation's, bit for bit."""
+    run = quiet(vaelab.train, _conv_cfg(f"folder:{photos}", True), tmp_path / "run")
+    mapped = quiet(load_data, cfg(f"folder:{photos}", cache=True)).train
+    memory = quiet(load_data, cfg(f"folder:{photos}", cache=False)).train
+    assert isinstance(mapped, MappedImages) and not isinstance(memory, MappedImages)
+    reads: list[int] = []
+    real = MappedImages.read
+
+    def counted(self, positions, pin=False):
+        reads.append(len(positions))
+        return real(self, positions, pin)
+
+    monkeypatch.setattr(MappedImages, "read", counted)
+    monkeypatch.setattr(MappedImages, "images", property(lambda self: pytest.fail("read the whole split")))
+    a = vaelab.evaluate_model(run.model, mapped, k=4, batch_size=10, progress=False)
+    b = vaelab.evaluate_model(run.model, memory, k=4, batch_size=10, progress=False)
+    assert max(reads) <= 10 and sum(reads) >= len(mapped)
+    assert a == b
+
+
 DDP_SCRIPT = """
 import json, os, sys, warnings
 warnings.simplefilter("ignore")

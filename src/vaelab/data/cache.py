@@ -302,6 +302,11 @@ class MappedImages(ImageSet):
         self.store.read_into(self.rows[positions], out.numpy())
         return out
 
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        """uint8 images (B, C, H, W) of rows ``start`` to ``stop`` of this set, read now (evaluation
+        reads a whole split this way, batch by batch, holding one batch)."""
+        return self.read(np.arange(start, min(stop, len(self.rows))))
+
     def batches(self, positions: Sequence[torch.Tensor], pin: bool, as_float: bool = False, ahead: bool = True,
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each batch of ``positions`` (into this set) as uint8 images and labels, in order; the next

@@ -18,6 +18,7 @@ from ..accel import Accelerator
 from ..conditioning import Condition
 from ..config import RunConfig, check_count, check_seed
 from ..data import ImageSet
+from ..data.cache import MappedImages
 from ..data.python import as_image_set, run_splits
 from ..data.registry import PYTHON_PREFIX
 from ..devices import autocast, resolve_device
@@ -142,7 +143,9 @@ def evaluate_model(
     if pipeline.condition.dim != model.spec.cond_dim:
         raise ConfigError(f"the model takes a condition of size {model.spec.cond_dim}, the condition "
                           f"{pipeline.condition.name!r} gives {pipeline.condition.dim}")
-    ev = evaluate_batches(model, data.images, data.labels, pipeline, k=k, batch_size=batch_size, seed=seed,
+    # a prepared data set is read batch by batch from its file (memory holds a batch, not the split)
+    images = data if isinstance(data, MappedImages) else data.images
+    ev = evaluate_batches(model, images, data.labels, pipeline, k=k, batch_size=batch_size, seed=seed,
                           progress=progress and rank == 0, rank=rank, world=world, precision=precision,
                           passes=Accelerator(compile=compile, say=_say).passes())
     n = ev.n

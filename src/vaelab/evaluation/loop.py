@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.cache import MappedImages
 from ..devices import autocast
 from ..distributed import all_sum, all_sum_tensor
 from ..distributions import Noise
@@ -110,7 +111,7 @@ class Evaluation:
 @torch.no_grad()
 def evaluate_batches(
     model: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | MappedImages,
     labels: torch.Tensor | None,
     pipeline: BatchPipeline,
     *,
@@ -126,7 +127,9 @@ def evaluate_batches(
 ) -> Evaluation:
     """Evaluate ``model`` on uint8 ``images`` (N, C, H, W) with k draws per datapoint: the ELBO's terms
     per layer (its reconstruction term averaged over the k draws), posterior means and L_k. The
-    pipeline builds each batch (condition drawn once per batch).
+    pipeline builds each batch (condition drawn once per batch). ``images`` may also be a prepared data
+    set (:class:`~vaelab.data.cache.MappedImages`): each batch is then read from its file when it is
+    evaluated, so memory holds one batch of images, not the split.
 
     Each batch draws from its own generator, seeded from (``seed``, batch index): a batch's numbers
     do not depend on the batches before it nor on the process that evaluates it. With ``world`` > 1
@@ -138,8 +141,9 @@ def evaluate_batches(
     device = device_of(model)
     amp = autocast(device, precision)  # checked before any work; entered around each forward pass
     budget = budget or (GPU_BUDGET if device.type == "cuda" else BUDGET)
-    n = images.shape[0]
-    per_row, names = _probe(model, images, labels, pipeline) if n else (0, [])
+    n = len(images)
+    take = getattr(images, "read_range", None) or (lambda i, j: images[i:j])  # a file's rows, or memory's
+    per_row, names = _probe(model, take(0, 1), labels, pipeline) if n else (0, [])
     per_row = per_row if k > 1 else 0
     draws = k if per_row == 0 else max(1, min(k, budget // per_row))  # draws per call
     draws = -(-k // -(-k // draws))  # the same number in each call: 5000 = 2500 + 2500, not 4011 + 989
@@ -153,7 +157,7 @@ def evaluate_batches(
     with eval_mode(model), fixed_weights(model), bar:
         for done, i in enumerate(starts):
             g = batch_generator(model, seed, i // batch_size)
-            b = pipeline(images[i : i + batch_size].to(device),
+            b = pipeline(take(i, i + batch_size).to(device),
                          None if labels is None else labels[i : i + batch_size].to(device), g)
             for j in range(0, b.x.shape[0], rows):
                 x, c = b.x[j : j + rows], None if b.c is None else b.c[j : j + rows]
@@ -171,7 +175,7 @@ def evaluate_batches(
     if world <= 1:
         return _concat(groups, k, scored)
     if not groups and n:  # no batch for this rank: learn the layers' shapes from one throwaway draw
-        b = pipeline(images[:1].to(device), None if labels is None else labels[:1].to(device), generator_for(model, 0))
+        b = pipeline(take(0, 1).to(device), None if labels is None else labels[:1].to(device), generator_for(model, 0))
         with eval_mode(model):
             template = _concat([_draws(model, b.x, b.c, b.mask, 1, 1, generator_for(model, 0), names)], k, 0.0)
         return _sum_over_ranks(template, [], n, world)
