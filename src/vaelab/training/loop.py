@@ -45,7 +45,7 @@ from .feed import make_feed
 from .schedules import SCHEDULES
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
-from .step import Meters, PendingStep, StepGuard, TrainState, guard_nonfinite, read_steps, take_step
+from .step import Meters, PendingStep, StepResult, TrainState, guard_nonfinite, read_steps, take_step
 
 EpochCallback = Callable[[dict[str, Any]], None]  # the older form of a callback (see .callbacks)
 
@@ -277,7 +277,7 @@ class _Stepper:
         p = take_step(self.model, s.optimizer, self.objective, batch, self.beta, generator=s.noise,
                       grad_clip=t.grad_clip, world=s.world, precision=t.precision, scaler=s.scaler,
                       gradient_pass=self.gradient_pass, skip_threshold=t.skip_threshold,
-                      masked=self.guard.masked, frozen=self.guard.frozen)
+                      masked=self.guard.masked, frozen=self.guard.frozen, stop=lambda: self.stop.requested)
         self.guard.follow(p)
         if s.ema is not None and (p.result is None or p.result.applied):  # the average follows the updates taken
             s.ema.update(s.model, p.skip)
@@ -298,7 +298,7 @@ def _epoch(s: Session, step: _Stepper, callbacks: CallbackList, max_steps: int |
     batches = step.batches(epoch, state.step_in_epoch)
     pending: list[PendingStep] = []
 
-    def read() -> None:
+    def read() -> list[StepResult]:
         first = state.step - len(pending)
         results = read_steps(pending)
         pending.clear()
@@ -308,6 +308,7 @@ def _epoch(s: Session, step: _Stepper, callbacks: CallbackList, max_steps: int |
             if callbacks.wants_steps:  # read at every step then: this step's own numbers and settings
                 callbacks.on_step(StepInfo(first + j + 1, epoch, state.step_in_epoch, step.beta,
                                            s.optimizer.param_groups[0]["lr"], r))
+        return results
 
     for i in range(state.step_in_epoch, n):
         pending.append(step(*next(batches), epoch + i / n))
@@ -317,9 +318,10 @@ def _epoch(s: Session, step: _Stepper, callbacks: CallbackList, max_steps: int |
         # points every process reaches at the same step: there the processes agree on a stop
         common = state.step % step.guard.every == 0 or i + 1 == n or limit or save
         alone = s.world == 1 and step.stop.requested
-        if common or alone or callbacks.wants_steps:
-            read()
-        if common and s.world > 1:
+        results = read() if common or alone or callbacks.wants_steps else []
+        if not step.guard.masked:  # read at every step: agreed by every process in the step's collective
+            signalled = results[-1].stop
+        elif common and s.world > 1:  # decided on the device: the processes agree at the common reads
             signalled = all_any([step.stop.requested], s.world)[0]
         elif s.world == 1:
             signalled = alone

@@ -115,6 +115,7 @@ def take_step(
     skip_threshold: float | None = None,
     masked: bool = False,
     frozen: torch.Tensor | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> PendingStep:
     """One step, decided where the model lives: the gradient pass, the guard, the update.
 
@@ -127,7 +128,8 @@ def take_step(
     the form :class:`torch.amp.GradScaler` drives): the update kernel itself skips the step when told
     to, so the host never reads anything and nothing waits for the device. Otherwise the host reads the
     report (one synchronisation; free on the CPU, where host and device are one), decides, and skips
-    by a branch. Both take the same updates, bit for bit."""
+    by a branch; its result's ``stop`` says whether some process was asked to stop (``stop()``: this
+    one was), agreed in the same collective as the flags. Both take the same updates, bit for bit."""
     report = gradient_pass(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip,
                            precision=precision, scaler=scaler)
     n = batch.x.shape[0]
@@ -148,13 +150,13 @@ def take_step(
         loss_v, gnorm_v, rec_v, kl_v = report.tolist()
         finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
         large = finite and skip_threshold is not None and gnorm_v >= skip_threshold
-        bad, large = all_any([not finite, large], world)
+        bad, large, halt = all_any([not finite, large, stop is not None and stop()], world)
         ok = not (bad or large)
         if ok:
             optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
-        pending = PendingStep(report, None, None, n, StepResult(loss_v, gnorm_v, rec_v, kl_v, n, ok, False,
+        pending = PendingStep(report, None, None, n, StepResult(loss_v, gnorm_v, rec_v, kl_v, n, ok, halt,
                                                                  large and not bad))
     if scaler is not None:
         scaler.update()  # after an overflow the scale halves: the guard counts that step as skipped
@@ -210,10 +212,11 @@ def train_step(
     collective). The training loop calls :func:`take_step` and reads its steps every few steps instead."""
     p = take_step(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip, world=world,
                   precision=precision, scaler=scaler, gradient_pass=gradient_pass, skip_threshold=skip_threshold,
-                  masked=masked)
+                  masked=masked, stop=stop)
     (r,) = read_steps([p])
-    halt = all_any([stop is not None and stop()], world)[0]
-    return dataclasses.replace(r, stop=halt)
+    if masked:  # the host did not take part in the decision: agree on the stop now
+        r = dataclasses.replace(r, stop=all_any([stop is not None and stop()], world)[0])
+    return r
 
 
 class StepGuard:
