@@ -648,6 +648,21 @@ _show_warning = warnings.showwarning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if "torch.distributed" in sys.modules:
+        from .distributed import peer_lost
+
+        if peer_lost():  # a torchrun job that lost a peer: leave without Python's shutdown (see peer_lost)
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in SHARDED and _rank() != 0:
         return 0  # under torchrun, commands that do not share their work run on rank 0 alone

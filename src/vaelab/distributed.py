@@ -209,6 +209,26 @@ def describe_failure(e: BaseException, rank: int, world: int, timeout: float) ->
     return what, announce
 
 
+_peer_lost = False  # set by peer_failures: this process's job lost a peer (see peer_lost)
+
+
+def peer_lost() -> bool:
+    """Whether a peer's failure ended this process's part in the job (:func:`peer_failures`).
+
+    Such a process must leave without Python's shutdown (:func:`os._exit`, after its output is
+    flushed; ``vaelab``'s command line does): the collective the peer never answered can still be
+    running in one of gloo's worker threads after this process's own wait gave up, and that thread
+    destroys it when gloo's own timeout or the closed connection ends it. The work holds Python
+    objects (its tensors' Python wrappers; during the backward pass, DistributedDataParallel's
+    all-reduce also captures the contextvars the autograd engine stashes in thread-local state), so
+    destroying it takes the GIL; once the interpreter is finalizing, the thread is ended there by
+    ``pthread_exit`` inside a ``noexcept`` destructor and libstdc++ aborts the process with "terminate
+    called without an active exception" after vaelab's line. Destroying the process group does not
+    wait for that work (the DDP reducer still holds the group, whose destructor is what joins gloo's
+    threads), and neither does a garbage collection."""
+    return _peer_lost
+
+
 @contextlib.contextmanager
 def peer_failures(timeout: float, then: Callable[[], str]) -> Iterator[None]:
     """Turn a failed collective inside the block into a one-line :class:`DistributedError`:
@@ -222,6 +242,8 @@ def peer_failures(timeout: float, then: Callable[[], str]) -> Iterator[None]:
         if world <= 1 or not is_peer_failure(e):
             raise
         what, announce = describe_failure(e, rank, world, timeout)
+        global _peer_lost
+        _peer_lost = True
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         raise DistributedError(f"{what}; {then()}", announce) from None
