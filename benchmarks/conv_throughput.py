@@ -38,7 +38,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reference_epoch(enc, dec, opt, loader, amp=None, device: torch.device = torch.device("cpu"),
+CPU = torch.device("cpu")
+
+
+def reference_epoch(enc, dec, opt, loader, amp=None, device: torch.device = CPU,
                     memory_format=torch.contiguous_format) -> float:
     """One epoch the plain way: reparameterise, discretized-logistic NLL + closed-form KL (``amp``: the
     networks under that autocast, the loss in float32)."""

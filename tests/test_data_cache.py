@@ -395,3 +395,23 @@ def test_the_read_ahead_float_conversion_is_to_float_bit_for_bit(photos):
     pos = [torch.tensor([3, 0, 7]), torch.tensor([1, 2])]
     for (f, _), (u, _) in zip(data.train.batches(pos, False, as_float=True), data.train.batches(pos, False), strict=True):
         assert f.dtype == torch.float32 and torch.equal(f, to_float(u))
+
+
+def test_the_folder_walk_streams_in_the_order_rglob_sorts(tmp_path, monkeypatch):
+    """The walk lists what ``sorted(rglob)`` lists, in that order (names that sort around a folder's name,
+    nested folders, a link to a file, an unreadable-free tree), and a warm start's fingerprint is taken
+    without holding the listing (the folder's scan is not kept)."""
+    from vaelab.data.folder import iter_files
+
+    root = tmp_path / "tree"
+    for rel in ["a/x.jpg", "a.jpg", "a-b/y.png", "a/b/z.jpg", "a/b.jpg", "B/q.jpg", "é/w.jpg", "ab", "a/b/c/d/e.jpg"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    os.symlink(root / "ab", root / "link.jpg")
+    os.symlink(root / "a", root / "folder-link")  # not followed, as rglob does not
+    want = sorted(p.relative_to(root).parts for p in root.rglob("*") if p.is_file())
+    assert [rel for rel, _ in iter_files(root)] == want
+    src = FolderSource(str(root))
+    fp = src.fingerprint()
+    assert src._scan is None  # streamed
+    assert src.listing().n_files == len(want) and src.fingerprint() == fp  # the kept snapshot hashes the same

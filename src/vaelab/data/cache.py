@@ -59,7 +59,7 @@ META_MAX_BYTES = 1 << 20  # meta.json is small; a larger one is not ours
 CHUNK = 64  # images per worker task
 INLINE_BELOW = 512  # fewer images than this are decoded in this process (no pool to start)
 PROGRESS_FROM = 2000  # images: a smaller build runs without a progress line
-DROP_EVERY = 64 << 20  # bytes a prepared file's reads may have mapped before its pages are dropped
+DROP_EVERY = 16 << 20  # bytes a prepared file's reads may have mapped before its pages are dropped
 FAULT_AROUND = 64 << 10  # bytes Linux maps around a page fault of a file mapping (fault_around_bytes)
 
 
@@ -246,15 +246,16 @@ class RowStore:
 
     def read_into(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Rows ``rows`` (int64) into ``out`` (len(rows), C, H, W) uint8, contiguous."""
-        if len(rows) == 0:
-            return
-        np.take(self._arr, rows, axis=0, out=out)
-        # what the reads may have mapped: a page fault maps up to 64 KiB around it ("fault-around"), so
-        # rows read at random map far more than their own bytes
-        self._read += len(rows) * max(self.row_bytes, FAULT_AROUND)
-        if self._read >= DROP_EVERY and hasattr(self._mmap, "madvise"):
-            self._read = 0
-            self._mmap.madvise(mmap.MADV_DONTNEED)  # clean file pages: dropped from this process, kept in the page cache
+        # what the reads may map: a page fault maps up to 64 KiB around it ("fault-around"), so rows read
+        # at random map far more than their own bytes; a large read (a validation split) goes in chunks
+        per_row = max(self.row_bytes, FAULT_AROUND)
+        chunk = max(1, DROP_EVERY // per_row)
+        for i in range(0, len(rows), chunk):
+            np.take(self._arr, rows[i : i + chunk], axis=0, out=out[i : i + chunk])
+            self._read += min(chunk, len(rows) - i) * per_row
+            if self._read >= DROP_EVERY and hasattr(self._mmap, "madvise"):
+                self._read = 0
+                self._mmap.madvise(mmap.MADV_DONTNEED)  # clean file pages: dropped from this process, kept in the page cache
 
 
 class MappedImages(ImageSet):
@@ -466,6 +467,7 @@ def build(source: Source, size: int, grayscale: bool, target: Path, fingerprint:
     limit = limit or pixel_limit(size)
     t0 = time.monotonic()
     lst = source.listing()
+    fingerprint = source.fingerprint()  # of the snapshot the listing took (the folder may have changed since the caller's)
     items, names = lst.items, lst.names
     if not items:
         raise DataError(f"{source.label}: holds no image files (searched recursively)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -159,30 +160,40 @@ def read_image(src, size: int, grey: bool, limit: int) -> tuple[str, np.ndarray]
     return mode, (arr[None] if grey else arr.transpose(2, 0, 1))
 
 
-def walk_files(root: Path) -> list[tuple[tuple[str, ...], os.stat_result]]:
-    """Every file under ``root``, recursively, as (relative parts, stat), sorted as ``Path`` objects
+def iter_files(root: Path) -> Iterator[tuple[tuple[str, ...], os.stat_result]]:
+    """Every file under ``root``, recursively, as (relative parts, stat), in the order ``Path`` objects
     sort (by their parts): what ``sorted(p for p in root.rglob("*") if p.is_file())`` lists, with one
     ``scandir`` per folder and one ``stat`` per file instead of ``Path`` objects (20x faster on 100,000
-    files). Like ``rglob``, symbolic links to folders are not followed; links to files are; folders
-    that cannot be read are passed over."""
-    out: list[tuple[tuple[str, ...], os.stat_result]] = []
-    stack: list[tuple[str, tuple[str, ...]]] = [(str(root), ())]
-    while stack:
-        folder, rel = stack.pop()
+    files). Each folder's entries are sorted by name and a sub-folder is walked where its name falls,
+    which is that order, so the walk streams: it holds one folder's entries per level, not the tree.
+    Like ``rglob``, symbolic links to folders are not followed; links to files are; folders that
+    cannot be read are passed over."""
+
+    def entries(folder: str) -> Iterator[os.DirEntry]:
         try:
-            entries = list(os.scandir(folder))
+            return iter(sorted(os.scandir(folder), key=lambda e: e.name))
         except OSError:
+            return iter(())
+
+    stack: list[tuple[Iterator[os.DirEntry], tuple[str, ...]]] = [(entries(str(root)), ())]
+    while stack:
+        it, rel = stack[-1]
+        e = next(it, None)
+        if e is None:
+            stack.pop()
             continue
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append((e.path, (*rel, e.name)))
-                elif e.is_file():
-                    out.append(((*rel, e.name), e.stat()))
-            except OSError:  # vanished or unreadable since it was listed
-                continue
-    out.sort(key=lambda t: t[0])
-    return out
+        try:
+            if e.is_dir(follow_symlinks=False):
+                stack.append((entries(e.path), (*rel, e.name)))
+            elif e.is_file():
+                yield (*rel, e.name), e.stat()
+        except OSError:  # vanished or unreadable since it was listed
+            continue
+
+
+def walk_files(root: Path) -> list[tuple[tuple[str, ...], os.stat_result]]:
+    """:func:`iter_files` as a list."""
+    return list(iter_files(root))
 
 
 def read_folder(path: str | Path, image_size: int | None = None, grayscale: bool = False,
@@ -281,22 +292,30 @@ class FolderSource(Source):
     def identity(self) -> str:
         return str(self.root.resolve())
 
+    def _rows(self) -> Iterator[tuple[tuple[str, ...], int, str]]:
+        """(relative parts, size, times and inode) of every file, in the in-memory reader's order, as the
+        walk finds them."""
+        if not self.root.is_dir():
+            raise DatasetNotFoundError(f"{self.root}: no such folder (folder:PATH needs a folder of images)")
+        n = 0
+        for rel, st in iter_files(self.root):
+            n += 1
+            # size and times (mtime, and ctime, which any rewrite moves) plus the inode (a file replaced)
+            yield rel, st.st_size, f"{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+        if not n:
+            raise DataError(f"{self.root}: the folder is empty (no files, searched recursively)")
+
     def scan(self) -> list[tuple[tuple[str, ...], int, str]]:
-        """(relative parts, size, times and inode) of every file, in the in-memory reader's order."""
+        """:meth:`_rows` as a list, kept: one snapshot of the folder for a build's listing and fingerprint."""
         if self._scan is None:
-            if not self.root.is_dir():
-                raise DatasetNotFoundError(f"{self.root}: no such folder (folder:PATH needs a folder of images)")
-            out = []
-            for rel, st in walk_files(self.root):
-                # size and times (mtime, and ctime, which any rewrite moves) plus the inode (a file replaced)
-                out.append((rel, st.st_size, f"{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"))
-            if not out:
-                raise DataError(f"{self.root}: the folder is empty (no files, searched recursively)")
-            self._scan = out
+            self._scan = list(self._rows())
         return self._scan
 
     def fingerprint(self) -> str:
-        return hash_lines(f"{'/'.join(rel)}\0{n}\0{t}" for rel, n, t in self.scan())
+        """The hash of every file's name, size, times and inode: of the snapshot a listing took, else of
+        a walk that holds nothing (a warm start's memory does not grow with the number of files)."""
+        rows = self._scan if self._scan is not None else self._rows()
+        return hash_lines(f"{'/'.join(rel)}\0{n}\0{t}" for rel, n, t in rows)
 
     def listing(self) -> Listing:
         files = self.scan()
