@@ -415,3 +415,27 @@ def test_the_folder_walk_streams_in_the_order_rglob_sorts(tmp_path, monkeypatch)
     fp = src.fingerprint()
     assert src._scan is None  # streamed
     assert src.listing().n_files == len(want) and src.fingerprint() == fp  # the kept snapshot hashes the same
+
+
+def test_a_split_past_the_float_budget_stays_uint8_in_memory_and_trains_the_same_bits(tmp_path, monkeypatch):
+    """An in-memory training split whose float32 copy would pass the budget (SVHN with its extra images
+    needs 7.4 GB as float) is held as uint8 and converted batch by batch: the same run, bit for bit."""
+    from test_reliability import tiny_cfg, write_tiny_mnist
+
+    import vaelab.training.feed as feed
+
+    data_dir = write_tiny_mnist(tmp_path / "data")
+    cfg = tiny_cfg(data_dir, 2, 4)
+    vaelab.train(cfg, tmp_path / "float")
+    monkeypatch.setattr(feed, "FLOAT_BUDGET", 1000)  # bytes: the 160 8x8 images' float copy is 40,960
+    made = []
+    real = feed.MemoryFeed.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        made.append(self.x.dtype)
+
+    monkeypatch.setattr(feed.MemoryFeed, "__init__", spy)
+    vaelab.train(cfg, tmp_path / "uint8")
+    assert made == [torch.uint8]
+    _same_checkpoints(tmp_path / "float", tmp_path / "uint8")

@@ -2,7 +2,9 @@
 permutation of the training split, sharded by rank):
 
 * :class:`MemoryFeed`: the whole training split in memory as float32 (on the device when it fits,
-  else in pinned host memory, each batch copied over as it is used): batching is indexing.
+  else in pinned host memory, each batch copied over as it is used): batching is indexing. A split
+  whose float copy would pass :data:`FLOAT_BUDGET` (2 GiB: SVHN with its extra images, say) stays
+  uint8 and each batch is converted as it is used.
 * :class:`StreamFeed`: a prepared data set read from disk (:class:`vaelab.data.cache.MappedImages`,
   each batch gathered from its memory map between steps) or a Dataset too large for memory
   (:class:`vaelab.data.python.StreamedImages`, each batch read through a DataLoader); the same
@@ -40,10 +42,19 @@ def _slices(order: torch.Tensor, start: int, batch_size: int) -> list[torch.Tens
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(start, steps)]
 
 
+#: bytes the float32 copy of an in-memory training split may take; a larger split stays uint8 (a
+#: quarter of the memory) and each batch is converted as it is used (the same k/255, the same bits)
+FLOAT_BUDGET = 2 << 30
+
+
 class MemoryFeed:
     def __init__(self, train: ImageSet, device: torch.device, likelihood: str, source: str) -> None:
-        x = to_float(train.images)  # the whole training set in memory: batching is indexing
-        check_model_input(x, likelihood, source)
+        x = train.images
+        self.convert = x.dtype == torch.uint8 and x.numel() * 4 > FLOAT_BUDGET
+        if not self.convert:
+            x = to_float(x)  # the whole training set as float: batching is indexing
+            check_model_input(x, likelihood, source)
+        # (uint8 k/255 lies in [0, 1] by construction: nothing to check)
         self.x, self.y, self.moves = _place(x, train.labels, device)
         self.device = device
 
@@ -59,7 +70,7 @@ class MemoryFeed:
             if self.moves:  # pinned host memory -> the device, overlapping the copy with compute
                 x = x.to(self.device, non_blocking=True)
                 y = None if y is None else y.to(self.device, non_blocking=True)
-            yield x, y
+            yield (to_float(x) if self.convert else x), y
 
 
 class StreamFeed:
