@@ -193,7 +193,10 @@ def _onnx_cases():
     # the model family of ModelConfig: deeper models and learned priors (the encoder takes x alone)
     cases += [("vae", "bernoulli", "mlp", {"layers": 2}), ("vae", "gaussian", "mlp", {"layers": 3, "prior": "mog"}),
               ("vae", "discretized-logistic", "conv", {"prior": "vamp", "prior_components": 3, "layers": 2}),
-              ("ladder", "bernoulli", "mlp", {"layers": 3}), ("ladder", "gaussian", "mlp", {"layers": 3, "ladder_skip": True})]
+              ("ladder", "bernoulli", "mlp", {"layers": 3}), ("ladder", "gaussian", "mlp", {"layers": 3, "ladder_skip": True}),
+              # batch normalisation (model.norm), exported with its running statistics (made non-trivial)
+              ("ladder", "bernoulli", "mlp", {"layers": 3, "norm": "batch"}),
+              ("vae", "bernoulli", "mlp", {"layers": 2, "norm": "batch"})]
     return [c if len(c) == 4 else (*c, {}) for c in cases]
 
 
@@ -204,11 +207,17 @@ def _build(name: str, likelihood: str, net: str, condition: str = "none", **extr
     cfg = ModelConfig(model=name, latent_dim=4, hidden=(8,), likelihood=likelihood, encoder=net, decoder=net,
                       n_mixtures=2, condition=condition, sigma=0.5, **extra)
     try:
-        return vaelab.build_model(cfg, describe_data(shape, 4, condition)).eval()
+        model = vaelab.build_model(cfg, describe_data(shape, 4, condition)).eval()
     except ConfigError as e:
         if condition != "none" or "condition" not in str(e):
             raise
         return _build(name, likelihood, net, "left-half", **extra)  # a model that needs a condition (cvae, regressor)
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():  # running statistics away from (0, 1), so that exporting them is tested
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
 
 
 def _compare(model: torch.nn.Module, folder: Path, batch: int = 5) -> dict[str, float]:

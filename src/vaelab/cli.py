@@ -57,6 +57,7 @@ _TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
     "latent_dim": ("model", "latent_dim", int),
     "hidden": ("model", "hidden", _ints),
     "activation": ("model", "activation", str),
+    "norm": ("model", "norm", str),
     "likelihood": ("model", "likelihood", str),
     "sigma": ("model", "sigma", float),
     "encoder": ("model", "encoder", str),
@@ -107,6 +108,7 @@ _TRAIN_MEANINGS: dict[str, tuple[str, str]] = {
     "latent_dim": ("size of the latent code z (of z1 with --layers > 1)", ""),
     "hidden": ("MLP hidden widths, or conv channels per stage, comma-separated", ""),
     "activation": ("the networks' nonlinearity", ""),
+    "norm": ("the normalisation of the MLPs' hidden layers (batch: Sønderby et al.'s, for ladders)", ""),
     "likelihood": ("p(x|z), the decoder's distribution over the pixels", ""),
     "sigma": ("gaussian likelihoods: the fixed sigma (the initial value when learned)", ""),
     "encoder": ("the encoder network q(z|x)", ""),
@@ -154,13 +156,13 @@ def _train_choices() -> dict[str, list[str]]:
     from .distributions.likelihoods import LIKELIHOODS
     from .models import MODELS
     from .models.priors import PRIORS
-    from .nets.base import ACTIVATIONS, DECODERS, ENCODERS
+    from .nets.base import ACTIVATIONS, DECODERS, ENCODERS, NORMS
     from .training.schedules import SCHEDULES
 
     return {
         "data": [*DATASETS.names(), *(f"{prefix}:PATH" for prefix in SOURCES.names())],
         "binarize": ["none", "dynamic", "fixed"],
-        "model": MODELS.names(), "activation": ACTIVATIONS.names(), "likelihood": LIKELIHOODS.names(),
+        "model": MODELS.names(), "activation": ACTIVATIONS.names(), "norm": NORMS.names(), "likelihood": LIKELIHOODS.names(),
         "encoder": ENCODERS.names(), "decoder": DECODERS.names(), "condition": CONDITIONS.names(),
         "prior": PRIORS.names(), "schedule": SCHEDULES.names(),
         "device": ["auto", "cpu", "cuda", "cuda:N", "mps"], "precision": list(PRECISIONS), "log": list(LOGGERS),

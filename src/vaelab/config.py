@@ -176,6 +176,10 @@ class ModelConfig:
     decoder: str = "mlp"
     hidden: tuple[int, ...] = (400,)  # MLP widths (mirrored in the decoder) or conv channels per stage
     activation: str = "relu"
+    # The normalisation of the MLPs' hidden layers (registry name): none | batch (batch normalisation
+    # before each hidden activation, Sønderby et al. 2016's for the Ladder VAE; bounds, samples and
+    # exports use its running statistics, so a datapoint's score never depends on its batch)
+    norm: str = "none"
     likelihood: str = "bernoulli"  # registry name of p(x|z)
     sigma: float = 1.0  # Gaussian likelihood: fixed sigma, or the initial value when learned
     n_mixtures: int = 5  # mixture likelihoods
@@ -230,6 +234,12 @@ class ModelConfig:
                "sizes >= 1 (empty: linear; null: two layers as wide as the layer below)")
         _check(self, "model", "ladder_posterior", self.ladder_posterior in ("precision", "residual"),
                "precision or residual")
+        if self.norm != "none" and self.prior == "vamp":
+            raise ConfigError("model.norm: the VampPrior's pseudo-inputs pass through the encoder, whose "
+                              "batch statistics they would share with the data; use model.norm=none with it")
+        if self.norm != "none" and self.model == "topdown":
+            raise ConfigError("model.norm applies to MLP networks; the top-down conv model (model = topdown) "
+                              "has its own residual cells: leave model.norm=none")
         groups = self.groups_per_scale
         _check(self, "model", "groups_per_scale",
                not groups or (len(groups) == len(self.hidden) and min(groups) >= 0

@@ -166,8 +166,8 @@ def _export(graph: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs
         kw["dynamic_axes"] = {n: {0: "batch"} for n in (*inputs, *outputs)}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notices are not the user's
-        try:
-            torch.onnx.export(graph, args, str(path), dynamo=exporter == "dynamo", **kw)
+        try:  # in eval mode: the exporter puts the graph back in the mode it finds it in, model included
+            torch.onnx.export(graph.eval(), args, str(path), dynamo=exporter == "dynamo", **kw)
         except VaelabError:
             raise
         except Exception as e:  # an operator ONNX cannot express, a missing onnxscript, ...

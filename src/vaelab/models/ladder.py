@@ -37,7 +37,7 @@ from ..distributions import Distribution, build_likelihood
 from ..distributions.likelihoods import LIKELIHOODS
 from ..distributions.normal import DiagonalGaussian
 from ..nets import build_decoder, build_encoder
-from ..nets.base import ACTIVATIONS
+from ..nets.base import hidden_activation
 from ..nets.mlp import mlp
 from .base import (
     MODELS,
@@ -92,25 +92,27 @@ class LadderVAE(LatentModelBase):
         c = spec.shape[0]
         k = LIKELIHOODS.get(cfg.likelihood).num_params(c, cfg)
         d1 = cfg.hidden[-1] if cfg.hidden else 2 * dims[0]
-        act = ACTIVATIONS.get(cfg.activation)
+
+        def after(width: int) -> nn.Module:  # what follows a block's last linear layer: norm (if any), activation
+            return nn.Sequential(*hidden_activation(width, cfg.activation, cfg.norm))
         self.likelihood = build_likelihood(cfg, c)
         # f_1: for an MLP, the widths of ``hidden`` with the last as d_1 (as deep as the VAE's features);
         # another registered encoder gives d_1 as its output layer
         f1 = replace(cfg, hidden=cfg.hidden[:-1]) if cfg.encoder == "mlp" and cfg.hidden else cfg
         self.encoder = build_encoder(f1, spec.shape, spec.cond_dim, d1)
-        self.encoder_act = act()
+        self.encoder_act = after(d1)
         widths = [d1]
         blocks = []
         for level in range(1, len(dims)):
             w = _default_widths(cfg, level)
-            blocks.append(nn.Sequential(mlp([widths[-1], *w], cfg.activation), act()))
+            blocks.append(nn.Sequential(mlp([widths[-1], *w], cfg.activation, cfg.norm), after(w[-1] if w else widths[-1])))
             widths.append(w[-1] if w else widths[-1])
         self.blocks = nn.ModuleList(blocks)
         self.skip, self.residual = cfg.ladder_skip, cfg.ladder_posterior == "residual"
         state = [d1 if self.skip else dims[i + 1] for i in range(len(dims) - 1)]  # the state's width above layer i
         if self.residual:  # the top layer's estimate, and a delta network per layer below it
             self.heads = nn.ModuleList([nn.Linear(widths[-1], 2 * dims[-1])])
-            self.posts = nn.ModuleList(mlp([state[i] + widths[i], widths[i], 2 * dims[i]], cfg.activation)
+            self.posts = nn.ModuleList(mlp([state[i] + widths[i], widths[i], 2 * dims[i]], cfg.activation, cfg.norm)
                                        for i in range(len(dims) - 1))
             with torch.no_grad():  # q starts at the prior: a delta of zero
                 for post in self.posts:
@@ -119,12 +121,12 @@ class LadderVAE(LatentModelBase):
         else:
             self.heads = nn.ModuleList(nn.Linear(w, 2 * d) for w, d in zip(widths, dims, strict=True))
         if self.skip:  # a state of width d1 from the top layer down to the decoder
-            self.start = mlp([dims[-1], d1, d1], cfg.activation)
-            self.merge = nn.ModuleList(mlp([d1 + dims[i], d1, d1], cfg.activation) for i in range(len(dims) - 1))
-            self.down = nn.ModuleList(mlp([d1, 2 * dims[i]], cfg.activation) for i in range(len(dims) - 1))
+            self.start = mlp([dims[-1], d1, d1], cfg.activation, cfg.norm)
+            self.merge = nn.ModuleList(mlp([d1 + dims[i], d1, d1], cfg.activation, cfg.norm) for i in range(len(dims) - 1))
+            self.down = nn.ModuleList(mlp([d1, 2 * dims[i]], cfg.activation, cfg.norm) for i in range(len(dims) - 1))
             out_in = d1
         else:
-            self.down = nn.ModuleList(mlp([dims[i + 1], *_default_widths(cfg, i + 1), 2 * dims[i]], cfg.activation)
+            self.down = nn.ModuleList(mlp([dims[i + 1], *_default_widths(cfg, i + 1), 2 * dims[i]], cfg.activation, cfg.norm)
                                       for i in range(len(dims) - 1))
             out_in = dims[0]
         self.decoder = build_decoder(cfg, out_in, spec.cond_dim, (k, *spec.shape[1:]))

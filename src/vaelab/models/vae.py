@@ -68,9 +68,9 @@ class VAE(LatentModelBase):
         if len(dims) > 1:
             pairs = list(zip(dims[:-1], dims[1:], strict=True))  # (lower, upper) sizes
             widths = [(lo, lo) if cfg.upper_hidden is None else cfg.upper_hidden for lo, _ in pairs]
-            self.up = nn.ModuleList(mlp([lo, *w, 2 * hi], cfg.activation) for (lo, hi), w in zip(pairs, widths,
+            self.up = nn.ModuleList(mlp([lo, *w, 2 * hi], cfg.activation, cfg.norm) for (lo, hi), w in zip(pairs, widths,
                                                                                                     strict=True))
-            self.down = nn.ModuleList(mlp([hi, *w, 2 * lo], cfg.activation) for (lo, hi), w in zip(pairs, widths,
+            self.down = nn.ModuleList(mlp([hi, *w, 2 * lo], cfg.activation, cfg.norm) for (lo, hi), w in zip(pairs, widths,
                                                                                                       strict=True))
         self.top_prior = PRIORS.get(cfg.prior)(cfg, spec, dims[-1])
         self._names = ("z",) if len(dims) == 1 else tuple(f"z{i + 1}" for i in range(len(dims)))

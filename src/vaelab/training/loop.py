@@ -45,7 +45,16 @@ from .feed import make_feed
 from .schedules import SCHEDULES
 from .session import OptimizerFactory, Session, make_optimizer, open_session
 from .signals import StopSignals
-from .step import Meters, PendingStep, StepResult, TrainState, guard_nonfinite, read_steps, take_step
+from .step import (
+    Meters,
+    PendingStep,
+    StepResult,
+    TrainState,
+    guard_nonfinite,
+    read_steps,
+    running_statistics,
+    take_step,
+)
 
 EpochCallback = Callable[[dict[str, Any]], None]  # the older form of a callback (see .callbacks)
 
@@ -258,6 +267,7 @@ class _Stepper:
         # where the guard decides (on the device, or read by the host at each step) and how often the
         # host reads the steps' numbers
         self.guard = s.accel.guard(s.optimizer, s.device, t.sync_every, t.max_nonfinite, s.state.nonfinite_run)
+        self.statistics = running_statistics(s.model)  # batch normalisation's: a skipped step puts them back
         self.model.train()
 
     def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -277,7 +287,8 @@ class _Stepper:
         p = take_step(self.model, s.optimizer, self.objective, batch, self.beta, generator=s.noise,
                       grad_clip=t.grad_clip, world=s.world, precision=t.precision, scaler=s.scaler,
                       gradient_pass=self.gradient_pass, skip_threshold=t.skip_threshold,
-                      masked=self.guard.masked, frozen=self.guard.frozen, stop=lambda: self.stop.requested)
+                      masked=self.guard.masked, frozen=self.guard.frozen, stop=lambda: self.stop.requested,
+                      statistics=self.statistics)
         self.guard.follow(p)
         if s.ema is not None and (p.result is None or p.result.applied):  # the average follows the updates taken
             s.ema.update(s.model, p.skip)

@@ -91,6 +91,13 @@ class PendingStep:
     result: StepResult | None = None
 
 
+def running_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers that a training forward pass updates: the running statistics of ``model``'s batch
+    normalisations (``model.norm``). A skipped step puts them back as they were (:func:`take_step`)."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+            for b in m.buffers(recurse=False)]
+
+
 def step_flags(report: torch.Tensor, skip_threshold: float | None) -> torch.Tensor:
     """[loss or gradient norm non-finite, gradient norm >= ``skip_threshold``] as 0/1 floats on the
     report's device (nothing read by the host)."""
@@ -116,6 +123,7 @@ def take_step(
     masked: bool = False,
     frozen: torch.Tensor | None = None,
     stop: Callable[[], bool] | None = None,
+    statistics: Sequence[torch.Tensor] = (),
 ) -> PendingStep:
     """One step, decided where the model lives: the gradient pass, the guard, the update.
 
@@ -129,7 +137,11 @@ def take_step(
     to, so the host never reads anything and nothing waits for the device. Otherwise the host reads the
     report (one synchronisation; free on the CPU, where host and device are one), decides, and skips
     by a branch; its result's ``stop`` says whether some process was asked to stop (``stop()``: this
-    one was), agreed in the same collective as the flags. Both take the same updates, bit for bit."""
+    one was), agreed in the same collective as the flags. Both take the same updates, bit for bit.
+
+    ``statistics`` (:func:`running_statistics`): buffers the forward pass updates; a skipped step
+    leaves them as they were, so a non-finite batch cannot poison batch normalisation's running means."""
+    saved = [b.clone() for b in statistics]
     report = gradient_pass(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip,
                            precision=precision, scaler=scaler)
     n = batch.x.shape[0]
@@ -146,6 +158,8 @@ def take_step(
         finally:
             del optimizer.found_inf  # type: ignore[attr-defined]
         pending = PendingStep(report, flags, skip, n)
+        for b, old in zip(statistics, saved, strict=True):
+            b.copy_(torch.where(skip > 0, old, b))
     else:  # the host reads the report (one synchronisation) and decides by a branch
         loss_v, gnorm_v, rec_v, kl_v = report.tolist()
         finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
@@ -156,6 +170,8 @@ def take_step(
             optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
+            for b, old in zip(statistics, saved, strict=True):
+                b.copy_(old)
         pending = PendingStep(report, None, None, n, StepResult(loss_v, gnorm_v, rec_v, kl_v, n, ok, halt,
                                                                  large and not bad))
     if scaler is not None:
@@ -212,7 +228,7 @@ def train_step(
     collective). The training loop calls :func:`take_step` and reads its steps every few steps instead."""
     p = take_step(model, optimizer, objective, batch, beta, generator=generator, grad_clip=grad_clip, world=world,
                   precision=precision, scaler=scaler, gradient_pass=gradient_pass, skip_threshold=skip_threshold,
-                  masked=masked, stop=stop)
+                  masked=masked, stop=stop, statistics=running_statistics(model))
     (r,) = read_steps([p])
     if masked:  # the host did not take part in the decision: agree on the stop now
         r = dataclasses.replace(r, stop=all_any([stop is not None and stop()], world)[0])
