@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import vaelab
-from vaelab.config import DataSpec, ModelConfig, TrainConfig
 from vaelab.conditioning import Batch
+from vaelab.config import DataSpec, ModelConfig, TrainConfig
 from vaelab.errors import ConfigError
 from vaelab.nets.base import NORMS, FeatureBatchNorm
 from vaelab.objectives import ELBOObjective, iwae_bound
