@@ -53,6 +53,25 @@ def test_torchrun_two_processes(mnist_dir, tmp_path):
     assert out.stdout.count("run directory:") == 1  # rank 0 alone prints
 
 
+def test_torchrun_with_batch_normalisation_validates_the_checkpoints_statistics(mnist_dir, tmp_path):
+    """Each process's last step leaves its own batch's running statistics; validation (shared by the
+    ranks) must use rank 0's, those saved: the logged val_elbo is the checkpoint's own."""
+    run = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "vaelab", "train", "--data", "mnist", "--data-dir", str(mnist_dir), "--no-download",
+        "--val-size", "60", "--hidden", "32", "--latent-dim", "4", "--batch-size", "16", "--epochs", "1",
+        "--model", "ladder", "--layers", "2", "--norm", "batch", "--set", "train.eval_batch_size=20",
+        "--threads", "1", "--device", "cpu", "--run-dir", str(run), "--no-progress",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    torch.set_num_threads(1)
+    ev = vaelab.evaluate_run(run, k=1, split="val", batch_size=20, seed=0, progress=False, write=False, device="cpu")
+    assert -ev.neg_elbo == pytest.approx(row["val_elbo"], abs=1e-6, rel=0)
+
+
 # ---------------------------------------------------------------- helpers for jobs that go wrong
 def _torchrun(log_dir: Path, *args: str) -> subprocess.Popen:
     """A 2-process torchrun job of ``vaelab ARGS``; each worker's stdout/stderr go to its own file

@@ -16,7 +16,7 @@ from vaelab.conditioning import Batch
 from vaelab.config import DataSpec, ModelConfig, TrainConfig
 from vaelab.errors import ConfigError
 from vaelab.nets.base import NORMS, FeatureBatchNorm
-from vaelab.objectives import ELBOObjective, iwae_bound
+from vaelab.objectives import ELBOObjective
 from vaelab.runs import RunDir
 from vaelab.training.step import read_steps, running_statistics, take_step
 
@@ -97,11 +97,6 @@ def test_a_bound_never_depends_on_the_other_images_of_its_batch(name):
     model.eval()  # every bound, sample and export: the running statistics
     for a, b in each_alone_and_in_the_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # and so the bound of each image (its own draws) is the same alone or in the batch
-        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-        together = iwae_bound(model, x, 8, generator=g1)
-        alone = torch.cat([iwae_bound(model, x[i : i + 1], 8, generator=g2) for i in range(6)])
-    assert together.shape == alone.shape == (6,)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["host-decided", "device-decided"])
@@ -139,26 +134,57 @@ def test_resumed_equals_fresh_bit_for_bit_with_batch_normalisation(mnist_root, t
         data=vaelab.DataConfig(name="mnist", data_dir=str(mnist_root), val_size=40, download=False, limit_train=129),
         model=ModelConfig(model="ladder", layers=3, latent_dim=4, hidden=(24,), norm="batch"),
         train=TrainConfig(epochs=2, batch_size=32, progress=False, threads=1, device="cpu", lr=3e-3,
-                          warmup_epochs=1.0, ema=0.9, compile=compile_),
+                          warmup_epochs=1.0, compile=compile_),
     )
     whole = vaelab.train(cfg, tmp_path / "whole")
     assert whole.state.step == 10
     vaelab.train(cfg, tmp_path / "cut", max_steps=3)
     vaelab.train(cfg, tmp_path / "cut")
     ta, tb = (load_file(RunDir.of(tmp_path / r).latest) for r in ("whole", "cut"))
-    assert any("running_mean" in k for k in ta)  # saved with the weights (and in the EMA's copy)
+    assert any("running_mean" in k for k in ta)  # saved with the weights
     assert sorted(ta) == sorted(tb) and not [k for k in ta if not torch.equal(ta[k], tb[k])]
     ev = vaelab.evaluate_run(tmp_path / "whole", k=10, progress=False, write=False, device="cpu")
     assert ev.nll <= ev.neg_elbo + 1.0 and [ly["name"] for ly in ev.layers] == ["z1", "z2", "z3"]
 
 
+def test_a_step_the_loop_skips_leaves_the_model_as_it_was(tmp_path):
+    from test_reliability import Poisoned, tiny_cfg, write_tiny_mnist
+
+    data = write_tiny_mnist(tmp_path / "data")
+    cfg = tiny_cfg(data, 1, 0, "--model", "ladder", "--layers", "2", "--norm", "batch")
+    before = vaelab.train(cfg, tmp_path / "three", max_steps=3).model.state_dict()
+    after = vaelab.train(cfg, tmp_path / "skipped", max_steps=4, objective=Poisoned({3})).model.state_dict()
+    assert any("running_var" in k for k in before)
+    # step 3 (NaN loss, after a finite forward pass that moved the statistics) was skipped: the weights and
+    # the running statistics are those after step 2
+    assert sorted(before) == sorted(after) and not [k for k in before if not torch.equal(before[k], after[k])]
+
+
 def test_the_refusals_are_one_line(capsys):
-    with pytest.raises(ConfigError, match="VampPrior's pseudo-inputs"):
+    with pytest.raises(ConfigError, match="VampPrior"):
         ModelConfig(norm="batch", prior="vamp")
-    with pytest.raises(ConfigError, match="own residual cells"):
+    with pytest.raises(ConfigError, match="applies to MLP networks"):
         ModelConfig(model="topdown", norm="batch")
+    with pytest.raises(ConfigError, match="applies to MLP networks"):
+        ModelConfig(norm="batch", encoder="conv", decoder="conv", hidden=(8, 16))
+    with pytest.raises(ConfigError, match="train.ema cannot be used with model.norm=batch"):
+        vaelab.RunConfig(model=ModelConfig(norm="batch"), train=TrainConfig(ema=0.999))
     from vaelab.cli import main
 
-    assert main(["train", "--norm", "layer", "--epochs", "1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown normalisation 'layer'" in err[0] and "batch, none" in err[0]
+    for args, says in ((["--norm", "layer"], "unknown normalisation 'layer'"),
+                       (["--norm", "batch", "--set", "train.ema=0.99"], "train.ema cannot be used"),
+                       (["--norm", "batch", "--encoder", "conv"], "applies to MLP networks")):
+        assert main(["train", *args, "--epochs", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+
+
+def test_exporting_onnx_leaves_the_callers_model_as_it_was(tmp_path):
+    pytest.importorskip("onnx")
+    from vaelab.export.onnx import export_onnx
+
+    model = _model("ladder", layers=2).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path)
+    assert model.training and all(m.training for m in model.modules())  # still training: batch statistics
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -235,11 +235,13 @@ class ModelConfig:
         _check(self, "model", "ladder_posterior", self.ladder_posterior in ("precision", "residual"),
                "precision or residual")
         if self.norm != "none" and self.prior == "vamp":
-            raise ConfigError("model.norm: the VampPrior's pseudo-inputs pass through the encoder, whose "
-                              "batch statistics they would share with the data; use model.norm=none with it")
-        if self.norm != "none" and self.model == "topdown":
-            raise ConfigError("model.norm applies to MLP networks; the top-down conv model (model = topdown) "
-                              "has its own residual cells: leave model.norm=none")
+            raise ConfigError("model.norm=batch cannot be used with the VampPrior (model.prior=vamp): its "
+                              "pseudo-inputs pass through the encoder and would share its batch statistics "
+                              "with the data")
+        if self.norm != "none" and (self.model == "topdown" or self.encoder != "mlp" or self.decoder != "mlp"):
+            raise ConfigError("model.norm applies to MLP networks (model.encoder and model.decoder mlp); conv "
+                              "networks and the top-down conv model (model = topdown) have their own layers: "
+                              "leave model.norm=none with them")
         groups = self.groups_per_scale
         _check(self, "model", "groups_per_scale",
                not groups or (len(groups) == len(self.hidden) and min(groups) >= 0
@@ -381,6 +383,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.norm != "none" and self.train.ema > 0:
+            raise ConfigError("train.ema cannot be used with model.norm=batch: the running statistics of "
+                              "batch normalisation are gathered with the raw weights, not with their average, "
+                              "which would be evaluated with them; set train.ema=0 or model.norm=none")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

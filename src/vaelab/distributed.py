@@ -13,7 +13,7 @@ import contextlib
 import datetime
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -123,6 +123,17 @@ def all_sum_tensor(t: torch.Tensor, world: int) -> torch.Tensor:
     out = t.to(_comm_device(), copy=True)
     dist.all_reduce(out)
     return out.to(t.device)
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], world: int) -> None:
+    """Give every rank rank 0's values of ``tensors`` (in place; same shapes everywhere)."""
+    if world <= 1:
+        return
+    for t in tensors:
+        mine = t.to(_comm_device())
+        dist.broadcast(mine, 0)
+        if mine is not t:
+            t.copy_(mine)
 
 
 def all_gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:

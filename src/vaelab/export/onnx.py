@@ -29,6 +29,7 @@ and :class:`OnnxUnsupported` says which.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 from collections.abc import Callable
@@ -210,7 +211,7 @@ def export_onnx(model: nn.Module, folder: str | Path, *, exporter: str = "torchs
     require_onnx(exporter)  # a missing package is an error for every graph, not a skipped one
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = model.float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its device, dtype and mode
     spec = model.spec
     g = torch.Generator().manual_seed(0)
     x = torch.rand((EXPORT_BATCH, *spec.shape), generator=g)

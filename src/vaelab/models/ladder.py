@@ -105,7 +105,9 @@ class LadderVAE(LatentModelBase):
         blocks = []
         for level in range(1, len(dims)):
             w = _default_widths(cfg, level)
-            blocks.append(nn.Sequential(mlp([widths[-1], *w], cfg.activation, cfg.norm), after(w[-1] if w else widths[-1])))
+            # an empty block (upper_hidden = []) only applies the activation again, as it always has
+            end = after(w[-1]) if w else nn.Sequential(*hidden_activation(widths[-1], cfg.activation))
+            blocks.append(nn.Sequential(mlp([widths[-1], *w], cfg.activation, cfg.norm), end))
             widths.append(w[-1] if w else widths[-1])
         self.blocks = nn.ModuleList(blocks)
         self.skip, self.residual = cfg.ladder_skip, cfg.ladder_posterior == "residual"

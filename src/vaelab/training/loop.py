@@ -31,7 +31,15 @@ from ..data import DataSplits
 from ..data.python import check_python_run, is_python_data, python_splits
 from ..data.registry import PYTHON_PREFIX
 from ..devices import resolve_device
-from ..distributed import all_any, all_sum, dist_info, launch_command, peer_failures, setup_distributed
+from ..distributed import (
+    all_any,
+    all_sum,
+    broadcast_,
+    dist_info,
+    launch_command,
+    peer_failures,
+    setup_distributed,
+)
 from ..errors import CheckpointError, ConfigError, Interrupted, NonFiniteError
 from ..evaluation.loop import evaluate_batches
 from ..models import check_model_object
@@ -380,6 +388,9 @@ def _end_epoch(s: Session, meters: Meters, callbacks: CallbackList, history: lis
     # same pass (and draws, seeded per batch) as its ELBO terms; ``best`` is still decided by the ELBO.
     # With train.ema the moving average is what is validated (and so what decides ``best``).
     k = max(1, t.iwae_k)
+    # each process's last step left its own batch's running statistics: every rank validates with rank
+    # 0's, those of the checkpoint (DistributedDataParallel gives them out only at the next forward pass)
+    broadcast_(running_statistics(s.model), s.world)
     with s.eval_model() as model:
         ev = evaluate_batches(model, s.data.val.images, s.data.val.labels, s.pipeline, k=k,
                               batch_size=t.eval_batch_size, seed=t.seed, rank=s.rank, world=s.world)
